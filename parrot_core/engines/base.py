@@ -1,0 +1,138 @@
+"""The engine protocol: the only thing the layers above know about an engine.
+
+An engine holds the real KV cache of *contexts* named by integer ids that the serve layer
+chooses. A context is created by the first primitive that names it; it then extends its parent
+(if any) with its own tokens. The serve layer frees a context once nothing references it, and
+always frees children before parents.
+
+Primitives:
+- `fill(context_id, parent_context_id, token_ids)`: append tokens to the context and compute
+  their KV. Returns once the KV is computed.
+- `generate(context_id, parent_context_id, params)`: sample tokens after the context's last
+  token, appending each sampled token to the same context; yields deltas as they come.
+- `free_context(context_id)`: drop the context; never blocks, never raises for an id the
+  engine has already dropped (the serve layer's bookkeeping is the source of truth).
+- `runtime_info()`: a snapshot of load and cache figures for scheduling and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from parrot_core.errors import InvalidRequestError
+
+FINISH_LENGTH = "length"  # max_tokens reached
+FINISH_STOP = "stop"  # EOS, a stop token id or a stop string
+FINISH_ABORT = "abort"  # the caller went away
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one generation. Validated on construction (typed error, clear message).
+
+    `temperature == 0` is greedy. `top_k <= 0` and `top_p == 1` disable those filters. `seed`
+    makes a sampled generation reproducible independently of what else runs in the batch.
+    Stop strings are matched on the detokenized output and are not included in it; stop token
+    ids (and EOS unless `ignore_eos`) end the generation and are not included either.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
+            raise InvalidRequestError(f"top_k must be an integer (<= 0 disables it), got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequestError(f"stop must hold non-empty strings, got {self.stop!r}")
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class FillResult:
+    """What a Fill did: `num_tokens` appended, of which `cached_tokens` came from the engine's
+    prefix cache instead of being computed."""
+
+    context_id: int
+    num_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """New token ids of one generation. The last delta has `finish_reason` set; `text` is the
+    detokenized text of these tokens (stop strings already cut)."""
+
+    token_ids: list[int]
+    text: str = ""
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """A snapshot of an engine's load and cache. Token counts are KV slots."""
+
+    model_name: str
+    block_size: int
+    num_blocks_total: int
+    num_blocks_free: int  # never used, or freed without a reusable hash
+    num_blocks_cached: int  # free but still holding a reusable prefix (evictable)
+    num_contexts: int
+    num_running: int
+    num_waiting: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of which were found
+    prompt_tokens_computed: int
+    generation_tokens: int
+    num_preemptions: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_blocks_used(self) -> int:
+        return self.num_blocks_total - self.num_blocks_free - self.num_blocks_cached
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the serve layer needs from an engine. See the module docstring for the contract."""
+
+    model_name: str
+
+    async def fill(self, context_id: int, parent_context_id: int | None, token_ids: Sequence[int]) -> FillResult: ...
+
+    def generate(
+        self, context_id: int, parent_context_id: int | None, params: SamplingParams
+    ) -> AsyncIterator[GenerationDelta]: ...
+
+    def free_context(self, context_id: int) -> None: ...
+
+    def runtime_info(self) -> RuntimeInfo: ...
