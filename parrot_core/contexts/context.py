@@ -1,0 +1,91 @@
+"""The serve layer's `Context`: metadata about a chunk of KV cache held by one engine."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+from parrot_core.errors import ContextFailedError
+
+
+class ContextScope(str, enum.Enum):
+    GLOBAL = "global"  # a constant prefix shared by every session; pinned while in use
+    SESSION = "session"  # owned by one session (or by no session, for runtime handles)
+
+
+@dataclass(eq=False)
+class Context:
+    """Metadata only: the KV lives in the engine under `context_id`.
+
+    `tokens_num` counts this context's own tokens (not the parent's): filled tokens, plus
+    `reserved_tokens` held for a Generate in flight. `ref_count` is owned by the
+    `ServeCoreContextManager` (rule R1); nobody else writes it.
+
+    Ready state (rule R3): the first `claim()` returns True and that caller sends the Fill;
+    everyone else awaits `wait_ready()`, which raises `ContextFailedError` if the Fill failed.
+    """
+
+    context_id: int
+    engine_id: Hashable
+    parent_context: Context | None
+    scope: ContextScope = ContextScope.SESSION
+    session_id: str | None = None
+    tokens_num: int = 0
+    reserved_tokens: int = 0
+    ref_count: int = 0
+    pinned: bool = False
+    alive: bool = True
+    children: set[int] = field(default_factory=set)
+    _claimed: bool = False
+    _ready: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future, repr=False)
+
+    def __repr__(self) -> str:
+        parent = self.parent_context.context_id if self.parent_context else None
+        return (
+            f"Context(id={self.context_id}, engine={self.engine_id!r}, parent={parent}, scope={self.scope.value},"
+            f" ref={self.ref_count}, tokens={self.tokens_num}, alive={self.alive})"
+        )
+
+    @property
+    def parent_context_id(self) -> int | None:
+        return self.parent_context.context_id if self.parent_context else None
+
+    # -- ready state (R3) ----------------------------------------------------------------
+    def claim(self) -> bool:
+        """True for the first caller only: that caller must fill the context and then call
+        `mark_ready()` or, through the manager, `fail_context()`."""
+        if self._claimed:
+            return False
+        self._claimed = True
+        return True
+
+    @property
+    def is_claimed(self) -> bool:
+        return self._claimed
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.done() and self._ready.exception() is None
+
+    @property
+    def is_failed(self) -> bool:
+        return self._ready.done() and self._ready.exception() is not None
+
+    def mark_ready(self) -> None:
+        if not self._ready.done():
+            self._ready.set_result(None)
+
+    def _mark_failed(self, error: BaseException) -> None:
+        if not self._ready.done():
+            failure = ContextFailedError(f"context {self.context_id} failed to fill: {error}")
+            failure.__cause__ = error
+            self._ready.set_exception(failure)
+
+    async def wait_ready(self) -> None:
+        await asyncio.shield(asyncio.wrap_future(self._ready))
+
+    def wait_ready_sync(self, timeout: float | None = None) -> None:
+        self._ready.result(timeout)

@@ -1,0 +1,94 @@
+"""Variable namespaces: who owns a semantic variable and how its id is made.
+
+Ids have the form `<scope>:<kind>:<key>`:
+- kind `c`: a content id; key = sha256 of the text. The same text in the same scope is the same
+  variable (so the same system prompt shares one variable, and one cached context, across
+  sessions when the scope is the global constant-prefix namespace).
+- kind `v`: a named id; key = a counter that only grows. Ids are never recycled.
+The kind tag sits at a fixed place and a scope may not contain ':', so a content id can never
+equal a named id (Parrot's collision: the text "0" resolving to the variable of seed 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from collections.abc import Callable, Iterator
+
+from parrot_core.errors import InvalidRequestError, UnknownVariableError
+from parrot_core.graph.variable import SemanticVariable
+
+GLOBAL_SCOPE = "global"
+
+
+def content_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Namespace:
+    """The variables of one scope (the global constant-prefix scope or one session).
+
+    Owns its variables: `remove` forgets one; dropping the namespace drops them all. Tracks the
+    last access time of each variable (for idle expiry of global constant prefixes) with an
+    injectable clock.
+    """
+
+    def __init__(self, scope: str, clock: Callable[[], float] = time.monotonic) -> None:
+        if not scope or ":" in scope:
+            raise InvalidRequestError(f"a namespace scope must be non-empty and contain no ':'; got {scope!r}")
+        self.scope = scope
+        self._clock = clock
+        self._counter = itertools.count()
+        self._vars: dict[str, SemanticVariable] = {}
+        self._last_access: dict[str, float] = {}
+
+    def __contains__(self, var_id: str) -> bool:
+        return var_id in self._vars
+
+    def __len__(self) -> int:
+        return len(self._vars)
+
+    def __iter__(self) -> Iterator[SemanticVariable]:
+        return iter(list(self._vars.values()))
+
+    def new_variable(self, name: str = "") -> SemanticVariable:
+        """A fresh, unset variable with a named id never used before in this scope."""
+        var = SemanticVariable(f"{self.scope}:v:{next(self._counter)}", name)
+        self._add(var)
+        return var
+
+    def variable_for_content(self, text: str, *, is_constant_prefix: bool = False) -> SemanticVariable:
+        """The variable holding exactly `text` in this scope, created and set on first use."""
+        var_id = f"{self.scope}:c:{content_key(text)}"
+        var = self._vars.get(var_id)
+        if var is None:
+            var = SemanticVariable(var_id, is_constant_prefix=is_constant_prefix)
+            var.set(text)
+            self._add(var)
+        self.touch(var_id)
+        return var
+
+    def get(self, var_id: str) -> SemanticVariable:
+        var = self._vars.get(var_id)
+        if var is None:
+            raise UnknownVariableError(f"no variable {var_id!r} in scope {self.scope!r}")
+        self.touch(var_id)
+        return var
+
+    def touch(self, var_id: str) -> None:
+        self._last_access[var_id] = self._clock()
+
+    def remove(self, var_id: str) -> None:
+        if self._vars.pop(var_id, None) is None:
+            raise UnknownVariableError(f"no variable {var_id!r} in scope {self.scope!r}")
+        del self._last_access[var_id]
+
+    def expired(self, idle_seconds: float) -> list[str]:
+        """Ids of variables not accessed for more than `idle_seconds`."""
+        deadline = self._clock() - idle_seconds
+        return [var_id for var_id, t in self._last_access.items() if t < deadline]
+
+    def _add(self, var: SemanticVariable) -> None:
+        self._vars[var.id] = var
+        self._last_access[var.id] = self._clock()
