@@ -69,3 +69,11 @@ class RequestTooLargeError(InvalidRequestError):
 
 class RuntimeClosedError(ParrotError):
     """The runtime was closed and refuses new work."""
+
+
+class InvariantError(ParrotError):
+    """Internal bookkeeping is inconsistent (a bug, never the caller's fault)."""
+
+
+class ModelLoadError(ParrotError):
+    """A model file is missing, unreadable, or of an architecture or format the engine cannot run."""
