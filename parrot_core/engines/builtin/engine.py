@@ -1,0 +1,451 @@
+"""The builtin engine: a paged-attention Llama behind the engine protocol.
+
+Threading: one step-loop thread owns the block pool, the context tree, the scheduler and the
+model. Every public call posts a command to it and returns a future (or an async stream);
+nothing else touches engine state. A failure inside a step fails the requests of that step
+(their callers get `EngineError`) and the loop goes on.
+
+A step: run the queued commands, schedule, run the model once over every scheduled token
+(prefill chunks and decodes together), commit the KV, sample the requests that reached their
+last token, and report to the callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+from parrot_core.engines.base import (
+    FINISH_ABORT,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    FillResult,
+    GenerationDelta,
+    RuntimeInfo,
+    SamplingParams,
+)
+from parrot_core.engines.builtin.block_pool import BlockPool
+from parrot_core.engines.builtin.config import EngineConfig
+from parrot_core.engines.builtin.kv_contexts import KVContext, KVContextTree
+from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel
+from parrot_core.engines.builtin.request import EngineRequest, Kind
+from parrot_core.engines.builtin.sampler import sample
+from parrot_core.engines.builtin.scheduler import Scheduler
+from parrot_core.engines.builtin.tokenizer import Tokenizer
+from parrot_core.errors import EngineError, InvalidRequestError, ParrotError, RequestTooLargeError, RuntimeClosedError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class BuiltinEngine:
+    """Implements `parrot_core.engines.base.Engine` over a `LlamaModel` on CPU or GPU."""
+
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer | None, config: EngineConfig, model_name: str = "model") -> None:
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        mc = model.config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        num_blocks = config.num_kv_blocks or _blocks_for_memory(mc, config)
+        self.kv = KVCache.allocate(mc, num_blocks, config.block_size, config.dtype, config.device)
+        self.pool = BlockPool(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
+        self.tree = KVContextTree(self.pool, config.cache_namespace, copy_block=self.kv.copy_block)
+        self.scheduler = Scheduler(self.tree, config.max_num_seqs, config.max_num_batched_tokens, self._evict_idle)
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer is not None else mc.eos_token_id
+
+        self._active: dict[int, EngineRequest] = {}  # context id -> the request working on it
+        self._last_used: dict[int, int] = {}  # context id -> step it was last used (idle eviction)
+        self._ids = itertools.count()
+        self._step_no = 0
+        self.stats = {"prompt_tokens_computed": 0, "generation_tokens": 0, "steps": 0, "forward_seconds": 0.0}
+
+        self._commands: list[Callable[[], None]] = []
+        self._wakeup = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"parrot-engine-{model_name}", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_gguf(cls, path: str | None = None, config: EngineConfig | None = None) -> BuiltinEngine:
+        from parrot_core.engines.builtin.default_model import default_model_path
+        from parrot_core.engines.builtin.gguf_loader import load_gguf
+
+        config = config or EngineConfig()
+        loaded = load_gguf(path or config.model or default_model_path(), dtype=config.dtype, device=config.device)
+        model = LlamaModel(loaded.config, loaded.weights, dtype=config.dtype, device=config.device)
+        return cls(model, loaded.tokenizer, config, model_name=loaded.model_name)
+
+    # -- the engine protocol -------------------------------------------------------------
+    async def fill(self, context_id: int, parent_context_id: int | None, token_ids: Sequence[int]) -> FillResult:
+        future: concurrent.futures.Future[FillResult] = concurrent.futures.Future()
+        tokens = list(token_ids)
+        self._post(lambda: self._start(Kind.FILL, context_id, parent_context_id, tokens, None, _future_sink(future)))
+        return await asyncio.wrap_future(future)
+
+    async def generate(
+        self, context_id: int, parent_context_id: int | None, params: SamplingParams
+    ) -> AsyncIterator[GenerationDelta]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        holder: dict[str, EngineRequest] = {}
+
+        def emit(event: object) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+                pass
+
+        def start() -> None:
+            req = self._start(Kind.GENERATE, context_id, parent_context_id, [], params, emit)
+            if req is not None:
+                holder["req"] = req
+
+        self._post(start)
+        finished = False
+        try:
+            while True:
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    finished = True
+                    raise event
+                assert isinstance(event, GenerationDelta)
+                finished = event.finish_reason is not None
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:  # the caller went away: stop generating
+                self._post(lambda: self._abort(holder.get("req")))
+
+    def free_context(self, context_id: int) -> None:
+        """Drop the context (aborting a request still working on it). Never blocks."""
+        self._post(lambda: self._free(context_id))
+
+    def runtime_info(self) -> RuntimeInfo:
+        pool, tree = self.pool, self.tree
+        return RuntimeInfo(
+            model_name=self.model_name,
+            block_size=pool.block_size,
+            num_blocks_total=pool.num_blocks,
+            num_blocks_free=pool.num_free,
+            num_blocks_cached=pool.num_cached_free,
+            num_contexts=len(tree),
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            prefix_cache_queries=tree.queries,
+            prefix_cache_hits=tree.hits,
+            prompt_tokens_computed=self.stats["prompt_tokens_computed"],
+            generation_tokens=self.stats["generation_tokens"],
+            num_preemptions=self.scheduler.num_preemptions,
+            extra={"steps": self.stats["steps"], "forward_seconds": self.stats["forward_seconds"]},
+        )
+
+    # -- helpers for the runtime and tests -------------------------------------------------
+    def call(self, fn: Callable[[], T], timeout: float | None = 60) -> T:
+        """Run `fn` on the engine thread and return its result (state is only safe there)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                future.set_exception(e)
+
+        self._post(run)
+        return future.result(timeout)
+
+    def check_invariants(self) -> None:
+        self.call(self.tree.check_invariants)
+
+    def reset_prefix_cache(self) -> int:
+        """Forget the prefixes of free blocks (in-use KV is untouched). Returns how many."""
+        return self.call(self.pool.reset_prefix_cache)
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Block until no request is waiting or running (for tests and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while self.call(lambda: self.scheduler.has_work or bool(self._commands)):
+            if time.monotonic() > deadline:
+                raise TimeoutError("engine still busy")
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        with self._wakeup:
+            if self._closed:
+                return
+            self._closed = True
+            self._wakeup.notify()
+        self._thread.join(timeout=30)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- the step-loop thread ------------------------------------------------------------
+    def _post(self, command: Callable[[], None]) -> None:
+        with self._wakeup:
+            if self._closed:
+                raise RuntimeClosedError(f"engine {self.model_name!r} is closed")
+            self._commands.append(command)
+            self._wakeup.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._commands and not self.scheduler.has_work and not self._closed:
+                    self._wakeup.wait()
+                if self._closed:
+                    break
+                commands, self._commands = self._commands, []
+            for command in commands:
+                try:
+                    command()
+                except Exception:  # a command reports to its own caller; never kill the loop
+                    log.exception("engine command failed")
+            if self.scheduler.has_work:
+                try:
+                    self._step()
+                except Exception:  # a bug in one step must not take the engine down
+                    log.exception("engine step crashed; failing its requests")
+                    self._fail_all(EngineError("internal engine error (see the server log)"))
+        self._fail_all(RuntimeClosedError("the engine was closed"))
+
+    def _start(
+        self,
+        kind: Kind,
+        context_id: int,
+        parent_id: int | None,
+        tokens: list[int],
+        params: SamplingParams | None,
+        emit: Callable[[object], None],
+    ) -> EngineRequest | None:
+        try:
+            ctx = self._context_for(context_id, parent_id)
+            self._validate(ctx, tokens, params)
+        except ParrotError as e:
+            emit(e)
+            return None
+        self.tree.append_tokens(ctx, tokens)
+        req = EngineRequest(next(self._ids), kind, ctx, emit, params=params, new_tokens=len(tokens))
+        if kind is Kind.GENERATE:
+            assert params is not None
+            req.detokenizer = self.tokenizer.detokenizer() if self.tokenizer is not None else None
+            if params.seed is not None:
+                req.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        if kind is Kind.FILL and req.num_uncomputed == 0:
+            emit(FillResult(context_id, 0, 0))  # nothing to compute
+            return None
+        self._active[context_id] = req
+        self._last_used[context_id] = self._step_no
+        self.scheduler.add(req)
+        return req
+
+    def _context_for(self, context_id: int, parent_id: int | None) -> KVContext:
+        if context_id in self._active:
+            raise InvalidRequestError(f"context {context_id} is busy with another request")
+        if context_id in self.tree:
+            return self.tree.get(context_id)
+        if parent_id is not None and parent_id not in self.tree:
+            raise InvalidRequestError(f"parent context {parent_id} of context {context_id} does not exist on this engine")
+        return self.tree.create(context_id, parent_id)
+
+    def _validate(self, ctx: KVContext, tokens: list[int], params: SamplingParams | None) -> None:
+        vocab = self.model.config.vocab_size
+        bad = [t for t in tokens if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        total = len(ctx.token_ids) + len(tokens) + (params.max_tokens if params else 0)
+        if total > self.max_model_len:
+            raise RequestTooLargeError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested"
+                f" {total} tokens ({len(ctx.token_ids) + len(tokens)} in the context,"
+                f" {params.max_tokens if params else 0} to generate)."
+            )
+        blocks = -(-total // self.pool.block_size)
+        if blocks > self.pool.num_blocks:
+            raise RequestTooLargeError(
+                f"the request needs {blocks} KV blocks ({total} tokens) but the pool holds only {self.pool.num_blocks}"
+            )
+        if params is not None and not ctx.token_ids and not tokens:
+            raise InvalidRequestError("cannot generate from an empty context: fill it first")
+        if params is not None and params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+
+    def _free(self, context_id: int) -> None:
+        req = self._active.get(context_id)
+        if req is not None:
+            self._abort(req)
+        self.tree.free(context_id)
+        self._last_used.pop(context_id, None)
+
+    def _abort(self, req: EngineRequest | None) -> None:
+        if req is None or req.finished:
+            return
+        self.scheduler.remove(req)
+        self._finish(req, FINISH_ABORT)
+
+    def _evict_idle(self, blocks_needed: int) -> int:
+        """Release contexts no request uses, least recently used first, until `blocks_needed`
+        blocks are available. Their tokens stay; they are recomputed on their next use."""
+        idle = [cid for cid in self._last_used if cid not in self._active and self.tree.get(cid).blocks]
+        for cid in sorted(idle, key=self._last_used.__getitem__):
+            if self.pool.num_available >= blocks_needed:
+                break
+            self.tree.release(self.tree.get(cid))
+        return self.pool.num_available
+
+    # -- one step ------------------------------------------------------------------------
+    def _step(self) -> None:
+        self._step_no += 1
+        self.stats["steps"] += 1
+        plan = self.scheduler.schedule()
+        for req in plan.preempted:
+            log.warning("request %d preempted (KV blocks exhausted); it will be recomputed", req.request_id)
+        if plan.empty:
+            return
+        try:
+            hidden = self._forward(plan.compute) if plan.compute else None
+            ready: list[tuple[EngineRequest, torch.Tensor]] = []
+            for i, (req, n) in enumerate(plan.compute):
+                ctx = req.context
+                if not req.sampling:
+                    self.stats["prompt_tokens_computed"] += n
+                self.tree.commit(ctx, n)
+                if req.num_uncomputed == 0:
+                    assert hidden is not None
+                    ctx.last_hidden = hidden[i]
+                    ready.append((req, hidden[i]))
+            ready.extend((req, req.context.last_hidden) for req in plan.sample_only)
+            self._postprocess(ready)
+        except Exception as e:  # noqa: BLE001 - a bad step fails its requests, not the engine
+            log.exception("engine step failed")
+            error = EngineError(f"engine step failed: {e}")
+            for req in [r for r, _ in plan.compute] + plan.sample_only:
+                self.scheduler.remove(req)
+                self.tree.release(req.context)
+                self._fail(req, error)
+
+    def _forward(self, compute: list[tuple[EngineRequest, int]]) -> torch.Tensor:
+        new_tokens, context_lens, tables = [], [], []
+        for req, n in compute:
+            ctx = req.context
+            new_tokens.append(ctx.token_ids[ctx.num_computed : ctx.num_computed + n])
+            context_lens.append(ctx.num_computed + n)
+            tables.append(self.tree.block_table(ctx))
+        batch = ForwardBatch.build(new_tokens, context_lens, tables, self.pool.block_size, self.config.device)
+        start = time.perf_counter()
+        hidden = self.model.forward(batch, self.kv)
+        self.stats["forward_seconds"] += time.perf_counter() - start
+        return hidden
+
+    def _postprocess(self, ready: list[tuple[EngineRequest, Any]]) -> None:
+        for req, _ in ready:
+            self._last_used[req.context.context_id] = self._step_no
+        fills = [req for req, _ in ready if req.kind is Kind.FILL]
+        gens = [(req, h) for req, h in ready if req.kind is Kind.GENERATE]
+        for req in fills:
+            self.scheduler.remove(req)
+            self._active.pop(req.context.context_id, None)
+            req.finished = True
+            _emit(req, FillResult(req.context.context_id, req.new_tokens, req.cached_tokens))
+        if not gens:
+            return
+        logits = self.model.compute_logits(torch.stack([h for _, h in gens]))
+        tokens = sample(logits, [r.params for r, _ in gens], [r.generator for r, _ in gens])
+        for (req, _), token in zip(gens, tokens, strict=True):
+            self._accept_token(req, token)
+
+    def _accept_token(self, req: EngineRequest, token: int) -> None:
+        params = req.params
+        assert params is not None
+        if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
+            self._finish(req, FINISH_STOP)
+            return
+        req.output_ids.append(token)
+        self.tree.append_tokens(req.context, [token])
+        self.stats["generation_tokens"] += 1
+        if req.detokenizer is not None:
+            req.text += req.detokenizer.push([token])
+        if params.stop and self._cut_at_stop(req):
+            self._finish(req, FINISH_STOP, token_ids=[token])
+        elif len(req.output_ids) >= params.max_tokens:
+            if req.detokenizer is not None:
+                req.text += req.detokenizer.flush()
+            if params.stop and self._cut_at_stop(req):
+                self._finish(req, FINISH_STOP, token_ids=[token])
+            else:
+                self._finish(req, FINISH_LENGTH, token_ids=[token])
+        else:
+            hold = max((len(s) - 1 for s in params.stop), default=0)  # a stop string may be starting
+            safe = max(req.sent_chars, len(req.text) - hold)
+            piece = req.text[req.sent_chars : safe]
+            req.sent_chars = safe
+            _emit(req, GenerationDelta([token], piece))
+
+    @staticmethod
+    def _cut_at_stop(req: EngineRequest) -> bool:
+        assert req.params is not None
+        start = max(0, req.sent_chars - max(len(s) for s in req.params.stop))
+        hits = [i for s in req.params.stop if (i := req.text.find(s, start)) >= 0]
+        if not hits:
+            return False
+        req.text = req.text[: min(hits)]
+        return True
+
+    def _finish(self, req: EngineRequest, reason: str, token_ids: list[int] | None = None) -> None:
+        self.scheduler.remove(req)
+        self._active.pop(req.context.context_id, None)
+        req.finished = True
+        if req.kind is Kind.FILL:
+            _emit(req, EngineError(f"fill of context {req.context.context_id} was aborted"))
+            return
+        piece = req.text[req.sent_chars :]
+        req.sent_chars = len(req.text)
+        _emit(req, GenerationDelta(token_ids or [], piece, reason))
+
+    def _fail(self, req: EngineRequest, error: BaseException) -> None:
+        self._active.pop(req.context.context_id, None)
+        req.finished = True
+        _emit(req, error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for req in list(self._active.values()):
+            self.scheduler.remove(req)
+            self._fail(req, error)
+
+
+def _emit(req: EngineRequest, event: object) -> None:
+    """Report to a request's caller; a caller that is gone must not break the step loop."""
+    try:
+        req.emit(event)
+    except Exception:
+        log.exception("could not report to the caller of request %d", req.request_id)
+
+
+def _future_sink(future: concurrent.futures.Future[Any]) -> Callable[[object], None]:
+    def emit(event: object) -> None:
+        if future.done():
+            return
+        if isinstance(event, BaseException):
+            future.set_exception(event)
+        else:
+            future.set_result(event)
+
+    return emit
+
+
+def _blocks_for_memory(mc: Any, config: EngineConfig) -> int:
+    bytes_per_slot = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * torch.finfo(config.dtype).bits // 8
+    return max(1, int(config.kv_cache_memory_gb * 2**30) // (bytes_per_slot * config.block_size))

@@ -1,0 +1,608 @@
+"""A Llama forward pass over a paged KV pool, in plain torch (CPU or CUDA, any float dtype).
+
+The KV pool is one flat tensor per layer for K and one for V, indexed by *slot*
+(`block_id * block_size + offset`). A forward step takes the new tokens of several sequences
+(prefill chunks and single decode tokens, mixed freely), writes their K/V into the slots the
+caller chose, and attends each query over its sequence's slots as listed by its block table.
+
+Attention paths (all exact; no padding ever gets attention weight):
+- a fresh prefill (nothing cached) attends over its own new K/V with a causal mask;
+- a chunk over a cached context gathers the context's K/V and uses an offset causal mask;
+- decode tokens (one new token per sequence) are batched into one SDPA with a key-padding mask;
+- decode tokens of sequences that share their first P blocks use cascade attention: the shared
+  prefix is attended once for all their queries (one GEMM per KV head), each suffix on its own,
+  and the two are merged exactly with their log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Shape and constants of a Llama-family decoder (no biases, SiLU MLP, RMSNorm, RoPE)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    rope_freq_factors: tuple[float, ...] | None = None  # per-frequency divisors (GGUF `rope_freqs`)
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even, got {self.head_dim}")
+        if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
+            raise ValueError("rope_freq_factors must hold head_dim / 2 values")
+
+
+class KVCache:
+    """The paged KV pool: per layer one K and one V tensor of shape [num_slots, kv_heads, head_dim]."""
+
+    def __init__(self, k: list[Tensor], v: list[Tensor], block_size: int) -> None:
+        self.k, self.v, self.block_size = k, v, block_size
+
+    @classmethod
+    def allocate(
+        cls,
+        config: LlamaConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> KVCache:
+        # zeroed, not empty: padded gathers read unused slots, and 0 * NaN garbage would be NaN
+        shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        return cls(k, v, block_size)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k[0].shape[0] // self.block_size
+
+    def copy_block(self, src_block: int, dst_block: int, num_slots: int | None = None) -> None:
+        """Copy the first `num_slots` slots (default: all) of a block into another, in every layer."""
+        n = self.block_size if num_slots is None else num_slots
+        s, d = src_block * self.block_size, dst_block * self.block_size
+        for pool in (*self.k, *self.v):
+            pool[d : d + n].copy_(pool[s : s + n])
+
+
+@dataclass
+class ForwardBatch:
+    """One model step. Sequences appear in the same order in every per-sequence field, and their
+    new tokens are concatenated in that order in the per-token fields."""
+
+    token_ids: Tensor  # [T] int64: the new tokens of all sequences
+    positions: Tensor  # [T] int64: absolute position of each new token
+    slot_mapping: Tensor  # [T] int64: KV slot written for each new token
+    query_lens: list[int]  # new tokens per sequence (sum == T)
+    context_lens: list[int]  # tokens per sequence after this step (cached + new)
+    block_tables: list[list[int]]  # per sequence, the block ids covering context_lens tokens
+
+    @classmethod
+    def build(
+        cls,
+        new_tokens: Sequence[Sequence[int]],
+        context_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_size: int,
+        device: str | torch.device = "cpu",
+    ) -> ForwardBatch:
+        """Positions and slots derived from the block tables: the new tokens of a sequence are the
+        last `len(new_tokens[i])` of its `context_lens[i]` tokens."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for toks, ctx, table in zip(new_tokens, context_lens, block_tables, strict=True):
+            ids.extend(toks)
+            for p in range(ctx - len(toks), ctx):
+                positions.append(p)
+                slots.append(table[p // block_size] * block_size + p % block_size)
+
+        def as_tensor(x: list[int]) -> Tensor:
+            return torch.tensor(x, dtype=torch.int64, device=device)
+
+        return cls(
+            as_tensor(ids),
+            as_tensor(positions),
+            as_tensor(slots),
+            [len(t) for t in new_tokens],
+            list(context_lens),
+            [list(t) for t in block_tables],
+        )
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+
+# ---------------------------------------------------------------------------- attention plan
+
+
+@dataclass
+class _Chunk:
+    """One sequence with several new tokens, attended on its own."""
+
+    start: int  # first row of its tokens in the batch
+    q_len: int
+    ctx_len: int
+    slots: Tensor | slice | None  # context slots; None = fresh prefill (attend the new K/V)
+    mask: Tensor | None  # [q_len, ctx_len] bool (True = may attend); None with is_causal or q_len 1
+
+
+@dataclass
+class _Decode:
+    """Sequences with one new token each, attended in one padded SDPA."""
+
+    rows: Tensor | None  # their rows in the batch; None = all rows, in order
+    slots: Tensor | slice  # [B * max_len], padded with slot 0
+    max_len: int
+    mask: Tensor | None  # [B, 1, 1, max_len] bool; None when all lengths are equal
+
+
+@dataclass
+class _SharedDecode:
+    """Decode sequences sharing a block prefix (cascade attention)."""
+
+    rows: Tensor | None
+    prefix_slots: Tensor | slice  # [Lp]
+    suffix_slots: Tensor  # [B * max_suffix], padded
+    max_suffix: int
+    suffix_bias: Tensor | None  # [B, 1, 1, max_suffix]: 0 or -inf; None when no padding
+
+
+@dataclass
+class _Plan:
+    chunks: list[_Chunk]
+    decode: _Decode | None
+    shared: list[_SharedDecode]
+    last_rows: Tensor  # [num_seqs]: row of each sequence's last new token
+    all_last: bool  # every row is a last row (pure decode): nothing to prune
+
+
+class _Workspace:
+    """Reusable gather buffers. Fresh large tensors page-fault on every call on CPU (measured up
+    to 6x slower paged attention), so gathers write into buffers that only ever grow."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[int, Tensor] = {}
+
+    def get(self, key: int, rows: int, like: Tensor) -> Tensor:
+        numel = rows * like.shape[1] * like.shape[2]
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            size = max(numel, 2 * buf.numel() if buf is not None and buf.dtype == like.dtype else 0)
+            buf = self._bufs[key] = torch.empty(size, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(rows, like.shape[1], like.shape[2])
+
+    def gather(self, key: int, pool: Tensor, slots: Tensor | slice) -> Tensor:
+        if isinstance(slots, slice):  # consecutive slots: a view, no copy
+            return pool[slots]
+        out = self.get(key, slots.numel(), pool)
+        torch.index_select(pool, 0, slots, out=out)
+        return out
+
+
+def _common_prefix_len(tables: list[list[int]]) -> int:
+    first = tables[0]
+    n = min(len(t) for t in tables)
+    for t in tables[1:]:
+        i = 0
+        while i < n and t[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+# ---------------------------------------------------------------------------- model
+
+
+@dataclass
+class _Layer:
+    attn_norm: Tensor
+    wqkv: Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]: q, k, v stacked
+    wo: Tensor
+    mlp_norm: Tensor
+    w_gate_up: Tensor  # [2 * intermediate, hidden]: gate, up stacked
+    w_down: Tensor
+
+
+class LlamaModel:
+    """Llama weights plus the forward step. Weights are taken under `transformers`
+    LlamaForCausalLM names (see `state_dict_hf`); q/k/v and gate/up are fused into copies."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        weights: dict[str, Tensor],
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+        def w(name: str) -> Tensor:
+            if name not in weights:
+                raise KeyError(f"weight {name!r} is missing")
+            return weights[name].to(device=self.device, dtype=dtype)
+
+        self.embed = w("model.embed_tokens.weight")
+        self.norm = w("model.norm.weight")
+        self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
+        self.layers: list[_Layer] = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            self.layers.append(
+                _Layer(
+                    attn_norm=w(p + "input_layernorm.weight"),
+                    wqkv=torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+                    wo=w(p + "self_attn.o_proj.weight"),
+                    mlp_norm=w(p + "post_attention_layernorm.weight"),
+                    w_gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                    w_down=w(p + "mlp.down_proj.weight"),
+                )
+            )
+        self._rope_len = 0
+        self._extend_rope(config.max_position_embeddings)
+        self._ws = _Workspace()
+        # Cascade attention for a group of decode sequences sharing a block prefix pays a fixed
+        # cost of small ops per layer; it wins once members x shared tokens is large enough.
+        # Measured (SmolLM2-135M, 2 CPU threads): break-even near 2048, -13% step time at 4096
+        # (B=4 x 1024, B=16 x 256), -42% at 32 x 1024. See benchmarks/model_speed.py.
+        self.enable_shared_prefix = True
+        self.shared_prefix_min_batch = 2
+        self.shared_prefix_min_tokens = 256
+        self.shared_prefix_min_work = 4096  # members * shared tokens
+
+    # -- construction helpers ---------------------------------------------------------------
+
+    @classmethod
+    def random(
+        cls, config: LlamaConfig, seed: int, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu"
+    ) -> LlamaModel:
+        """A model with seeded random weights, scaled so that activations and logits are O(1)."""
+        g = torch.Generator().manual_seed(seed)
+
+        def rnd(*shape: int, std: float) -> Tensor:
+            return torch.randn(*shape, generator=g, dtype=torch.float64) * std
+
+        def norm() -> Tensor:
+            return 1.0 + rnd(config.hidden_size, std=0.1)
+
+        h, d = config.hidden_size, config.head_dim
+        weights = {"model.embed_tokens.weight": rnd(config.vocab_size, h, std=1.0), "model.norm.weight": norm()}
+        if not config.tie_word_embeddings:
+            weights["lm_head.weight"] = rnd(config.vocab_size, h, std=h**-0.5)
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            weights[p + "input_layernorm.weight"] = norm()
+            weights[p + "post_attention_layernorm.weight"] = norm()
+            weights[p + "self_attn.q_proj.weight"] = rnd(config.num_heads * d, h, std=2 * h**-0.5)
+            weights[p + "self_attn.k_proj.weight"] = rnd(config.num_kv_heads * d, h, std=2 * h**-0.5)
+            weights[p + "self_attn.v_proj.weight"] = rnd(config.num_kv_heads * d, h, std=h**-0.5)
+            weights[p + "self_attn.o_proj.weight"] = rnd(h, config.num_heads * d, std=(config.num_heads * d) ** -0.5)
+            weights[p + "mlp.gate_proj.weight"] = rnd(config.intermediate_size, h, std=h**-0.5)
+            weights[p + "mlp.up_proj.weight"] = rnd(config.intermediate_size, h, std=h**-0.5)
+            weights[p + "mlp.down_proj.weight"] = rnd(h, config.intermediate_size, std=config.intermediate_size**-0.5)
+        return cls(config, weights, dtype=dtype, device=device)
+
+    def state_dict_hf(self) -> dict[str, Tensor]:
+        """The weights under `transformers` LlamaForCausalLM names (fresh tensors)."""
+        c = self.config
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        out = {"model.embed_tokens.weight": self.embed.clone(), "model.norm.weight": self.norm.clone()}
+        out["lm_head.weight"] = out["model.embed_tokens.weight"] if c.tie_word_embeddings else self.lm_head.clone()
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            wq, wk, wv = layer.wqkv.split([q, kv, kv])
+            gate, up = layer.w_gate_up.split(c.intermediate_size)
+            out[p + "input_layernorm.weight"] = layer.attn_norm.clone()
+            out[p + "post_attention_layernorm.weight"] = layer.mlp_norm.clone()
+            out[p + "self_attn.q_proj.weight"] = wq.clone()
+            out[p + "self_attn.k_proj.weight"] = wk.clone()
+            out[p + "self_attn.v_proj.weight"] = wv.clone()
+            out[p + "self_attn.o_proj.weight"] = layer.wo.clone()
+            out[p + "mlp.gate_proj.weight"] = gate.clone()
+            out[p + "mlp.up_proj.weight"] = up.clone()
+            out[p + "mlp.down_proj.weight"] = layer.w_down.clone()
+        return out
+
+    def _extend_rope(self, length: int) -> None:
+        # computed in float32 then cast, as transformers does, so float64 runs match it exactly
+        c = self.config
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
+        if c.rope_freq_factors is not None:
+            inv_freq = inv_freq / torch.tensor(c.rope_freq_factors, dtype=torch.float32)
+        freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        self._cos = freqs.cos().to(device=self.device, dtype=self.dtype)  # [length, head_dim / 2]
+        self._sin = freqs.sin().to(device=self.device, dtype=self.dtype)
+        self._rope_len = length
+
+    # -- forward ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv: KVCache) -> Tensor:
+        """Run one step. Writes the new tokens' K/V into `kv` at `batch.slot_mapping` and returns
+        the final-normed hidden state of each sequence's last new token: [num_seqs, hidden]."""
+        c = self.config
+        n_q, n_kv, d = c.num_heads, c.num_kv_heads, c.head_dim
+        plan = self._plan(batch, kv.block_size)
+        if max(batch.context_lens) > self._rope_len:
+            self._extend_rope(max(max(batch.context_lens), 2 * self._rope_len))
+        num_tokens = batch.token_ids.shape[0]
+        cos = self._cos[batch.positions].unsqueeze(1)  # [T, 1, d/2]
+        sin = self._sin[batch.positions].unsqueeze(1)
+
+        x = F.embedding(batch.token_ids, self.embed)
+        last_layer = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.attn_norm, c.rms_norm_eps)
+            qkv = F.linear(h, layer.wqkv).view(num_tokens, n_q + 2 * n_kv, d)
+            qk = _rope(qkv[:, : n_q + n_kv], cos, sin)
+            q, k, v = qk[:, :n_q], qk[:, n_q:], qkv[:, n_q + n_kv :]
+            kv.k[i].index_copy_(0, batch.slot_mapping, k)
+            kv.v[i].index_copy_(0, batch.slot_mapping, v)
+            o = self._attention(q, k, v, kv.k[i], kv.v[i], plan)  # [T, n_q, d]
+            o = o.reshape(o.shape[0], n_q * d)
+            if i == last_layer and not plan.all_last:  # only the last tokens' outputs are needed
+                o, x = o[plan.last_rows], x[plan.last_rows]
+            x = x + F.linear(o, layer.wo)
+            h = _rms_norm(x, layer.mlp_norm, c.rms_norm_eps)
+            gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.w_down)
+        return _rms_norm(x, self.norm, c.rms_norm_eps)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """[N, hidden] -> [N, vocab]."""
+        return F.linear(hidden, self.lm_head)
+
+    # -- attention ----------------------------------------------------------------------------
+
+    def _plan(self, batch: ForwardBatch, block_size: int) -> _Plan:
+        """Everything about the batch's attention that is the same in every layer."""
+        qlens, ctxs, tables = batch.query_lens, batch.context_lens, batch.block_tables
+        if not (len(qlens) == len(ctxs) == len(tables)) or not qlens:
+            raise ValueError("query_lens, context_lens and block_tables must be non-empty and of equal length")
+        if sum(qlens) != batch.token_ids.shape[0]:
+            raise ValueError(f"sum(query_lens) = {sum(qlens)} but the batch has {batch.token_ids.shape[0]} tokens")
+        dev = self.device
+        chunks: list[_Chunk] = []
+        decode_seqs: list[int] = []
+        starts: list[int] = []
+        start = 0
+        for i, (ql, ctx) in enumerate(zip(qlens, ctxs)):
+            if ql < 1 or ctx < ql or len(tables[i]) * block_size < ctx:
+                raise ValueError(f"sequence {i}: bad lengths (query {ql}, context {ctx}, {len(tables[i])} blocks)")
+            starts.append(start)
+            if ql == 1:
+                decode_seqs.append(i)
+            elif ctx == ql:
+                chunks.append(_Chunk(start, ql, ctx, None, None))
+            else:
+                slots = _slot_range(tables[i], block_size, ctx) or _slots(tables[i], block_size, ctx, dev)
+                pos = torch.arange(ctx - ql, ctx, device=dev)
+                mask = torch.arange(ctx, device=dev)[None, :] <= pos[:, None]
+                chunks.append(_Chunk(start, ql, ctx, slots, mask))
+            start += ql
+        all_decode = len(decode_seqs) == len(qlens)
+
+        shared: list[_SharedDecode] = []
+        if self.enable_shared_prefix and len(decode_seqs) >= self.shared_prefix_min_batch:
+            groups: dict[int, list[int]] = {}
+            for i in decode_seqs:
+                groups.setdefault(tables[i][0], []).append(i)
+            plain: list[int] = []
+            for members in groups.values():
+                sh = self._shared_group(members, starts, ctxs, tables, block_size, all_decode and len(members) == len(qlens))
+                if sh is None:
+                    plain.extend(members)
+                else:
+                    shared.append(sh)
+            decode_seqs = sorted(plain)
+
+        decode = None
+        if decode_seqs:
+            lens = [ctxs[i] for i in decode_seqs]
+            max_len = max(lens)
+            slots: Tensor | slice | None = None
+            if len(decode_seqs) == 1:
+                slots = _slot_range(tables[decode_seqs[0]], block_size, max_len)
+            if slots is None:
+                slots = torch.stack([_slots(tables[i], block_size, max_len, dev, pad=True) for i in decode_seqs]).view(-1)
+            mask = None
+            if min(lens) != max_len:
+                mask = (torch.arange(max_len, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None])[:, None, None, :]
+            rows = None if all_decode and len(decode_seqs) == len(qlens) else _rows([starts[i] for i in decode_seqs], dev)
+            decode = _Decode(rows, slots, max_len, mask)
+
+        ends = [s + q - 1 for s, q in zip(starts, qlens)]
+        return _Plan(chunks, decode, shared, _rows(ends, dev), all_decode)
+
+    def _shared_group(
+        self,
+        members: list[int],
+        starts: list[int],
+        ctxs: list[int],
+        tables: list[list[int]],
+        block_size: int,
+        is_whole_batch: bool,
+    ) -> _SharedDecode | None:
+        if len(members) < self.shared_prefix_min_batch:
+            return None
+        n_blocks = _common_prefix_len([tables[i] for i in members])
+        # each sequence keeps at least its newest token in its own suffix
+        n_blocks = min(n_blocks, min((ctxs[i] - 1) // block_size for i in members))
+        prefix_len = n_blocks * block_size
+        if n_blocks < 1 or prefix_len < self.shared_prefix_min_tokens:
+            return None
+        if len(members) * prefix_len < self.shared_prefix_min_work:
+            return None
+        dev = self.device
+        suffix_lens = [ctxs[i] - prefix_len for i in members]
+        max_suffix = max(suffix_lens)
+        suffix_slots = torch.stack(
+            [_slots(tables[i][n_blocks:], block_size, max_suffix, dev, pad=True) for i in members]
+        ).view(-1)
+        bias = None
+        if min(suffix_lens) != max_suffix:
+            keep = torch.arange(max_suffix, device=dev)[None, :] < torch.tensor(suffix_lens, device=dev)[:, None]
+            bias = torch.zeros(keep.shape, dtype=self.dtype, device=dev).masked_fill_(~keep, float("-inf"))
+            bias = bias[:, None, None, :]
+        rows = None if is_whole_batch else _rows([starts[i] for i in members], dev)
+        prefix_table = tables[members[0]][:n_blocks]
+        prefix_slots = _slot_range(prefix_table, block_size, prefix_len) or _slots(prefix_table, block_size, prefix_len, dev)
+        return _SharedDecode(rows, prefix_slots, suffix_slots, max_suffix, bias)
+
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, plan: _Plan) -> Tensor:
+        """q [T, heads, d], the new k/v [T, kv_heads, d] (already in the pool) -> [T, heads, d]."""
+        only = len(plan.chunks) + (plan.decode is not None) + len(plan.shared) == 1
+        out = None if only else torch.empty_like(q)
+        for ch in plan.chunks:
+            qs = q[ch.start : ch.start + ch.q_len].transpose(0, 1).unsqueeze(0)  # [1, heads, q, d]
+            if ch.slots is None:
+                ks = k[ch.start : ch.start + ch.q_len]
+                vs = v[ch.start : ch.start + ch.q_len]
+            else:
+                ks = self._ws.gather(0, k_pool, ch.slots)
+                vs = self._ws.gather(1, v_pool, ch.slots)
+            o = F.scaled_dot_product_attention(
+                qs,
+                ks.transpose(0, 1).unsqueeze(0),
+                vs.transpose(0, 1).unsqueeze(0),
+                attn_mask=ch.mask,
+                is_causal=ch.slots is None,
+                enable_gqa=True,
+            )[0].transpose(0, 1)
+            if out is None:
+                return o
+            out[ch.start : ch.start + ch.q_len] = o
+        if plan.decode is not None:
+            dec = plan.decode
+            qd = q if dec.rows is None else q[dec.rows]
+            n = qd.shape[0]
+            ks = self._ws.gather(0, k_pool, dec.slots)
+            vs = self._ws.gather(1, v_pool, dec.slots)
+            if n == 1:
+                o = _attend_one(qd[0], ks, vs)[None]
+            else:
+                ks = ks.view(n, dec.max_len, *k_pool.shape[1:]).transpose(1, 2)
+                vs = vs.view(n, dec.max_len, *v_pool.shape[1:]).transpose(1, 2)
+                o = F.scaled_dot_product_attention(qd.unsqueeze(2), ks, vs, attn_mask=dec.mask, enable_gqa=True)[:, :, 0]
+            if out is None:
+                return o
+            _put(out, dec.rows, o)
+        for sh in plan.shared:
+            qd = q if sh.rows is None else q[sh.rows]
+            o = self._cascade(qd, k_pool, v_pool, sh)
+            if out is None:
+                return o
+            _put(out, sh.rows, o)
+        assert out is not None
+        return out
+
+    def _cascade(self, q: Tensor, k_pool: Tensor, v_pool: Tensor, sh: _SharedDecode) -> Tensor:
+        """Exact attention of B decode queries [B, heads, d] over (shared prefix ++ own suffix)."""
+        b, n_q, d = q.shape
+        n_kv = k_pool.shape[1]
+        g = n_q // n_kv
+        qg = (q * (1.0 / math.sqrt(d))).view(b, n_kv, g, d)
+        # shared prefix: all B*g queries of a KV head against the prefix in one GEMM
+        kp = self._ws.gather(2, k_pool, sh.prefix_slots)  # [Lp, kv, d]
+        vp = self._ws.gather(3, v_pool, sh.prefix_slots)
+        q_flat = qg.permute(1, 0, 2, 3).reshape(n_kv, b * g, d)
+        o_p, lse_p = _softmax_attend(torch.bmm(q_flat, kp.permute(1, 2, 0)), vp.transpose(0, 1))
+        o_p = o_p.view(n_kv, b, g, d).transpose(0, 1)  # [B, kv, g, d]
+        lse_p = lse_p.view(n_kv, b, g, 1).transpose(0, 1)
+        # own suffixes, padded to the longest
+        ks = self._ws.gather(0, k_pool, sh.suffix_slots).view(b, sh.max_suffix, n_kv, d)
+        vs = self._ws.gather(1, v_pool, sh.suffix_slots).view(b, sh.max_suffix, n_kv, d)
+        scores = torch.matmul(qg, ks.permute(0, 2, 3, 1))  # [B, kv, g, S]
+        if sh.suffix_bias is not None:
+            scores = scores + sh.suffix_bias
+        o_s, lse_s = _softmax_attend(scores, vs.transpose(1, 2))
+        # merge the two partial softmaxes: the prefix's share of the total mass is
+        # e^lse_p / (e^lse_p + e^lse_s) = sigmoid(lse_p - lse_s)
+        share = torch.sigmoid(lse_p - lse_s)
+        return (o_s + share * (o_p - o_s)).reshape(b, n_q, d)
+
+
+def _attend_one(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """One query per head over all keys: q [heads, d], k/v [L, kv_heads, d] -> [heads, d].
+    (For a single decode query plain bmm beats the CPU flash kernel by ~1.5x.)"""
+    n_q, d = q.shape
+    n_kv = k.shape[1]
+    qg = (q * (1.0 / math.sqrt(d))).view(n_kv, n_q // n_kv, d)
+    p = torch.softmax(torch.bmm(qg, k.permute(1, 2, 0)), dim=-1)
+    return torch.bmm(p, v.transpose(0, 1)).reshape(n_q, d)
+
+
+def _softmax_attend(scores: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax(scores) @ v and the rows' log-sum-exp. scores [..., q, L], v [..., L, d]."""
+    m = scores.amax(dim=-1, keepdim=True)
+    p = torch.exp(scores - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    return torch.matmul(p, v) / denom, m + torch.log(denom)
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    if x.dtype in (torch.float16, torch.bfloat16):  # reduce in float32 for half precisions
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE. x [T, h, d]; cos, sin [T, 1, d/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _slots(table: Sequence[int], block_size: int, length: int, device: torch.device, pad: bool = False) -> Tensor:
+    """The KV slots of the first `length` tokens of a block table; with `pad`, a table that
+    covers fewer tokens is padded with slot 0 (the caller masks those keys out)."""
+    blocks = torch.tensor(table, dtype=torch.int64)
+    slots = (blocks[:, None] * block_size + torch.arange(block_size)).view(-1)[:length]
+    if pad and slots.numel() < length:
+        slots = torch.cat([slots, torch.zeros(length - slots.numel(), dtype=torch.int64)])
+    return slots.to(device)
+
+
+def _slot_range(table: Sequence[int], block_size: int, length: int) -> slice | None:
+    """The slots of the first `length` tokens as a slice when their blocks are consecutive."""
+    n = -(-length // block_size)
+    first = table[0]
+    if any(table[j] != first + j for j in range(1, n)):
+        return None
+    return slice(first * block_size, first * block_size + length)
+
+
+def _rows(rows: list[int], device: torch.device) -> Tensor:
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+def _put(out: Tensor, rows: Tensor | None, values: Tensor) -> None:
+    if rows is None:
+        out.copy_(values)
+    else:
+        out.index_copy_(0, rows, values)

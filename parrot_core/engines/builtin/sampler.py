@@ -1,0 +1,63 @@
+"""Token sampling: greedy, temperature, top-k and top-p, one row per request.
+
+Each sampled row draws exactly one uniform number from its own generator (or the global RNG when
+it has none) and picks its token by inverse CDF over its filtered distribution. A row's result
+therefore depends only on its logits, its parameters and its generator, never on the other rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from parrot_core.engines.base import SamplingParams
+
+
+@torch.inference_mode()
+def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One token id per row of `logits` [B, V]. Greedy rows (temperature 0) take the argmax."""
+    if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
+        raise ValueError("sample() needs logits [B, V] with one params and one generator per row")
+    out = logits.argmax(dim=-1).tolist()
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return out
+    vocab = logits.shape[1]
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits[rows].to(dtype)
+    ps = [params[i] for i in rows]
+    x = x / torch.tensor([p.temperature for p in ps], dtype=dtype, device=x.device)[:, None]
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in ps]
+    top_ps = [p.top_p if p.top_p < 1.0 else float("inf") for p in ps]
+
+    if all(k == vocab for k in ks) and all(p == float("inf") for p in top_ps):
+        order = None
+        probs = torch.softmax(x, dim=-1)
+    else:
+        x, order = torch.sort(x, dim=-1, descending=True, stable=True)
+        rank = torch.arange(vocab, device=x.device)[None, :]
+        x = x.masked_fill(rank >= torch.tensor(ks, device=x.device)[:, None], float("-inf"))
+        probs = torch.softmax(x, dim=-1)
+        # top-p: keep the smallest head of the sorted list whose mass reaches top_p (>= 1 token)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop = mass_before >= torch.tensor(top_ps, dtype=dtype, device=x.device)[:, None]
+        probs = probs.masked_fill(drop, 0.0)
+
+    cdf = torch.cumsum(probs, dim=-1)
+    u = torch.stack([_uniform(generators[i], dtype).to(x.device) for i in rows])
+    picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    # u * total can round up to total: fall back to the last token with nonzero probability
+    last_nonzero = vocab - 1 - torch.argmax((probs.flip(-1) > 0).to(torch.int8), dim=-1)
+    picks = torch.minimum(picks, last_nonzero)
+    if order is not None:
+        picks = order.gather(1, picks[:, None])[:, 0]
+    for i, tok in zip(rows, picks.tolist()):
+        out[i] = tok
+    return out
+
+
+def _uniform(generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
+    device = generator.device if generator is not None else "cpu"
+    return torch.rand((), generator=generator, dtype=dtype, device=device)

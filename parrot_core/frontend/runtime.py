@@ -1,0 +1,316 @@
+"""`Runtime`: the in-process core. It owns an asyncio loop in a background thread, one engine
+(the builtin engine on the default model unless told otherwise) and the serve layer's
+`ServeCoreContextManager`, so every KV context the engine holds is a serve-layer `Context`
+whose reference count and token count describe it.
+
+Synchronous methods run their coroutine on the runtime's loop and block; `a`-prefixed
+methods are the same coroutines for async callers (they hop onto the runtime's loop too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from parrot_core.contexts import Context, ServeCoreContextManager
+from parrot_core.engines.base import SamplingParams
+from parrot_core.engines.builtin.config import EngineConfig
+from parrot_core.engines.builtin.engine import BuiltinEngine
+from parrot_core.errors import InvalidRequestError, RuntimeClosedError
+
+T = TypeVar("T")
+Prompt = str | Sequence[int]
+ENGINE_ID = "builtin-0"
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    """One generation. `token_ids` are what the context gained (a final EOS / stop token id
+    is not included); `text` is cut before a stop string; `cached_tokens` of the prompt's
+    tokens came from the prefix cache instead of being computed."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    cached_tokens: int
+
+
+class Runtime:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        kv_cache_memory_gb: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        engine: BuiltinEngine | None = None,
+    ) -> None:
+        if engine is None:
+            config = EngineConfig(
+                model=model,
+                block_size=block_size,
+                num_kv_blocks=num_kv_blocks,
+                enable_prefix_caching=enable_prefix_caching,
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_model_len=max_model_len,
+                kv_cache_memory_gb=kv_cache_memory_gb,
+                dtype=dtype,
+                device=device,
+            )
+            engine = BuiltinEngine.from_gguf(model, config)
+        self.engine = engine
+        self.contexts = ServeCoreContextManager()
+        self.contexts.register_engine(ENGINE_ID, engine)
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="parrot-runtime", daemon=True)
+        self._thread.start()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the engine and the loop. Idempotent; later calls raise `RuntimeClosedError`."""
+        if self._closed:
+            return
+        self._closed = True
+        self.engine.close()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._loop.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            coro.close()
+            raise RuntimeClosedError("this Runtime is closed")
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("a blocking Runtime call from inside the runtime's own loop would deadlock; use the async form")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the runtime's loop from any async caller."""
+        if self._closed:
+            coro.close()
+            raise RuntimeClosedError("this Runtime is closed")
+        if asyncio.get_running_loop() is self._loop:
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    # -- tokens ----------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer().encode(text)
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return self._tokenizer().decode(list(token_ids))
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self._tokenizer().apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def _tokenizer(self):  # noqa: ANN202 - the engine's Tokenizer
+        if self.engine.tokenizer is None:
+            raise InvalidRequestError("this engine has no tokenizer: pass token ids")
+        return self.engine.tokenizer
+
+    def _to_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt)
+        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise InvalidRequestError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        return ids
+
+    # -- generate ----------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt], max_tokens: int = 16, **sampling: Any) -> Any:
+        """Generate for one prompt (text or token ids) or, given a list of prompts, for all of
+        them as one concurrent batch (returns a list, in order). Sampling options: temperature,
+        top_p, top_k, seed, stop, stop_token_ids, ignore_eos."""
+        return self._run(self._generate_any(prompts, max_tokens, sampling))
+
+    async def agenerate(self, prompts: Prompt | Sequence[Prompt], max_tokens: int = 16, **sampling: Any) -> Any:
+        return await self._on_loop(self._generate_any(prompts, max_tokens, sampling))
+
+    async def _generate_any(self, prompts: Any, max_tokens: int, sampling: dict[str, Any]) -> Any:
+        params = _sampling_params(max_tokens, sampling)
+        if _is_batch(prompts):
+            ids = [self._to_ids(p) for p in prompts]
+            return list(await asyncio.gather(*(self._generate_one(i, params) for i in ids)))
+        return await self._generate_one(self._to_ids(prompts), params)
+
+    async def _generate_one(self, prompt_ids: list[int], params: SamplingParams) -> GenerateOutput:
+        ctx = self.contexts.new_context(ENGINE_ID)
+        try:
+            fill = await self.engine.fill(ctx.context_id, None, prompt_ids)
+            self.contexts.record_fill(ctx, len(prompt_ids))
+            out = await self._generate_in(ctx, params)
+            return GenerateOutput(out.text, out.token_ids, out.finish_reason, len(prompt_ids), fill.cached_tokens)
+        finally:
+            self.contexts.free_context(ctx)
+
+    async def _generate_in(self, ctx: Context, params: SamplingParams) -> GenerateOutput:
+        """Generate in `ctx` itself: the sampled tokens join the context (R4: reserve, then
+        reconcile to what was produced)."""
+        self.contexts.reserve_generate(ctx, params.max_tokens)
+        ids: list[int] = []
+        pieces: list[str] = []
+        reason = "abort"
+        try:
+            async for delta in self.engine.generate(ctx.context_id, ctx.parent_context_id, params):
+                ids.extend(delta.token_ids)
+                pieces.append(delta.text)
+                reason = delta.finish_reason or reason
+        finally:
+            self.contexts.reconcile_generate(ctx, len(ids))
+        return GenerateOutput("".join(pieces), ids, reason, 0, 0)
+
+    # -- the forkable context API ------------------------------------------------------------
+    def new_context(self) -> ContextHandle:
+        """An empty root context. Free it (or use it as a context manager) when done."""
+        return self._run(self._open(None))
+
+    async def _open(self, parent: Context | None) -> ContextHandle:
+        ctx = self.contexts.new_context(ENGINE_ID) if parent is None else self.contexts.fork_context(parent)
+        try:
+            # An empty fill creates the engine context now, so a fork holds its parent's
+            # tokens as of the fork, whatever the parent does next.
+            await self.engine.fill(ctx.context_id, ctx.parent_context_id, [])
+        except BaseException:
+            self.contexts.free_context(ctx)
+            raise
+        return ContextHandle(self, ctx)
+
+    # -- introspection -----------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        info = self.engine.runtime_info()
+        queries = info.prefix_cache_queries
+        return {
+            "blocks_total": info.num_blocks_total,
+            "blocks_free": info.num_blocks_free,
+            "blocks_cached": info.num_blocks_cached,
+            "blocks_used": info.num_blocks_used,
+            "contexts_live": self._run(self._count_contexts()),
+            "engine_contexts": info.num_contexts,
+            "prefix_cache_queries": queries,
+            "prefix_cache_hits": info.prefix_cache_hits,
+            "prefix_cache_hit_rate": info.prefix_cache_hits / queries if queries else 0.0,
+            "prompt_tokens_computed": info.prompt_tokens_computed,
+            "generation_tokens": info.generation_tokens,
+            "num_preemptions": info.num_preemptions,
+            "context_forks": self.contexts.forks_total,
+        }
+
+    async def _count_contexts(self) -> int:
+        return len(self.contexts.contexts)
+
+    def check_invariants(self) -> None:
+        """Raise if any rule of the serve layer or the engine is broken, or if the two
+        disagree about which contexts exist."""
+        self._run(self._check_invariants())
+
+    async def _check_invariants(self) -> None:
+        from parrot_core.errors import InvariantError
+
+        self.contexts.check_invariants()
+        serve_ids = set(self.contexts.contexts)
+        engine_ids = self.engine.call(lambda: {c.context_id for c in self.engine.tree.contexts()})
+        self.engine.check_invariants()
+        if serve_ids != engine_ids:
+            raise InvariantError(f"serve contexts {sorted(serve_ids)} != engine contexts {sorted(engine_ids)}")
+
+
+class ContextHandle:
+    """A forkable KV context. Blocking methods; `with` frees it on exit."""
+
+    def __init__(self, runtime: Runtime, ctx: Context) -> None:
+        self._rt = runtime
+        self._ctx = ctx
+        self._open = True
+
+    def __repr__(self) -> str:
+        return f"ContextHandle(id={self._ctx.context_id}, tokens={self.tokens_num}, alive={self._ctx.alive})"
+
+    def __enter__(self) -> ContextHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._open and not self._rt.closed:
+            self.free()
+
+    @property
+    def context_id(self) -> int:
+        return self._ctx.context_id
+
+    @property
+    def context(self) -> Context:
+        return self._ctx
+
+    @property
+    def tokens_num(self) -> int:
+        """This context's own tokens (not its parent's)."""
+        return self._ctx.tokens_num
+
+    def fill(self, prompt: Prompt) -> int:
+        """Append text or token ids; returns how many of them came from the prefix cache."""
+        return self._rt._run(self._fill(prompt))
+
+    async def _fill(self, prompt: Prompt) -> int:
+        ids = self._rt._to_ids(prompt)
+        result = await self._rt.engine.fill(self._ctx.context_id, self._ctx.parent_context_id, ids)
+        self._rt.contexts.record_fill(self._ctx, len(ids))
+        return result.cached_tokens
+
+    def fork(self) -> ContextHandle:
+        """A child context that starts with everything this one holds now."""
+        return self._rt._run(self._rt._open(self._ctx))
+
+    def generate(self, max_tokens: int = 16, **sampling: Any) -> GenerateOutput:
+        """Generate after this context's tokens; the output joins this context."""
+        params = _sampling_params(max_tokens, sampling)
+        return self._rt._run(self._rt._generate_in(self._ctx, params))
+
+    def free(self) -> None:
+        """Release this handle; the KV goes once no child context needs it."""
+        self._rt._run(self._free())
+        self._open = False
+
+    async def _free(self) -> None:
+        self._rt.contexts.free_context(self._ctx)
+
+
+def _sampling_params(max_tokens: int, sampling: dict[str, Any]) -> SamplingParams:
+    allowed = {"temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos"}
+    unknown = sorted(set(sampling) - allowed)
+    if unknown:
+        raise InvalidRequestError(f"unknown sampling options: {', '.join(unknown)}")
+    return SamplingParams(max_tokens=max_tokens, **sampling)
+
+
+def _is_batch(prompts: Any) -> bool:
+    """A list of prompts, as opposed to one prompt of token ids."""
+    return isinstance(prompts, Sequence) and not isinstance(prompts, str) and any(
+        isinstance(p, (str, Sequence)) for p in prompts
+    )

@@ -1,0 +1,55 @@
+"""Shared fixtures: the real default model (loaded once per session) and tiny random Llamas."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from parrot_core.engines.builtin.model import LlamaConfig, LlamaModel
+from parrot_core.errors import ModelLoadError
+
+TINY_CONFIG = dict(
+    vocab_size=101,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=256,
+)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The default model as returned by `load_gguf` (float32, CPU); skips if not installed."""
+    from parrot_core.engines.builtin.default_model import default_model_path
+    from parrot_core.engines.builtin.gguf_loader import load_gguf
+
+    try:
+        path = default_model_path()
+    except ModelLoadError as e:
+        pytest.skip(str(e))
+    return load_gguf(path)
+
+
+@pytest.fixture(scope="session")
+def real_llama(real_model) -> LlamaModel:
+    """A `LlamaModel` built once from `real_model`."""
+    return LlamaModel(real_model.config, real_model.weights)
+
+
+@pytest.fixture
+def tiny_llama() -> Callable[..., LlamaModel]:
+    """Factory: `tiny_llama(seed=0, dtype=torch.float64, **config_overrides)` -> a seeded random
+    2-layer GQA Llama (hidden 64, 4 heads, 2 KV heads, vocab 101)."""
+
+    def make(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides: Any) -> LlamaModel:
+        return LlamaModel.random(LlamaConfig(**{**TINY_CONFIG, **overrides}), seed=seed, dtype=dtype)
+
+    return make

@@ -1,0 +1,254 @@
+"""The builtin engine's step loop on a tiny seeded float64 Llama (no tokenizer: token ids)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from parrot_core.engines.base import FINISH_LENGTH, FINISH_STOP, SamplingParams
+from parrot_core.engines.builtin.config import EngineConfig
+from parrot_core.engines.builtin.engine import BuiltinEngine
+from parrot_core.errors import EngineError, InvalidRequestError, RequestTooLargeError
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture
+def make_engine(tiny_llama):
+    engines: list[BuiltinEngine] = []
+
+    def make(**config) -> BuiltinEngine:
+        import torch
+
+        config = {"block_size": 4, "num_kv_blocks": 64, "dtype": torch.float64, **config}
+        engine = BuiltinEngine(tiny_llama(seed=0), None, EngineConfig(**config))
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:  # leak check: with every context freed, every block is free or cached
+        live = engine.call(lambda e=engine: [c.context_id for c in e.tree.contexts()])
+        for cid in live:
+            engine.free_context(cid)
+        engine.wait_idle()
+        engine.check_invariants()
+        info = engine.runtime_info()
+        assert info.num_blocks_used == 0 and info.num_contexts == 0
+        engine.close()
+
+
+async def run(engine, cid, tokens, n, parent=None, **kw):
+    """Fill `tokens` into context `cid` (a fork of `parent` if given), then generate `n`."""
+    fill = await engine.fill(cid, parent, tokens)
+    out, reasons = [], []
+    async for delta in engine.generate(cid, None, SamplingParams(max_tokens=n, **{**GREEDY, **kw})):
+        out.extend(delta.token_ids)
+        reasons.append(delta.finish_reason)
+    return out, reasons[-1], fill
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 101) for _ in range(n)]
+
+
+def test_greedy_identical_caching_off_cold_warm(make_engine):
+    shared = prompt(1, 22)
+    a, b = shared + prompt(2, 5), shared + prompt(3, 7)
+
+    async def both(engine, first_id):
+        ra = await run(engine, first_id, a, 12)
+        rb = await run(engine, first_id + 1, b, 12)
+        return ra, rb
+
+    off = asyncio.run(both(make_engine(enable_prefix_caching=False), 0))
+    on = make_engine()
+    cold = asyncio.run(both(on, 0))
+    warm = asyncio.run(both(on, 10))
+    assert off[0][0] == cold[0][0] == warm[0][0]
+    assert off[1][0] == cold[1][0] == warm[1][0]
+    assert cold[1][2].cached_tokens == 20  # the second prompt hits the shared full blocks (5 x 4)
+    assert warm[0][2].cached_tokens == 24 and off[1][2].cached_tokens == 0
+
+
+def test_second_request_computes_only_uncached_tokens_and_never_the_last(make_engine):
+    engine = make_engine()
+    p = prompt(5, 40)
+    asyncio.run(engine.fill(0, None, p))
+    before = engine.runtime_info().prompt_tokens_computed
+    result = asyncio.run(engine.fill(1, None, p))  # the same 40 tokens, 10 full blocks
+    computed = engine.runtime_info().prompt_tokens_computed - before
+    assert result.cached_tokens == 36 and computed == 4  # the last token's block is recomputed
+    partial = asyncio.run(engine.fill(2, None, p[:10] + prompt(6, 10)))
+    assert partial.cached_tokens == 8  # full-block granularity: 10 shared tokens = 2 blocks
+
+
+def test_fork_equals_fresh_context_with_the_same_tokens(make_engine):
+    engine = make_engine()
+    head, tail = prompt(7, 13), prompt(8, 6)  # 13 is not block aligned: the fork copies on write
+
+    async def go():
+        await engine.fill(0, None, head)
+        forked = await run(engine, 1, tail, 10, parent=0)
+        fresh = await run(engine, 2, head + tail, 10)
+        sibling = await run(engine, 3, prompt(9, 3), 10, parent=0)  # the parent is untouched
+        again = await run(engine, 4, tail, 10, parent=0)
+        return forked, fresh, sibling, again
+
+    forked, fresh, sibling, again = asyncio.run(go())
+    assert forked[0] == fresh[0] == again[0]
+    assert sibling[0] != forked[0]
+
+
+def test_parent_freed_while_child_lives(make_engine):
+    engine = make_engine()
+
+    async def go():
+        await engine.fill(0, None, prompt(10, 17))
+        await engine.fill(1, 0, [])  # fork
+        engine.free_context(0)
+        return await run(engine, 1, prompt(11, 2), 6)
+
+    out = asyncio.run(go())
+    fresh = asyncio.run(run(engine, 2, prompt(10, 17) + prompt(11, 2), 6))
+    assert out[0] == fresh[0]
+
+
+def test_preempted_run_equals_undisturbed_run(make_engine):
+    prompts = [prompt(20 + i, 9) for i in range(4)]
+
+    async def all_at_once(engine):
+        return await asyncio.gather(*(run(engine, i, p, 24) for i, p in enumerate(prompts)))
+
+    calm = asyncio.run(all_at_once(make_engine()))
+    tight = make_engine(num_kv_blocks=16, enable_prefix_caching=False)  # 4 x 33 tokens need 36 blocks
+    squeezed = asyncio.run(all_at_once(tight))
+    assert tight.runtime_info().num_preemptions > 0
+    assert [r[0] for r in squeezed] == [r[0] for r in calm]
+
+
+def test_a_request_that_can_never_fit_is_refused_and_the_engine_goes_on(make_engine):
+    engine = make_engine(num_kv_blocks=8)  # 32 slots
+    with pytest.raises(RequestTooLargeError, match="KV blocks"):
+        asyncio.run(run(engine, 0, prompt(1, 20), 20))
+    engine.free_context(0)
+    with pytest.raises(RequestTooLargeError, match="maximum context length"):
+        asyncio.run(engine.fill(1, None, prompt(1, 300)))
+    out, reason, _ = asyncio.run(run(engine, 2, prompt(1, 8), 4))
+    assert len(out) == 4 and reason == FINISH_LENGTH
+
+
+def test_finish_reasons_and_stop_token_ids(make_engine):
+    engine = make_engine()
+    out, reason, _ = asyncio.run(run(engine, 0, prompt(3, 6), 5))
+    assert reason == FINISH_LENGTH and len(out) == 5
+    stop_at = out[2]
+    first = out.index(stop_at)
+    out2, reason2, _ = asyncio.run(run(engine, 1, prompt(3, 6), 5, stop_token_ids=[stop_at]))
+    assert reason2 == FINISH_STOP and out2 == out[:first]  # the stop token is not included
+
+
+def test_generated_tokens_join_the_context(make_engine):
+    engine = make_engine()
+
+    async def go():
+        first, _, _ = await run(engine, 0, prompt(4, 5), 4)
+        # continuing the same context equals a fresh context holding prompt + first output
+        second = [t async for d in engine.generate(0, None, SamplingParams(max_tokens=3, **GREEDY)) for t in d.token_ids]
+        fresh, _, _ = await run(engine, 1, prompt(4, 5) + first, 3)
+        return second, fresh
+
+    second, fresh = asyncio.run(go())
+    assert second == fresh
+
+
+def test_abort_when_the_consumer_stops_reading(make_engine):
+    engine = make_engine()
+
+    async def go():
+        await engine.fill(0, None, prompt(12, 8))
+        stream = engine.generate(0, None, SamplingParams(max_tokens=100, **GREEDY))
+        got = []
+        async for delta in stream:
+            got.extend(delta.token_ids)
+            if len(got) >= 2:
+                break
+        await stream.aclose()
+        return got
+
+    got = asyncio.run(go())
+    assert len(got) == 2
+    engine.wait_idle()
+    assert engine.runtime_info().num_running == 0
+    # the context stays usable after the abort
+    assert len(asyncio.run(run(engine, 1, [], 3, parent=0))[0]) == 3
+
+
+def test_busy_context_and_bad_tokens_are_typed_errors(make_engine):
+    engine = make_engine()
+
+    async def go():
+        await engine.fill(0, None, prompt(1, 4))
+        stream = engine.generate(0, None, SamplingParams(max_tokens=200, **GREEDY))
+        await stream.__anext__()  # the generation is now running on context 0
+        with pytest.raises(InvalidRequestError, match="busy"):
+            await engine.fill(0, None, [1, 2])
+        await stream.aclose()
+        with pytest.raises(InvalidRequestError, match="token ids"):
+            await engine.fill(1, None, [5, 1000])
+        with pytest.raises(InvalidRequestError, match="parent context"):
+            await engine.fill(2, 99, [5])
+        with pytest.raises(InvalidRequestError, match="empty context"):
+            await run(engine, 3, [], 2)
+
+    asyncio.run(go())
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_survives(make_engine, monkeypatch):
+    engine = make_engine()
+    real_forward = engine.model.forward
+    calls = {"n": 0}
+
+    def flaky(batch, kv):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated kernel failure")
+        return real_forward(batch, kv)
+
+    monkeypatch.setattr(engine.model, "forward", flaky)
+    with pytest.raises(EngineError, match="simulated kernel failure"):
+        asyncio.run(engine.fill(0, None, prompt(1, 6)))
+    out, reason, _ = asyncio.run(run(engine, 1, prompt(1, 6), 3))
+    assert len(out) == 3 and reason == FINISH_LENGTH
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(make_engine):
+    engine = make_engine()
+    params = dict(temperature=1.0, ignore_eos=True, seed=1234)
+
+    async def alone():
+        return (await run(engine, 0, prompt(2, 7), 8, **params))[0]
+
+    async def crowded():
+        results = await asyncio.gather(
+            run(engine, 1, prompt(2, 7), 8, **params), *(run(engine, 2 + i, prompt(30 + i, 5), 8, temperature=1.0) for i in range(3))
+        )
+        return results[0][0]
+
+    assert asyncio.run(alone()) == asyncio.run(crowded())
+
+
+def test_in_batch_prefix_sharing_computes_the_shared_prefix_once(make_engine):
+    engine = make_engine(num_kv_blocks=128)
+    shared = prompt(40, 32)
+    prompts = [shared + prompt(41 + i, 4) for i in range(6)]
+
+    async def go():
+        return await asyncio.gather(*(engine.fill(i, None, p) for i, p in enumerate(prompts)))
+
+    results = asyncio.run(go())
+    computed = engine.runtime_info().prompt_tokens_computed
+    assert computed == 32 + 4 * 6  # the optimum: the prefix once, each question once
+    assert sorted(r.cached_tokens for r in results) == [0] + [32] * 5

@@ -1,0 +1,270 @@
+"""LlamaModel over a paged KV pool against transformers' LlamaForCausalLM (float64 oracle)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.llama import modeling_llama  # noqa: E402
+
+ATOL = 1e-6
+BS = 4  # block size of every test here: small, so sequences span many blocks
+
+
+@contextmanager
+def _oracle_precision() -> Iterator[None]:
+    """transformers computes RMSNorm and the eager softmax in float32 whatever the model dtype; for
+    a float64 model that is a downcast (~1e-7 error). Keep both in float64 while the oracle runs."""
+    norm_forward = modeling_llama.LlamaRMSNorm.forward
+    softmax = torch.nn.functional.softmax
+
+    def norm64(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def softmax64(x, dim=None, _stacklevel=3, dtype=None):
+        return softmax(x, dim=dim)
+
+    modeling_llama.LlamaRMSNorm.forward = norm64
+    torch.nn.functional.softmax = softmax64
+    try:
+        yield
+    finally:
+        modeling_llama.LlamaRMSNorm.forward = norm_forward
+        torch.nn.functional.softmax = softmax
+
+
+def hf_logits(model: LlamaModel, tokens: list[int]) -> torch.Tensor:
+    """transformers' logits [len(tokens), vocab] for one sequence, eager attention, float64."""
+    c = model.config
+    hf_config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        rope_theta=c.rope_theta,
+        rms_norm_eps=c.rms_norm_eps,
+        max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=c.tie_word_embeddings,
+        attn_implementation="eager",
+    )
+    hf = transformers.LlamaForCausalLM(hf_config).to(torch.float64).eval()
+    hf.load_state_dict(model.state_dict_hf(), strict=True)
+    with torch.no_grad(), _oracle_precision():
+        return hf(torch.tensor([tokens])).logits[0]
+
+
+def random_tokens(n: int, seed: int, vocab: int = 101) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def scattered_table(n_blocks: int, pool_blocks: int, seed: int) -> list[int]:
+    table = random.Random(seed).sample(range(pool_blocks), n_blocks)
+    assert table != sorted(table)
+    return table
+
+
+def step(model: LlamaModel, kv: KVCache, seqs: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+    """One forward over (new_tokens, context_len, block_table) per sequence -> logits [n, vocab]."""
+    batch = ForwardBatch.build([s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs], kv.block_size)
+    return model.compute_logits(model.forward(batch, kv))
+
+
+def close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> bool:
+    return (a - b).abs().max().item() < atol
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"num_kv_heads": 4, "tie_word_embeddings": True}, {"num_kv_heads": 1}],
+    ids=["gqa", "mha-tied", "mqa"],
+)
+def test_prefill_over_scattered_blocks_matches_hf(tiny_llama, overrides):
+    model = tiny_llama(**overrides)
+    tokens = random_tokens(21, seed=1)
+    ref = hf_logits(model, tokens)
+    kv = KVCache.allocate(model.config, 16, BS, torch.float64)
+    logits = step(model, kv, [(tokens, 21, scattered_table(6, 16, seed=2))])
+    assert logits.shape == (1, 101)
+    assert close(logits[0], ref[-1])
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["scattered", "contiguous"])
+def test_decode_step_by_step_matches_hf(tiny_llama, contiguous):
+    model = tiny_llama()
+    tokens = random_tokens(20, seed=3)
+    ref = hf_logits(model, tokens)
+    kv = KVCache.allocate(model.config, 12, BS, torch.float64)
+    table = [7, 8, 9, 10, 11] if contiguous else scattered_table(5, 12, seed=4)
+    assert close(step(model, kv, [(tokens[:3], 3, table)])[0], ref[2])
+    for pos in range(3, 20):
+        assert close(step(model, kv, [([tokens[pos]], pos + 1, table)])[0], ref[pos]), pos
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["scattered", "contiguous"])
+def test_chunked_prefill_matches_hf(tiny_llama, contiguous):
+    model = tiny_llama()
+    tokens = random_tokens(20, seed=5)
+    ref = hf_logits(model, tokens)
+    kv = KVCache.allocate(model.config, 12, BS, torch.float64)
+    table = [4, 5, 6, 7, 8] if contiguous else scattered_table(5, 12, seed=6)
+    end = 0
+    for size in (7, 6, 7):
+        logits = step(model, kv, [(tokens[end : end + size], end + size, table)])
+        end += size
+        assert close(logits[0], ref[end - 1]), end
+
+
+def test_mixed_batch_matches_hf(tiny_llama):
+    """Decodes, a chunk over a cached context and a fresh prefill in one forward, interleaved."""
+    model = tiny_llama()
+    kv = KVCache.allocate(model.config, 40, BS, torch.float64)
+    free = scattered_table(40, 40, seed=7)
+    lens = {"a": 15, "b": 11, "c": 9, "d": 14}
+    toks = {name: random_tokens(n, seed=10 + i) for i, (name, n) in enumerate(lens.items())}
+    tables = {name: [free.pop() for _ in range(-(-n // BS))] for name, n in lens.items()}
+    refs = {name: hf_logits(model, t) for name, t in toks.items()}
+    cached = {"a": 9, "c": 8, "d": 13}  # b starts fresh
+    for name, n in cached.items():
+        step(model, kv, [(toks[name][:n], n, tables[name])])
+    order = ["c", "a", "d", "b"]
+    logits = step(
+        model,
+        kv,
+        [(toks[n][cached.get(n, 0) :], lens[n], tables[n]) for n in order],
+    )
+    for i, name in enumerate(order):
+        assert close(logits[i], refs[name][-1]), name
+
+
+def _shared_prefix_setup(model: LlamaModel, suffix_lens: list[int], prefix_blocks: int = 3, contiguous: bool = False):
+    """Sequences sharing `prefix_blocks` blocks (same ids, prefilled once), each with its own
+    suffix prefilled except its last token. Returns kv, per-seq tokens and tables."""
+    kv = KVCache.allocate(model.config, 64, BS, torch.float64)
+    free = scattered_table(64, 64, seed=8)
+    prefix = random_tokens(prefix_blocks * BS, seed=20)
+    shared = list(range(10, 10 + prefix_blocks)) if contiguous else [free.pop() for _ in range(prefix_blocks)]
+    free = [b for b in free if b not in shared]
+    step(model, kv, [(prefix, len(prefix), shared)])
+    seqs = []
+    for i, n in enumerate(suffix_lens):
+        tokens = prefix + random_tokens(n, seed=30 + i)
+        table = shared + [free.pop() for _ in range(-(-n // BS))]
+        if n > 1:
+            step(model, kv, [(tokens[len(prefix) : -1], len(tokens) - 1, table)])
+        seqs.append((tokens, table))
+    return kv, seqs
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["scattered", "contiguous"])
+def test_shared_prefix_decode_equals_plain_path_and_hf(tiny_llama, contiguous):
+    model = tiny_llama()
+    model.shared_prefix_min_tokens, model.shared_prefix_min_batch, model.shared_prefix_min_work = 4, 2, 0
+    kv, seqs = _shared_prefix_setup(model, [1, 2, 4, 5, 9], contiguous=contiguous)
+    batch_seqs = [([t[-1]], len(t), table) for t, table in seqs]
+    batch = ForwardBatch.build(*zip(*batch_seqs), BS)
+    plan = model._plan(batch, BS)
+    assert len(plan.shared) == 1 and plan.decode is None
+
+    shared = step(model, kv, batch_seqs)
+    model.enable_shared_prefix = False
+    plain = step(model, kv, batch_seqs)
+    assert close(shared, plain, atol=1e-10)
+    for i, (tokens, _) in enumerate(seqs):
+        assert close(shared[i], hf_logits(model, tokens)[-1])
+
+
+def test_shared_prefix_group_next_to_other_work(tiny_llama):
+    """A shared group, a decode with a different prefix and a prefill chunk in the same batch."""
+    model = tiny_llama()
+    model.shared_prefix_min_tokens, model.shared_prefix_min_batch, model.shared_prefix_min_work = 8, 3, 0
+    kv, seqs = _shared_prefix_setup(model, [3, 6, 2, 7])
+    other = random_tokens(10, seed=50)
+    other_table = [60, 61, 62]
+    step(model, kv, [(other[:9], 9, other_table)])
+    fresh = random_tokens(6, seed=51)
+    batch_seqs = [([t[-1]], len(t), table) for t, table in seqs[:2]]
+    batch_seqs += [([other[-1]], 10, other_table), (fresh, 6, [63, 59])]
+    batch_seqs += [([t[-1]], len(t), table) for t, table in seqs[2:]]
+    plan = model._plan(ForwardBatch.build(*zip(*batch_seqs), BS), BS)
+    assert len(plan.shared) == 1 and plan.decode is not None and len(plan.chunks) == 1
+
+    shared = step(model, kv, batch_seqs)
+    model.enable_shared_prefix = False
+    plain = step(model, kv, batch_seqs)
+    assert close(shared, plain, atol=1e-10)
+    assert close(shared[2], hf_logits(model, other)[-1])
+    assert close(shared[3], hf_logits(model, fresh)[-1])
+
+
+def test_shared_prefix_thresholds_gate_the_path(tiny_llama):
+    model = tiny_llama()  # default thresholds: far more shared work than this
+    kv, seqs = _shared_prefix_setup(model, [1, 2, 3, 4, 5])
+    batch = ForwardBatch.build(*zip(*[([t[-1]], len(t), table) for t, table in seqs]), BS)
+    assert model._plan(batch, BS).shared == []
+
+
+_HYP_TOKENS = random_tokens(24, seed=60)
+_hyp_cache: dict[str, tuple[LlamaModel, torch.Tensor]] = {}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.integers(1, 23), max_size=6, unique=True), seed=st.integers(0, 10_000))
+def test_any_chunk_schedule_matches_hf(tiny_llama, cuts, seed):
+    if "model" not in _hyp_cache:  # the factory is stateless: build the model and its oracle once
+        model = tiny_llama()
+        _hyp_cache["model"] = (model, hf_logits(model, _HYP_TOKENS))
+    model, ref = _hyp_cache["model"]
+    kv = KVCache.allocate(model.config, 10, BS, torch.float64)
+    table = random.Random(seed).sample(range(10), 6)
+    bounds = [0, *sorted(cuts), 24]
+    for a, b in zip(bounds, bounds[1:]):
+        assert close(step(model, kv, [(_HYP_TOKENS[a:b], b, table)])[0], ref[b - 1])
+
+
+def test_copy_block_copies_prefix_slots_in_every_layer(tiny_llama):
+    model = tiny_llama()
+    kv = KVCache.allocate(model.config, 4, BS, torch.float64)
+    for pool in (*kv.k, *kv.v):
+        pool.normal_()
+    before = [p.clone() for p in (*kv.k, *kv.v)]
+    kv.copy_block(1, 3, num_slots=3)
+    for old, new in zip(before, (*kv.k, *kv.v)):
+        assert torch.equal(new[3 * BS : 3 * BS + 3], old[BS : BS + 3])
+        assert torch.equal(new[3 * BS + 3 :], old[3 * BS + 3 :])
+        assert torch.equal(new[: 3 * BS], old[: 3 * BS])
+
+
+def test_forward_rejects_inconsistent_batches(tiny_llama):
+    model = tiny_llama()
+    kv = KVCache.allocate(model.config, 4, BS, torch.float64)
+    good = ForwardBatch.build([[1, 2, 3]], [3], [[0]], BS)
+    bad_sum = ForwardBatch(good.token_ids, good.positions, good.slot_mapping, [2], [3], [[0]])
+    with pytest.raises(ValueError):
+        model.forward(bad_sum, kv)
+    short_table = ForwardBatch.build([[1, 2, 3, 4, 5]], [5], [[0, 1]], BS)
+    short_table.block_tables = [[0]]
+    with pytest.raises(ValueError):
+        model.forward(short_table, kv)
+
+
+def test_float32_model_is_close_to_float64(tiny_llama):
+    m64 = tiny_llama()
+    m32 = LlamaModel(m64.config, m64.state_dict_hf(), dtype=torch.float32)
+    tokens = random_tokens(12, seed=70)
+    out = []
+    for m, dt in ((m64, torch.float64), (m32, torch.float32)):
+        kv = KVCache.allocate(m.config, 4, BS, dt)
+        out.append(step(m, kv, [(tokens, 12, [3, 1, 2])])[0].double())
+    assert close(out[0], out[1], atol=1e-4)
