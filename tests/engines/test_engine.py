@@ -252,3 +252,34 @@ def test_in_batch_prefix_sharing_computes_the_shared_prefix_once(make_engine):
     computed = engine.runtime_info().prompt_tokens_computed
     assert computed == 32 + 4 * 6  # the optimum: the prefix once, each question once
     assert sorted(r.cached_tokens for r in results) == [0] + [32] * 5
+
+
+def test_a_forced_hash_collision_never_produces_a_wrong_hit(make_engine):
+    """Every block hashes to the same value: only the token check stands between a request
+    and another prompt's KV. Outputs must equal those of an engine without prefix caching."""
+    prompts = [prompt(50 + i, 14) for i in range(3)] + [prompt(50, 14)]
+    colliding = make_engine()
+    colliding.pool.hash_fn = lambda parent, tokens, namespace=b"": 7
+    reference = make_engine(enable_prefix_caching=False)
+
+    async def each(engine):
+        return [await run(engine, i, p, 6) for i, p in enumerate(prompts)]
+
+    got, want = asyncio.run(each(colliding)), asyncio.run(each(reference))
+    assert [r[0] for r in got] == [r[0] for r in want]
+    assert got[1][2].cached_tokens == 0 and got[2][2].cached_tokens == 0  # different tokens: no hit
+
+
+def test_idle_contexts_give_their_blocks_to_a_request_that_needs_them(make_engine):
+    engine = make_engine(num_kv_blocks=12, enable_prefix_caching=False)  # 48 slots
+
+    async def go():
+        idle, _, _ = await run(engine, 0, prompt(70, 20), 4)  # context 0 stays, idle, holding 6 blocks
+        busy, _, _ = await run(engine, 1, prompt(71, 24), 16)  # needs 10 blocks: context 0 must yield
+        again = [t async for d in engine.generate(0, None, SamplingParams(max_tokens=3, **GREEDY)) for t in d.token_ids]
+        return idle, busy, again
+
+    idle, busy, again = asyncio.run(go())
+    assert len(busy) == 16
+    fresh = asyncio.run(run(make_engine(), 0, prompt(70, 20) + idle, 3))[0]
+    assert again == fresh  # the released context was recomputed, not corrupted

@@ -40,7 +40,14 @@ from parrot_core.engines.builtin.request import EngineRequest, Kind
 from parrot_core.engines.builtin.sampler import sample
 from parrot_core.engines.builtin.scheduler import Scheduler
 from parrot_core.engines.builtin.tokenizer import Tokenizer
-from parrot_core.errors import EngineError, InvalidRequestError, ParrotError, RequestTooLargeError, RuntimeClosedError
+from parrot_core.errors import (
+    EngineError,
+    InvalidRequestError,
+    OutOfBlocksError,
+    ParrotError,
+    RequestTooLargeError,
+    RuntimeClosedError,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,6 +74,7 @@ class BuiltinEngine:
         self._last_used: dict[int, int] = {}  # context id -> step it was last used (idle eviction)
         self._ids = itertools.count()
         self._step_no = 0
+        self._stalled_steps = 0
         self.stats = {"prompt_tokens_computed": 0, "generation_tokens": 0, "steps": 0, "forward_seconds": 0.0}
 
         self._commands: list[Callable[[], None]] = []
@@ -314,7 +322,14 @@ class BuiltinEngine:
         for req in plan.preempted:
             log.warning("request %d preempted (KV blocks exhausted); it will be recomputed", req.request_id)
         if plan.empty:
+            self._stalled_steps += 1
+            if self._stalled_steps > 100 and self.scheduler.waiting:  # no progress is possible
+                req = self.scheduler.waiting[0]
+                self.scheduler.remove(req)
+                self._fail(req, OutOfBlocksError("the KV pool cannot hold this request together with what must stay"))
+            time.sleep(0.001)
             return
+        self._stalled_steps = 0
         try:
             hidden = self._forward(plan.compute) if plan.compute else None
             ready: list[tuple[EngineRequest, torch.Tensor]] = []
