@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,6 +26,17 @@ from parrot_core.errors import InvalidRequestError, RuntimeClosedError
 T = TypeVar("T")
 Prompt = str | Sequence[int]
 ENGINE_ID = "builtin-0"
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """Part of a streamed generation; the last one has `finish_reason` set."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    cached_tokens: int
 
 
 @dataclass(frozen=True)
@@ -160,6 +171,58 @@ class Runtime:
             ids = [self._to_ids(p) for p in prompts]
             return list(await asyncio.gather(*(self._generate_one(i, params) for i in ids)))
         return await self._generate_one(self._to_ids(prompts), params)
+
+    async def astream(self, prompt: Prompt, max_tokens: int = 16, **sampling: Any) -> AsyncIterator[StreamDelta]:
+        """Stream one generation from any event loop. Stopping the iteration early (or
+        cancelling the task that iterates) aborts the generation and frees its KV."""
+        params = _sampling_params(max_tokens, sampling)
+        ids = self._to_ids(prompt)
+        if self._closed:
+            raise RuntimeClosedError("this Runtime is closed")
+        caller = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        done = object()
+
+        def put(item: object) -> None:
+            try:
+                caller.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the caller's loop is gone
+                pass
+
+        async def produce() -> None:
+            try:
+                async for delta in self._stream_one(ids, params):
+                    put(delta)
+                put(done)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                put(e)
+
+        producer = asyncio.run_coroutine_threadsafe(produce(), self._loop)
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            producer.cancel()  # no-op if finished; otherwise aborts the engine request
+
+    async def _stream_one(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamDelta]:
+        ctx = self.contexts.new_context(ENGINE_ID)
+        produced = 0
+        try:
+            fill = await self.engine.fill(ctx.context_id, None, prompt_ids)
+            self.contexts.record_fill(ctx, len(prompt_ids))
+            self.contexts.reserve_generate(ctx, params.max_tokens)
+            async for delta in self.engine.generate(ctx.context_id, None, params):
+                produced += len(delta.token_ids)
+                yield StreamDelta(delta.token_ids, delta.text, delta.finish_reason, len(prompt_ids), fill.cached_tokens)
+        finally:
+            if ctx.reserved_tokens:
+                self.contexts.reconcile_generate(ctx, produced)
+            self.contexts.free_context(ctx)
 
     async def _generate_one(self, prompt_ids: list[int], params: SamplingParams) -> GenerateOutput:
         ctx = self.contexts.new_context(ENGINE_ID)

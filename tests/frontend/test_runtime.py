@@ -112,3 +112,29 @@ def test_close_is_idempotent_and_a_closed_runtime_refuses_work(tiny_llama):
         rt.generate([1, 2], max_tokens=1)
     with pytest.raises(RuntimeClosedError):
         rt.new_context()
+
+
+def test_astream_from_another_loop_and_abort_frees_everything(tiny_runtime):
+    import asyncio
+
+    rt = tiny_runtime
+
+    async def full():
+        return [d async for d in rt.astream(ids(9, 6), max_tokens=5, **GREEDY)]
+
+    deltas = asyncio.run(full())
+    assert [t for d in deltas for t in d.token_ids] == rt.generate(ids(9, 6), max_tokens=5, **GREEDY).token_ids
+    assert deltas[-1].finish_reason == "length" and deltas[0].prompt_tokens == 6
+
+    async def early_stop():
+        got = []
+        stream = rt.astream(ids(10, 6), max_tokens=150, **GREEDY)
+        async for d in stream:
+            got.extend(d.token_ids)
+            if len(got) >= 3:
+                break
+        await stream.aclose()
+        return got
+
+    assert len(asyncio.run(early_stop())) == 3
+    # the fixture's leak check proves the aborted request's context and blocks came back
