@@ -1,7 +1,13 @@
 """parrot-core: a prefix-sharing LLM serving core with a forkable context tree.
 
     import parrot_core as P
+
+    @P.semantic_function()
+    def answer(question: P.Input, reply: P.Output(max_tokens=32, temperature=0.0)):
+        \"\"\"You are a helpful assistant. Question: {{question}} Answer: {{reply}}\"\"\"
+
     with P.Runtime() as rt:                      # the embedded default model, in-process
+        print(answer("What is the capital of France?").get())
         out = rt.generate("The capital of France is", max_tokens=8, temperature=0.0)
         root = rt.new_context(); root.fill("shared prompt")
         a = root.fork(); a.fill(" question"); a.generate(max_tokens=16)
@@ -9,7 +15,8 @@
 
 from parrot_core import errors
 from parrot_core.engines.base import SamplingParams
-from parrot_core.frontend.runtime import ContextHandle, GenerateOutput, Runtime
+from parrot_core.frontend.function import Input, Output, native_function, semantic_function, variable
+from parrot_core.frontend.runtime import ContextHandle, GenerateOutput, Runtime, StreamDelta, current_runtime
 from parrot_core.graph import PerfCriteria, SemanticVariable
 
 LATENCY = PerfCriteria.LATENCY
@@ -22,9 +29,16 @@ __all__ = [
     "THROUGHPUT",
     "ContextHandle",
     "GenerateOutput",
+    "Input",
+    "Output",
     "PerfCriteria",
     "Runtime",
     "SamplingParams",
     "SemanticVariable",
+    "StreamDelta",
+    "current_runtime",
     "errors",
+    "native_function",
+    "semantic_function",
+    "variable",
 ]

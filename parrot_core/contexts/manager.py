@@ -77,6 +77,7 @@ class ServeCoreContextManager:
         self._pin_last_used: OrderedDict[str, float] = OrderedDict()  # LRU order, oldest first
         self.forks_total = 0
         self.contexts_created_total = 0
+        self._retain_counter = 0
 
     # -- engines -------------------------------------------------------------------------
     def register_engine(self, engine_id: Hashable, engine: FreesContexts | None = None) -> None:
@@ -192,6 +193,21 @@ class ServeCoreContextManager:
         key = ("handle", ctx.context_id)
         if key not in self._holders:
             raise UnknownContextError(f"context {ctx.context_id} is not open (unknown or already freed)")
+        self._release(key)
+
+    def retain(self, ctx: Context, session_id: str | None = None) -> HolderKey:
+        """Hold one more reference on a live context (e.g. output k's context until output
+        k+1 has forked from it). Returns the key to `release` it with."""
+        self._require_live(ctx)
+        self._require_session(session_id)
+        self._retain_counter += 1
+        key: HolderKey = ("retain", self._retain_counter)
+        self._hold(key, [ctx], session_id)
+        return key
+
+    def release(self, key: HolderKey) -> None:
+        if key not in self._holders:
+            raise UnknownContextError(f"{key} holds no context (unknown or already released)")
         self._release(key)
 
     # -- tasks ---------------------------------------------------------------------------

@@ -17,15 +17,26 @@ from typing import Any, TypeVar
 
 import torch
 
-from parrot_core.contexts import Context, ServeCoreContextManager
+from parrot_core.contexts import Context
 from parrot_core.engines.base import SamplingParams
 from parrot_core.engines.builtin.config import EngineConfig
 from parrot_core.engines.builtin.engine import BuiltinEngine
 from parrot_core.errors import InvalidRequestError, RuntimeClosedError
+from parrot_core.graph import NativeFuncNode, Parameter, PerfCriteria, RequestMetadata, SemanticVariable
+from parrot_core.serve.core import ServeCore
 
 T = TypeVar("T")
 Prompt = str | Sequence[int]
 ENGINE_ID = "builtin-0"
+EXPIRY_PERIOD_S = 10.0
+_CURRENT: list[Runtime] = []  # runtimes entered with `with`, innermost last
+
+
+def current_runtime() -> Runtime:
+    """The runtime of the innermost `with P.Runtime()` block."""
+    if not _CURRENT:
+        raise RuntimeClosedError("no Runtime is active: call inside `with P.Runtime() as rt:` or use fn.invoke(rt, ...)")
+    return _CURRENT[-1]
 
 
 @dataclass(frozen=True)
@@ -67,7 +78,14 @@ class Runtime:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         engine: BuiltinEngine | None = None,
+        engines: Sequence[BuiltinEngine] | None = None,
+        latency_cap: int = 4,
+        constant_prefix_timeout: float = 600.0,
     ) -> None:
+        if engines:
+            if engine is not None:
+                raise InvalidRequestError("give either engine or engines, not both")
+            engine = engines[0]
         if engine is None:
             config = EngineConfig(
                 model=model,
@@ -83,26 +101,46 @@ class Runtime:
             )
             engine = BuiltinEngine.from_gguf(model, config)
         self.engine = engine
-        self.contexts = ServeCoreContextManager()
-        self.contexts.register_engine(ENGINE_ID, engine)
+        all_engines = list(engines or [engine])
+        self.core = ServeCore(
+            {ENGINE_ID if i == 0 else f"builtin-{i}": e for i, e in enumerate(all_engines)},
+            latency_cap=latency_cap,
+            constant_prefix_timeout=constant_prefix_timeout,
+        )
+        self.contexts = self.core.contexts
+        self.session = self.core.create_session("local")
         self._closed = False
         self._loop = asyncio.new_event_loop()
+        self.core.bind_loop(self._loop)
         self._thread = threading.Thread(target=self._loop.run_forever, name="parrot-runtime", daemon=True)
         self._thread.start()
+        self._loop.call_soon_threadsafe(self._tick)
+
+    def _tick(self) -> None:
+        """Expire idle constant prefixes now and then (on the loop; no busy loop)."""
+        if not self._closed:
+            self._loop.create_task(self.core.expire())
+            self._loop.call_later(EXPIRY_PERIOD_S, self._tick)
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> Runtime:
+        _CURRENT.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self in _CURRENT:
+            _CURRENT.remove(self)
         self.close()
 
     def close(self) -> None:
-        """Stop the engine and the loop. Idempotent; later calls raise `RuntimeClosedError`."""
+        """Stop the sessions, the engines and the loop. Idempotent; later calls raise
+        `RuntimeClosedError`."""
         if self._closed:
             return
+        asyncio.run_coroutine_threadsafe(self.core.close(), self._loop).result(timeout=60)
         self._closed = True
-        self.engine.close()
+        for engine in self.core.engines.values():
+            engine.close()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=30)
         self._loop.close()
@@ -249,6 +287,36 @@ class Runtime:
         finally:
             self.contexts.reconcile_generate(ctx, len(ids))
         return GenerateOutput("".join(pieces), ids, reason, 0, 0)
+
+    # -- programs: semantic functions, native functions, variables -------------------------
+    def submit_call(
+        self, template: str, parameters: Sequence[Parameter], literals: dict[str, str], metadata: RequestMetadata
+    ) -> dict[str, SemanticVariable]:
+        """Submit one semantic call to the local session; returns its output variables by
+        name at once (they run when fetched, or at once if `metadata.criteria` is set)."""
+
+        async def submit() -> dict[str, SemanticVariable]:
+            request = self.session.submit_call(template, parameters, metadata, literals)
+            return dict(request.outputs)
+
+        return self._run(submit())
+
+    def submit_native(
+        self, func: Any, name: str, inputs: dict[str, Any], outputs: list[str], criteria: PerfCriteria | None
+    ) -> dict[str, SemanticVariable]:
+        async def submit() -> dict[str, SemanticVariable]:
+            svs = {k: v if isinstance(v, SemanticVariable) else self.session.new_variable(k, v) for k, v in inputs.items()}
+            outs = {k: self.session.new_variable(k) for k in outputs}
+            self.session.submit_native(NativeFuncNode(func=func, inputs=svs, outputs=outs, name=name, criteria=criteria))
+            return outs
+
+        return self._run(submit())
+
+    def variable(self, name: str = "", content: str | None = None) -> SemanticVariable:
+        async def make() -> SemanticVariable:
+            return self.session.new_variable(name, content)
+
+        return self._run(make())
 
     # -- the forkable context API ------------------------------------------------------------
     def new_context(self) -> ContextHandle:

@@ -11,7 +11,7 @@ from parrot_core.graph.nodes import (
     PlaceholderGen,
     TaskGroup,
 )
-from parrot_core.graph.request import Parameter, RequestChain, RequestMetadata, parse_request
+from parrot_core.graph.request import Parameter, RequestChain, RequestMetadata, check_request, parse_request
 from parrot_core.graph.template import PlaceholderChunk, TextChunk, parse_template
 from parrot_core.graph.variable import PerfCriteria, SemanticVariable
 
@@ -33,6 +33,7 @@ __all__ = [
     "SemanticVariable",
     "TaskGroup",
     "TextChunk",
+    "check_request",
     "parse_request",
     "parse_template",
 ]

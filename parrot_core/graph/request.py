@@ -61,9 +61,13 @@ def parse_request(
     session: Namespace,
     constants: Namespace,
     metadata: RequestMetadata | None = None,
+    literals: Mapping[str, str] | None = None,
 ) -> RequestChain:
     """Build a `RequestChain`. Validates everything before creating any variable, so a
     rejected request leaves both namespaces as they were (content variables aside).
+
+    `literals` are placeholders filled with plain text (a Python value rendered into the
+    template): they become part of the surrounding constant text.
 
     Raises `TemplateError` / `InvalidRequestError` for: a placeholder without a parameter, a
     parameter the template never uses, a duplicate parameter, an output used twice, two outputs
@@ -71,9 +75,7 @@ def parse_request(
     that contradict each other. Unknown `var_id`s raise `UnknownVariableError`.
     """
     metadata = metadata or RequestMetadata()
-    chunks = _strip_trailing_whitespace(parse_template(template))
-    params = _index_parameters(parameters)
-    _check_shape(chunks, params)
+    chunks, params = check_request(template, parameters, literals)
 
     bound = {name: _bind(p, session, constants) for name, p in params.items()}
     nodes: list[ChainNode] = []
@@ -111,6 +113,38 @@ def parse_request(
     for chain in chains:
         chain.request = request
     return request
+
+
+def check_request(
+    template: str, parameters: Sequence[Parameter], literals: Mapping[str, str] | None = None
+) -> tuple[list, dict[str, Parameter]]:
+    """Validate a template against its parameters without creating anything (used at
+    decoration time too). Returns the chunks (literals rendered) and the parameters by name."""
+    literals = dict(literals or {})
+    params = _index_parameters(parameters)
+    both = sorted(set(literals) & set(params))
+    if both:
+        raise InvalidRequestError(f"{', '.join(both)} given both as a parameter and as a literal")
+    chunks = _render_literals(parse_template(template), literals)
+    chunks = _strip_trailing_whitespace(chunks)
+    _check_shape(chunks, params)
+    return chunks, params
+
+
+def _render_literals(chunks: list, literals: dict[str, str]) -> list:
+    merged: list = []
+    unused = set(literals)
+    for chunk in chunks:
+        if isinstance(chunk, PlaceholderChunk) and chunk.name in literals:
+            unused.discard(chunk.name)
+            chunk = TextChunk(str(literals[chunk.name]))
+        if isinstance(chunk, TextChunk) and merged and isinstance(merged[-1], TextChunk):
+            merged[-1] = TextChunk(merged[-1].text + chunk.text)
+        elif not (isinstance(chunk, TextChunk) and not chunk.text):
+            merged.append(chunk)
+    if unused:
+        raise TemplateError(f"literals not used by the template: {', '.join(sorted(unused))}")
+    return merged
 
 
 def _index_parameters(parameters: Sequence[Parameter]) -> dict[str, Parameter]:

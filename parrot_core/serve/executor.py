@@ -1,0 +1,191 @@
+"""Running one completion chain (or native function) of a session's graph.
+
+A chain's coroutine: wait until activated -> wait for its inputs -> tokenize each Fill on its
+own -> get an engine from the global scheduler -> get contexts from the context manager ->
+for each context: the first claimer fills it, others wait for it -> generate -> set the
+output variable -> free the task's contexts. Any failure fails the output variable, which
+fails every consumer in turn; the session and the core go on.
+
+Output k+1 of a request continues output k's KV: chain k keeps a reference on its Gen context
+(`retain`) until chain k+1 has forked from it (or the session ends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any
+
+from parrot_core.contexts import Context, ContextTask, NodeSpec
+from parrot_core.engines.base import SamplingParams
+from parrot_core.errors import EngineError, ParrotError
+from parrot_core.graph import CompletionChain, NativeFuncNode, PerfCriteria, PlaceholderGen
+
+if TYPE_CHECKING:
+    from parrot_core.serve.core import ServeCore
+
+log = logging.getLogger(__name__)
+_task_ids = itertools.count()
+
+
+class ChainExecutor:
+    """Runs the chains and native functions of one session on the core's event loop."""
+
+    def __init__(self, core: ServeCore, session_id: str) -> None:
+        self.core = core
+        self.session_id = session_id
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._retained: dict[int, tuple[Context, tuple]] = {}  # chain id -> (gen context, holder key)
+
+    def launch_chain(self, chain: CompletionChain) -> None:
+        self._spawn(self._run_chain(chain))
+
+    def launch_native(self, node: NativeFuncNode) -> None:
+        self._spawn(self._run_native(node))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    @property
+    def busy(self) -> bool:
+        return any(not t.done() for t in self.tasks)
+
+    # -- chains --------------------------------------------------------------------------
+    async def _run_chain(self, chain: CompletionChain) -> None:
+        executing = False
+        try:
+            await asyncio.wrap_future(chain.activated)
+            texts = [await node.sv.wait() for node in chain.fills]  # an upstream error passes on as is
+            parent: Context | None = None
+            retained_key = None
+            if chain.prev_chain is not None:
+                await chain.prev_chain.gen.sv.wait()
+                parent, retained_key = self._retained.pop(chain.prev_chain.chain_id)
+            executing = True
+            await self._execute(chain, texts, parent, retained_key)
+        except asyncio.CancelledError:
+            _fail(chain.gen.sv, ParrotError("the session was removed before this call finished"))
+            raise
+        except BaseException as e:  # noqa: BLE001 - the error becomes the variable's value
+            if executing and not isinstance(e, ParrotError):
+                log.exception("chain %s failed", chain.gen.sv.id)
+                e = EngineError(f"{type(e).__name__}: {e}")
+            _fail(chain.gen.sv, e)
+
+    async def _execute(self, chain: CompletionChain, texts: list[str], parent: Context | None, retained_key: Any) -> None:
+        core, request = self.core, chain.request
+        metadata = request.metadata
+        params = sampling_params(chain.gen)
+        tokenizer = core.tokenizer_for(metadata.models)
+        token_lists = [tokenizer.encode(t) for t in texts] + [[]]
+        nodes = [NodeSpec(n.sv.id, True, n.sv.is_constant_prefix) for n in chain.fills]
+        nodes.append(NodeSpec(chain.gen.sv.id, is_fill=False))
+        ctask = ContextTask(
+            task_id=("chain", next(_task_ids)),
+            engine_id=None,
+            nodes=nodes,
+            session_id=self.session_id,
+            parent_context=parent,
+            fuse_fill=metadata.fuse_fill,
+        )
+        stask = core.new_sched_task(ctask, [len(t) for t in token_lists], params.max_tokens, chain, parent)
+        engine_id = await core.scheduler.place(stask)
+        ctask.engine_id = engine_id
+        try:
+            contexts = core.contexts.set_task_contexts(ctask)
+            if retained_key is not None:
+                core.contexts.release(retained_key)
+                retained_key = None
+            text = await self._fill_and_generate(engine_id, contexts, token_lists, params)
+            nxt = _next_chain(chain)
+            if nxt is not None:  # output k+1 will fork from this output's context
+                self._retained[chain.chain_id] = (contexts[-1], core.contexts.retain(contexts[-1], self.session_id))
+            chain.gen.sv.set(text)
+        finally:
+            if retained_key is not None:
+                core.contexts.release(retained_key)
+            if ctask.contexts:
+                core.contexts.free_task_contexts(ctask)
+            core.scheduler.finish(stask)
+
+    async def _fill_and_generate(
+        self, engine_id: Hashable, contexts: list[Context], token_lists: list[list[int]], params: SamplingParams
+    ) -> str:
+        core = self.core
+        engine = core.engines[engine_id]
+        fills = list(zip(contexts[:-1], token_lists[:-1]))
+        for i, (ctx, _) in enumerate(fills):
+            if i > 0 and fills[i - 1][0] is ctx:
+                continue  # a fused run: filled with its first node
+            tokens = [t for c, toks in fills[i:] if c is ctx for t in toks]
+            if ctx.claim():
+                core.contexts.record_fill(ctx, len(tokens))
+                try:
+                    await engine.fill(ctx.context_id, ctx.parent_context_id, tokens)
+                except BaseException as e:
+                    core.contexts.fail_context(ctx, e)
+                    raise
+                ctx.mark_ready()
+            else:
+                await ctx.wait_ready()
+        gen_ctx = contexts[-1]
+        gen_ctx.claim()
+        core.contexts.reserve_generate(gen_ctx, params.max_tokens)
+        produced = 0
+        pieces: list[str] = []
+        try:
+            async for delta in engine.generate(gen_ctx.context_id, gen_ctx.parent_context_id, params):
+                produced += len(delta.token_ids)
+                pieces.append(delta.text)
+        finally:
+            core.contexts.reconcile_generate(gen_ctx, produced)
+        gen_ctx.mark_ready()
+        return "".join(pieces)
+
+    # -- native functions ----------------------------------------------------------------
+    async def _run_native(self, node: NativeFuncNode) -> None:
+        try:
+            await asyncio.wrap_future(node.activated)
+            for sv in node.inputs.values():
+                await sv.wait()
+            kwargs = {**node.inputs, **node.outputs}
+            await asyncio.to_thread(node.func, **kwargs)
+            for name, sv in node.outputs.items():
+                _fail(sv, ParrotError(f"native function {node.name!r} returned without setting output {name!r}"))
+        except asyncio.CancelledError:
+            for sv in node.outputs.values():
+                _fail(sv, ParrotError("the session was removed before this call finished"))
+            raise
+        except BaseException as e:  # noqa: BLE001
+            for sv in node.outputs.values():
+                _fail(sv, e)
+
+    def release_retained(self) -> None:
+        for _, key in self._retained.values():
+            self.core.contexts.release(key)
+        self._retained.clear()
+
+
+def sampling_params(gen: PlaceholderGen) -> SamplingParams:
+    options = dict(gen.sampling)
+    options.setdefault("max_tokens", 128)
+    return SamplingParams(**options)
+
+
+def _next_chain(chain: CompletionChain) -> CompletionChain | None:
+    chains = chain.request.chains
+    i = chains.index(chain)
+    return chains[i + 1] if i + 1 < len(chains) else None
+
+
+def _fail(sv: Any, error: BaseException) -> None:
+    if not sv.done:
+        sv.fail(error)
+
+
+def criteria_of(chain: CompletionChain) -> PerfCriteria:
+    return chain.criteria or PerfCriteria.THROUGHPUT

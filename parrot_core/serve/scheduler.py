@@ -1,0 +1,213 @@
+"""The global scheduler: which engine runs each completion task.
+
+Event-driven: `place(task)` queues the task and awaits its placement; the queue is scanned
+when a task arrives and when one finishes, never in a busy loop.
+
+Policy, for the task (or task group) at the head of the queue:
+- Order (app-FIFO): deeper chains first, so an application already under way finishes before
+  new ones start; then arrival order.
+- A task group (all the producers feeding one consumer) is placed together, on one engine:
+  its members arrive one by one, and once the group has an engine the rest follow it; the
+  group counts as one unit against the latency cap.
+- An engine qualifies if it serves the model, has room for the tokens the task adds (its Fill
+  tokens not already cached there, each shared context counted once, plus `max_tokens`), and
+  keeps every LATENCY task on it within `latency_cap` tasks.
+- Among qualifying engines, the one holding the longest cached prefix wins (affinity beats
+  any capacity tie-break); then LATENCY tasks go to the least loaded engine and THROUGHPUT
+  tasks pack onto the busiest one that still has room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+from parrot_core.contexts import ContextTask, ServeCoreContextManager
+from parrot_core.errors import InvalidRequestError, RequestTooLargeError
+from parrot_core.graph import PerfCriteria, TaskGroup
+
+
+@dataclass(eq=False)
+class EngineSlot:
+    """What the scheduler knows of one engine."""
+
+    engine_id: Hashable
+    model_name: str
+    capacity_tokens: int
+    # A unit is a task, or a whole task group (its members count as one against the cap).
+    units: dict[tuple, int] = field(default_factory=dict)  # unit -> tasks of it placed here
+    latency_units: set[tuple] = field(default_factory=set)
+    # Tokens promised to placed tasks until they finish. The context manager's load also
+    # counts them once they are filled, so a running task is counted twice: conservative.
+    pending_tokens: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class SchedTask:
+    """A completion chain waiting for an engine. `fill_tokens[i]` is the token count of the
+    i-th node of `context_task` (0 for the Gen)."""
+
+    context_task: ContextTask
+    fill_tokens: list[int]
+    max_tokens: int
+    criteria: PerfCriteria = PerfCriteria.THROUGHPUT
+    depth: int = 1
+    group: TaskGroup | None = None
+    models: tuple[str, ...] = ()
+    required_engine: Hashable | None = None  # a continuation runs where its parent context is
+    seq: int = field(default_factory=itertools.count().__next__)
+    placed: asyncio.Future[Hashable] | None = None
+    engine_id: Hashable | None = None
+
+    @property
+    def unit(self) -> tuple:
+        return ("group", id(self.group)) if self.group is not None else ("task", self.seq)
+
+
+class GlobalScheduler:
+    def __init__(self, contexts: ServeCoreContextManager, *, latency_cap: int = 4, app_fifo: bool = True) -> None:
+        self.contexts = contexts
+        self.latency_cap = latency_cap
+        self.app_fifo = app_fifo
+        self.engines: dict[Hashable, EngineSlot] = {}
+        self.queue: list[SchedTask] = []
+        self.placements: list[tuple[int, Hashable]] = []  # (task seq, engine), in placement order
+        self._pass_pending = False
+
+    def add_engine(self, engine_id: Hashable, model_name: str, capacity_tokens: int) -> None:
+        self.engines[engine_id] = EngineSlot(engine_id, model_name, capacity_tokens)
+        self._schedule()
+
+    def remove_engine(self, engine_id: Hashable) -> None:
+        self.engines.pop(engine_id, None)
+
+    async def place(self, task: SchedTask) -> Hashable:
+        """Queue `task`; returns the engine it was placed on."""
+        if task.models and not any(e.model_name in task.models for e in self.engines.values()):
+            raise InvalidRequestError(f"no engine serves any of the models {list(task.models)}")
+        biggest = max((e.capacity_tokens for e in self.engines.values()), default=0)
+        if sum(task.fill_tokens) + task.max_tokens > biggest:
+            raise RequestTooLargeError(
+                f"the call needs {sum(task.fill_tokens) + task.max_tokens} tokens; the largest engine holds {biggest}"
+            )
+        task.placed = asyncio.get_running_loop().create_future()
+        self.queue.append(task)
+        self._schedule()
+        try:
+            return await task.placed
+        except asyncio.CancelledError:
+            if task in self.queue:
+                self.queue.remove(task)
+            elif task.engine_id is not None:
+                self.finish(task)
+            raise
+
+    def finish(self, task: SchedTask) -> None:
+        """The task left its engine: its load is gone; queued tasks may fit now."""
+        slot = self.engines.get(task.engine_id)
+        if slot is not None and task.seq in slot.pending_tokens:
+            del slot.pending_tokens[task.seq]
+            slot.units[task.unit] -= 1
+            if not slot.units[task.unit]:
+                del slot.units[task.unit]
+                slot.latency_units.discard(task.unit)
+        self._schedule_soon()
+
+    def _schedule_soon(self) -> None:
+        """Schedule on the next loop turn, so the tasks a finishing task unblocks (deeper
+        chains of the same app) are queued before its capacity is handed out (app-FIFO)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._schedule()
+            return
+        if not self._pass_pending:
+            self._pass_pending = True
+            loop.call_soon(self._deferred_pass)
+
+    def _deferred_pass(self) -> None:
+        self._pass_pending = False
+        self._schedule()
+
+    # -- the policy ----------------------------------------------------------------------
+    def _schedule(self) -> None:
+        if self.app_fifo:
+            self.queue.sort(key=lambda t: (-t.depth, t.seq))
+        placed_any = True
+        while placed_any and self.queue:
+            placed_any = False
+            for head in list(self.queue):
+                group = self._group_of(head)
+                engine = self._choose(group)
+                if engine is None:
+                    continue
+                for task in group:
+                    self._assign(task, engine)
+                placed_any = True
+                break
+
+    def _group_of(self, task: SchedTask) -> list[SchedTask]:
+        if task.group is None:
+            return [task]
+        return [t for t in self.queue if t.group is task.group]
+
+    def _choose(self, group: list[SchedTask]) -> EngineSlot | None:
+        candidates = []
+        for slot in self.engines.values():
+            if not self._qualifies(slot, group):
+                continue
+            affinity = sum(self._cached_tokens(slot, t) for t in group)
+            candidates.append((affinity, slot))
+        if not candidates:
+            return None
+        latency = any(t.criteria is PerfCriteria.LATENCY for t in group)
+
+        def rank(item: tuple[int, EngineSlot]) -> tuple:
+            affinity, slot = item
+            tasks, free = len(slot.units), slot.capacity_tokens - self._load(slot)
+            return (affinity, -tasks, free) if latency else (affinity, tasks, -free)
+
+        return max(candidates, key=rank)[1]
+
+    def _qualifies(self, slot: EngineSlot, group: list[SchedTask]) -> bool:
+        models = group[0].models
+        if models and slot.model_name not in models:
+            return False
+        if any(t.required_engine is not None and t.required_engine != slot.engine_id for t in group):
+            return False
+        needed = sum(self._new_tokens(slot, t) for t in group)
+        if self._load(slot) + needed > slot.capacity_tokens:
+            return False
+        unit = group[0].unit
+        if unit in slot.units:
+            return True  # the rest of a group follows its first members
+        if any(unit in other.units for other in self.engines.values()):
+            return False
+        latency = any(t.criteria is PerfCriteria.LATENCY for t in group)
+        if (latency or slot.latency_units) and len(slot.units) + 1 > self.latency_cap:
+            return False  # a LATENCY task (here or arriving) keeps its engine lightly loaded
+        return True
+
+    def _load(self, slot: EngineSlot) -> int:
+        return self.contexts.engine_load(slot.engine_id) + sum(slot.pending_tokens.values())
+
+    def _cached_tokens(self, slot: EngineSlot, task: SchedTask) -> int:
+        match = next(m for m in self.contexts.query_prefixes_in_engines(task.context_task) if m.engine_id == slot.engine_id)
+        return sum(task.fill_tokens[: match.nodes])
+
+    def _new_tokens(self, slot: EngineSlot, task: SchedTask) -> int:
+        return sum(task.fill_tokens) - self._cached_tokens(slot, task) + task.max_tokens
+
+    def _assign(self, task: SchedTask, slot: EngineSlot) -> None:
+        self.queue.remove(task)
+        task.engine_id = slot.engine_id
+        slot.pending_tokens[task.seq] = self._new_tokens(slot, task)
+        slot.units[task.unit] = slot.units.get(task.unit, 0) + 1
+        if task.criteria is PerfCriteria.LATENCY:
+            slot.latency_units.add(task.unit)
+        self.placements.append((task.seq, slot.engine_id))
+        assert task.placed is not None
+        if not task.placed.done():
+            task.placed.set_result(slot.engine_id)

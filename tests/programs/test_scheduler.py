@@ -1,0 +1,119 @@
+"""Parrot's global-scheduler scenarios as asserting tests (no model: scheduling only)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from parrot_core.contexts import ContextTask, NodeSpec, ServeCoreContextManager
+from parrot_core.graph import CompletionChain, PerfCriteria, PlaceholderGen, SemanticVariable, TaskGroup
+from parrot_core.serve.scheduler import GlobalScheduler, SchedTask
+
+pytestmark = pytest.mark.timeout(60)
+LAT, THR = PerfCriteria.LATENCY, PerfCriteria.THROUGHPUT
+
+
+def make(engines=("e0", "e1"), capacity=100_000, latency_cap=4):
+    mgr = ServeCoreContextManager()
+    sched = GlobalScheduler(mgr, latency_cap=latency_cap)
+    for e in engines:
+        mgr.register_engine(e)
+        sched.add_engine(e, "model", capacity)
+    return mgr, sched
+
+
+def task(i, criteria=THR, prefix="p", fill=100, max_tokens=10, depth=1, group=None):
+    nodes = [NodeSpec(f"global:c:{prefix}", is_constant_prefix=True), NodeSpec(f"s:v:{i}", is_fill=False)]
+    return SchedTask(ContextTask(("t", i), None, nodes), [fill, 0], max_tokens, criteria, depth, group)
+
+
+async def place_all(sched, tasks):
+    return await asyncio.gather(*(sched.place(t) for t in tasks))
+
+
+def test_throughput_tasks_pack_onto_one_engine():
+    _, sched = make()
+    engines = asyncio.run(place_all(sched, [task(i) for i in range(8)]))
+    assert set(engines) == {"e0"}
+
+
+def test_latency_tasks_respect_the_per_engine_cap():
+    _, sched = make()
+    engines = asyncio.run(place_all(sched, [task(i, LAT) for i in range(8)]))
+    assert engines.count("e0") == 4 and engines.count("e1") == 4
+
+
+def test_a_task_group_goes_to_one_engine_even_past_the_latency_cap():
+    _, sched = make()
+    gv = SemanticVariable("s:v:reduce")
+    consumer = CompletionChain([], PlaceholderGen(gv))
+    group = TaskGroup(consumer)
+    maps = [task(i, LAT, group=group) for i in range(16)]
+    engines = asyncio.run(place_all(sched, maps))
+    assert len(set(engines)) == 1
+
+
+def test_prefix_affinity_beats_the_capacity_tie_break():
+    mgr, sched = make()
+    # e0 already holds the prefix (and so has LESS free capacity than e1)
+    held = ContextTask("holder", "e0", [NodeSpec("global:c:sys", is_constant_prefix=True), NodeSpec("s:v:x", is_fill=False)])
+    ctxs = mgr.set_task_contexts(held)
+    mgr.record_fill(ctxs[0], 500)
+    for criteria in (LAT, THR):
+        t = task(100 + (criteria is LAT), criteria, prefix="sys", fill=500)
+        assert asyncio.run(sched.place(t)) == "e0"
+        sched.finish(t)
+    # without the prefix, a latency task goes to the emptier engine
+    t = task(200, LAT, prefix="other")
+    assert asyncio.run(sched.place(t)) == "e1"
+
+
+def test_app_fifo_runs_deeper_chains_first():
+    # one engine with room for one task at a time; 4 apps of two steps (A then B)
+    _, sched = make(engines=("e0",), capacity=150)
+    order = []
+
+    async def app(i):
+        a = task(i, fill=100, depth=1)
+        await sched.place(a)
+        order.append(f"A{i}")
+        await asyncio.sleep(0)
+        sched.finish(a)
+        b = task(10 + i, fill=100, depth=2)
+        await sched.place(b)
+        order.append(f"B{i}")
+        await asyncio.sleep(0)
+        sched.finish(b)
+
+    async def main():
+        await asyncio.gather(*(app(i) for i in range(4)))
+
+    asyncio.run(main())
+    assert order[:4] == ["A0", "B0", "A1", "B1"]  # each app's B jumps ahead of the waiting As
+    assert len(order) == 8
+
+
+def test_a_task_waits_for_capacity_and_is_placed_when_another_finishes():
+    _, sched = make(engines=("e0",), capacity=150)
+
+    async def main():
+        first = task(1, fill=100)
+        await sched.place(first)
+        second = asyncio.ensure_future(sched.place(task(2, fill=100)))
+        await asyncio.sleep(0.01)
+        assert not second.done()  # no busy loop: it simply waits
+        sched.finish(first)
+        return await asyncio.wait_for(second, 5)
+
+    assert asyncio.run(main()) == "e0"
+
+
+def test_model_mismatch_is_a_typed_error():
+    from parrot_core.errors import InvalidRequestError
+
+    _, sched = make()
+    t = task(1)
+    t.models = ("gpt-9",)
+    with pytest.raises(InvalidRequestError, match="no engine serves"):
+        asyncio.run(sched.place(t))
