@@ -77,6 +77,7 @@ class ServeCoreContextManager:
         self._pin_last_used: OrderedDict[str, float] = OrderedDict()  # LRU order, oldest first
         self.forks_total = 0
         self.contexts_created_total = 0
+        self.cache_hits_total = 0  # contexts reused from a prefix cache instead of created
         self._retain_counter = 0
 
     # -- engines -------------------------------------------------------------------------
@@ -250,6 +251,7 @@ class ServeCoreContextManager:
                 hit_id = cache.get(node_key, key, node.var_id)
                 if hit_id is not None:
                     ctx = self.contexts[hit_id]
+                    self.cache_hits_total += 1
                     ctx.ref_count += 1
                     held.append(ctx)
                     contexts.append(ctx)

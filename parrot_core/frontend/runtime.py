@@ -352,6 +352,7 @@ class Runtime:
             "generation_tokens": info.generation_tokens,
             "num_preemptions": info.num_preemptions,
             "context_forks": self.contexts.forks_total,
+            "context_cache_hits": self.contexts.cache_hits_total,
         }
 
     async def _count_contexts(self) -> int:
