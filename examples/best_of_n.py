@@ -17,7 +17,7 @@ def judge(candidates: P.Input, choice: P.Output(max_tokens=4, temperature=0.0)):
     {{candidates}}
     Which tip is the most useful?<|im_end|>
     <|im_start|>assistant
-    Tip number """ + "{{choice}}"
+    Tip number {{choice}}"""
 
 
 def main() -> None:
