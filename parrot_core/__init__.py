@@ -13,9 +13,11 @@
         a = root.fork(); a.fill(" question"); a.generate(max_tokens=16)
 """
 
-from parrot_core import errors
+from parrot_core import errors, graph
 from parrot_core.engines.base import SamplingParams
+from parrot_core.frontend import remote
 from parrot_core.frontend.function import Input, Output, native_function, semantic_function, variable
+from parrot_core.frontend.remote import connect
 from parrot_core.frontend.runtime import ContextHandle, GenerateOutput, Runtime, StreamDelta, current_runtime
 from parrot_core.graph import PerfCriteria, SemanticVariable
 
@@ -36,8 +38,10 @@ __all__ = [
     "SamplingParams",
     "SemanticVariable",
     "StreamDelta",
+    "connect",
     "current_runtime",
     "errors",
+    "graph",
     "native_function",
     "semantic_function",
     "variable",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from parrot_core.serve.settings import ServeSettings, settings_command
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="parrot-core: a prefix-sharing LLM serving core.")
 
 
@@ -21,6 +23,15 @@ def version() -> None:
     from parrot_core import __version__
 
     typer.echo(__version__)
+
+
+@app.command(name="serve")
+@settings_command
+def serve(settings: ServeSettings) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (flags follow vLLM's)."""
+    from parrot_core.serve.server import serve as run_server
+
+    run_server(settings)
 
 
 def main() -> None:

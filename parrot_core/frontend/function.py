@@ -159,7 +159,7 @@ class NativeFunction:
         for p in self.params:
             if p.kind == "input":
                 value = bound.get(p.name)
-                if not isinstance(value, (str, SemanticVariable)):
+                if not isinstance(value, (str, SemanticVariable)) and not hasattr(value, "var_id"):
                     raise InvalidRequestError(f"{self.name}(): input {p.name!r} must be text or a semantic variable")
                 inputs[p.name] = value
             elif p.kind == "output":

@@ -283,3 +283,12 @@ def test_idle_contexts_give_their_blocks_to_a_request_that_needs_them(make_engin
     assert len(busy) == 16
     fresh = asyncio.run(run(make_engine(), 0, prompt(70, 20) + idle, 3))[0]
     assert again == fresh  # the released context was recomputed, not corrupted
+
+
+def test_any_failure_at_submission_reaches_the_caller(make_engine, monkeypatch):
+    """A non-ParrotError raised while accepting a request is reported, never left hanging."""
+    engine = make_engine()
+    monkeypatch.setattr(engine, "_validate", lambda *a: (_ for _ in ()).throw(ValueError("boom")))
+    with pytest.raises(EngineError, match="ValueError: boom"):
+        asyncio.run(asyncio.wait_for(engine.fill(0, None, [1, 2]), 10))
+    engine.free_context(0)

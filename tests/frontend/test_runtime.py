@@ -138,3 +138,8 @@ def test_astream_from_another_loop_and_abort_frees_everything(tiny_runtime):
 
     assert len(asyncio.run(early_stop())) == 3
     # the fixture's leak check proves the aborted request's context and blocks came back
+
+
+def test_out_of_range_seed_is_a_typed_error_not_a_hang(tiny_runtime):
+    with pytest.raises(InvalidRequestError, match="seed"):
+        tiny_runtime.generate([1, 2], max_tokens=2, temperature=1.0, seed=2**70)

@@ -242,16 +242,16 @@ class BuiltinEngine:
         try:
             ctx = self._context_for(context_id, parent_id)
             self._validate(ctx, tokens, params)
-        except ParrotError as e:
-            emit(e)
+            generator = None
+            if params is not None and params.seed is not None:
+                generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        except Exception as e:  # the caller must always hear back, whatever went wrong
+            emit(e if isinstance(e, ParrotError) else EngineError(f"{type(e).__name__}: {e}"))
             return None
         self.tree.append_tokens(ctx, tokens)
-        req = EngineRequest(next(self._ids), kind, ctx, emit, params=params, new_tokens=len(tokens))
+        req = EngineRequest(next(self._ids), kind, ctx, emit, params=params, new_tokens=len(tokens), generator=generator)
         if kind is Kind.GENERATE:
-            assert params is not None
             req.detokenizer = self.tokenizer.detokenizer() if self.tokenizer is not None else None
-            if params.seed is not None:
-                req.generator = torch.Generator(device="cpu").manual_seed(params.seed)
         if kind is Kind.FILL and req.num_uncomputed == 0:
             emit(FillResult(context_id, 0, 0))  # nothing to compute
             return None

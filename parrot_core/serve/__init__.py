@@ -1,0 +1,1 @@
+"""The HTTP server of parrot-core (`parrot-core serve`): `app.create_app`, `server.serve`."""

@@ -1,0 +1,770 @@
+"""The OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/models`,
+`/tokenize`, `/detokenize`, with their pydantic request and response models.
+
+Contracts:
+- Every request is checked (model name, sampling values, prompt length against the model's
+  context, token ids against the vocabulary) before any KV is allocated; what can never run
+  is answered 400 before a stream starts. Unknown extra fields are accepted and ignored, like
+  vLLM; known knobs this engine cannot honour (logprobs, echo, penalties, tools) are a 400.
+- Each prompt x `n` is one sequence, generated as one `Runtime.astream`. A client that goes
+  away (non-streaming: its connection closes; streaming: the response is cancelled) closes
+  those streams, which aborts the requests and frees their KV.
+- Errors have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; after a
+  stream started they are sent as one `data:` event, followed by `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
+from pydantic_core import PydanticCustomError
+from starlette.types import Receive, Scope, Send
+
+from parrot_core.engines.base import SamplingParams
+from parrot_core.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    OutOfBlocksError,
+    RuntimeClosedError,
+)
+
+if TYPE_CHECKING:
+    from parrot_core.frontend.runtime import Runtime, StreamDelta
+    from parrot_core.serve.app import ServeState
+
+log = logging.getLogger(__name__)
+
+MAX_STOP = 64
+MAX_N = 128
+GREEDY_BELOW = 1e-5  # temperatures this small are greedy (dividing logits by them overflows)
+TokenId = Annotated[int, Field(strict=True, ge=0)]
+
+
+def _one_of(message: str) -> WrapValidator:
+    """Replace pydantic's one-error-per-union-member report by one plain message."""
+
+    def validate(value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("invalid_type", message) from None
+
+    return WrapValidator(validate)
+
+
+Prompt = Annotated[
+    str | list[str] | list[TokenId] | list[list[TokenId]],
+    _one_of("must be a string, a list of strings, a list of token ids (integers >= 0) or a list of such lists"),
+]
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+# -- errors ---------------------------------------------------------------------------------
+_ERROR_KIND = {
+    400: ("invalid_request_error", None),
+    401: ("authentication_error", "invalid_api_key"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    429: ("rate_limit_error", "too_many_requests"),
+    500: ("server_error", None),
+    503: ("service_unavailable", None),
+}
+
+
+class APIError(Exception):
+    """An HTTP error answered in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        kind, default_code = _ERROR_KIND.get(status, ("invalid_request_error" if status < 500 else "server_error", None))
+        self.status = status
+        self.message = message
+        self.type = kind
+        self.param = param
+        self.code = code or default_code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def api_error_from(exc: BaseException) -> APIError:
+    """The HTTP error for an exception raised while serving a request."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc))
+    if isinstance(exc, NotFoundError):
+        return APIError(404, str(exc))
+    if isinstance(exc, RuntimeClosedError):
+        return APIError(503, "the server is shutting down")
+    if isinstance(exc, OutOfBlocksError):
+        return APIError(503, f"{exc}; retry later", headers={"Retry-After": "1"})
+    log.error("request failed", exc_info=exc)
+    return APIError(500, "internal server error (see the server log)")
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": kind} for status, (kind, _) in _ERROR_KIND.items() if status != 405
+}
+STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "JSON, or SSE when stream=true"}
+}
+
+
+# -- request models ---------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, strict=True)
+    continuous_usage_stats: bool = Field(False, strict=True)  # vLLM's; accepted, not used
+
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by both generation endpoints."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: Int64 | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
+    stop: Annotated[
+        str | Annotated[list[str], Field(max_length=MAX_STOP)] | None,
+        _one_of(f"must be a string or a list of at most {MAX_STOP} strings"),
+    ] = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=1024)] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def check_supported(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options can only be given when stream is true", param="stream_options")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} is not supported (leave it out or 0)", param=name)
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+
+    def sampling(self) -> dict[str, Any]:
+        """Keyword arguments of `Runtime.astream` (besides the prompt and max_tokens)."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return {
+            "temperature": 0.0 if temperature < GREEDY_BELOW else temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "top_k": -1 if self.top_k is None else self.top_k,
+            "seed": self.seed,
+            "stop": stop,
+            "stop_token_ids": list(self.stop_token_ids or []),
+            "ignore_eos": self.ignore_eos,
+        }
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: Prompt
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        if self.logprobs is not None:
+            raise APIError(400, "logprobs are not supported", param="logprobs")
+        if self.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, "best_of is not supported (leave it out or equal to n)", param="best_of")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[
+        str | list[TextPart] | None, _one_of("must be a string or a list of text parts {'type': 'text', 'text': ...}")
+    ] = None
+    name: str | None = None
+
+    def as_template_input(self) -> dict[str, str]:
+        if isinstance(self.content, list):
+            text = "".join(part.text for part in self.content)
+        else:
+            text = self.content or ""
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool = True  # vLLM's
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs:
+            raise APIError(400, "logprobs are not supported", param="logprobs")
+        if self.tools:
+            raise APIError(400, "tools are not supported", param="tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+# -- response models --------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "parrot-core"
+    root: str
+    parent: str | None = None
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def get_state(request: Request) -> ServeState:
+    return request.app.state.serve
+
+
+def check_api_key(request: Request) -> None:
+    """Dependency of every protected route: 401 unless the bearer token matches."""
+    get_state(request).check_api_key(request.headers.get("authorization"))
+
+
+router = APIRouter(dependencies=[Depends(check_api_key)], responses=ERROR_RESPONSES)
+
+
+@dataclass
+class _Seq:
+    """One sequence to generate: one prompt, one of its `n` samples."""
+
+    index: int
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: dict[str, Any]
+
+
+@dataclass
+class _Result:
+    text: str = ""
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+def _check_ids(rt: Runtime, ids: Sequence[int], param: str) -> None:
+    if not ids:
+        raise APIError(400, f"{param} must not be empty", param=param)
+    vocab = rt.engine.model.config.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"token ids must be in [0, {vocab}); got {bad[:5]}", param=param)
+
+
+def _max_tokens_for(rt: Runtime, prompt_len: int, requested: int | None, prompt_param: str) -> int:
+    """`requested`, or all the room left when None; 400 if prompt + completion cannot fit."""
+    max_len = rt.engine.max_model_len
+    pool_tokens = rt.engine.pool.num_blocks * rt.engine.config.block_size
+    wanted = requested if requested is not None else max(1, min(max_len, pool_tokens) - prompt_len)
+    total = prompt_len + wanted
+    param = prompt_param if requested is None or prompt_len >= max_len else "max_tokens"
+    if total > max_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_len} tokens. However, you requested {total} tokens"
+            f" ({prompt_len} in the messages, {wanted} in the completion). Please reduce the length of the"
+            " messages or completion.",
+            param=param,
+        )
+    if total > pool_tokens:
+        raise APIError(400, f"the request needs {total} tokens of KV cache but the pool holds only {pool_tokens}", param=param)
+    return wanted
+
+
+def _sequences(
+    rt: Runtime, prompts: list[list[int]], requested: int | None, body: _SamplingRequest, param: str
+) -> list[_Seq]:
+    sampling = body.sampling()
+    seqs = []
+    for p, ids in enumerate(prompts):
+        _check_ids(rt, ids, param)
+        max_tokens = _max_tokens_for(rt, len(ids), requested, param)
+        for j in range(body.n):
+            seed = sampling["seed"]
+            # samples of one prompt must differ, yet stay reproducible for a given seed
+            params = {**sampling, "seed": seed if seed is None or j == 0 else (seed + j) % 2**64}
+            seqs.append(_Seq(p * body.n + j, ids, max_tokens, params))
+    try:  # bad values: a 400 before anything runs
+        SamplingParams(max_tokens=seqs[0].max_tokens, **seqs[0].sampling)
+    except InvalidRequestError as e:
+        name = str(e).split(" ", 1)[0]  # its messages start with the field's name
+        raise APIError(400, str(e), param=name if name in type(body).model_fields else None) from e
+    return seqs
+
+
+def _completion_prompts(rt: Runtime, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be an empty list", param="prompt")
+    if all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    return [rt.tokenize(p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+def _render_chat(rt: Runtime, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    try:
+        return rt.apply_chat_template([m.as_template_input() for m in messages], add_generation_prompt=add_generation_prompt)
+    except InvalidRequestError:
+        raise
+    except Exception as e:  # a template may fail on any input it dislikes: the request's fault
+        raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
+
+
+def _usage(results: Sequence[_Result], n: int) -> Usage:
+    # A prompt counts once however many samples it has; its cached tokens are the fewest any
+    # sample found (the rest reused the first sample's work).
+    prompts = [results[i : i + n] for i in range(0, len(results), n)]
+    prompt_tokens = sum(group[0].prompt_tokens for group in prompts)
+    cached = sum(min(r.cached_tokens for r in group) for group in prompts)
+    completion = sum(r.completion_tokens for r in results)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=prompt_tokens + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
+
+
+async def _run_seq(state: ServeState, rt: Runtime, seq: _Seq, t0: float) -> AsyncIterator[StreamDelta]:
+    """Stream one sequence; closing this iterator aborts it and frees its KV."""
+    ttft: float | None = None
+    tokens = 0
+    reason = "abort"
+    try:
+        async with contextlib.aclosing(rt.astream(seq.prompt_ids, seq.max_tokens, **seq.sampling)) as stream:
+            async for delta in stream:
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                tokens += len(delta.token_ids)
+                reason = delta.finish_reason or reason
+                yield delta
+    except Exception:
+        reason = "error"
+        raise
+    finally:
+        state.metrics.observe_sequence(
+            ttft=ttft,
+            e2e=time.perf_counter() - t0,
+            prompt_tokens=len(seq.prompt_ids),
+            generation_tokens=tokens,
+            finish_reason=reason,
+        )
+
+
+async def _merge(state: ServeState, rt: Runtime, seqs: list[_Seq], t0: float) -> AsyncIterator[tuple[int, StreamDelta]]:
+    """All sequences at once, as (index, delta) in arrival order. The first error is raised;
+    closing the iterator cancels every sequence (aborting it in the engine)."""
+    queue: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
+    finished = object()
+
+    async def pump(seq: _Seq) -> None:
+        try:
+            async for delta in _run_seq(state, rt, seq, t0):
+                queue.put_nowait((seq.index, delta, None))
+            queue.put_nowait((seq.index, finished, None))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((seq.index, None, e))
+
+    tasks = [asyncio.create_task(pump(seq)) for seq in seqs]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, delta, error = await queue.get()
+            if error is not None:
+                raise error
+            if delta is finished:
+                remaining -= 1
+            else:
+                yield index, delta
+    finally:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _collect(state: ServeState, rt: Runtime, seqs: list[_Seq], t0: float) -> list[_Result]:
+    results = [_Result() for _ in seqs]
+    async with contextlib.aclosing(_merge(state, rt, seqs, t0)) as merged:
+        async for index, delta in merged:
+            r = results[index]
+            r.text += delta.text
+            r.completion_tokens += len(delta.token_ids)
+            r.prompt_tokens, r.cached_tokens = delta.prompt_tokens, delta.cached_tokens
+            r.finish_reason = delta.finish_reason or r.finish_reason
+    return results
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return once the client has gone (the body is already read, so `receive` only reports
+    the disconnect; an ASGI server answers it at the latest once the response is sent)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+        await asyncio.sleep(0.01)  # a server that keeps sending empty bodies must not spin us
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> tuple[bool, Any]:
+    """Run `work` until done or until the client disconnects (then cancel it). Starlette does
+    not cancel a non-streaming handler on disconnect, so this race is what aborts it."""
+    job = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if job.done():
+            return True, job.result()
+        return False, None
+    finally:
+        for task in (job, watcher):
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(job, watcher, return_exceptions=True)
+
+
+def _sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """SSE that always watches for the client going away, whatever the ASGI spec version
+    (Starlette only notices it at the next write on 2.4+, which is too late for a request
+    still waiting in the queue). `on_close` runs once, however the response ends."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            self._on_close()
+
+
+async def _events(
+    state: ServeState,
+    rt: Runtime,
+    seqs: list[_Seq],
+    t0: float,
+    n: int,
+    include_usage: bool,
+    chunk: Callable[[int, str, str | None, bool], dict[str, Any]],
+    usage_chunk: Callable[[Usage], dict[str, Any]],
+    release: Callable[[], None],
+) -> AsyncIterator[str]:
+    """The SSE events of a streamed generation. `chunk(index, text, finish_reason, first)`."""
+    results = [_Result() for _ in seqs]
+    try:
+        try:
+            for seq in seqs:
+                first = chunk(seq.index, "", None, True)
+                if first:
+                    yield _sse(first)
+            async with contextlib.aclosing(_merge(state, rt, seqs, t0)) as merged:
+                async for index, delta in merged:
+                    r = results[index]
+                    r.completion_tokens += len(delta.token_ids)
+                    r.prompt_tokens, r.cached_tokens = delta.prompt_tokens, delta.cached_tokens
+                    if delta.text or delta.finish_reason:
+                        yield _sse(chunk(index, delta.text, delta.finish_reason, False))
+            if include_usage:
+                yield _sse(usage_chunk(_usage(results, n)))
+        except Exception as e:  # noqa: BLE001 - the status line is sent: report it in the stream
+            yield _sse(api_error_from(e).body())
+        yield "data: [DONE]\n\n"
+    finally:
+        release()
+
+
+# -- routes -----------------------------------------------------------------------------------
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    state = get_state(request)
+    rt = state.require_runtime()
+    name = state.served_model_name
+    card = ModelCard(id=name, created=state.created, root=rt.engine.model_name, max_model_len=rt.engine.max_model_len)
+    return ModelList(data=[card])
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=STREAM_RESPONSE)
+async def create_completion(body: CompletionRequest, request: Request) -> Any:
+    t0 = time.perf_counter()
+    state = get_state(request)
+    rt = state.require_runtime()
+    state.check_model(body.model)
+    body.check_supported()
+    seqs = _sequences(rt, _completion_prompts(rt, body.prompt), body.max_tokens, body, "prompt")
+    request_id, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.served_model_name
+    release = state.admit(len(seqs))
+
+    if body.stream:
+
+        def chunk(index: int, text: str, finish_reason: str | None, first: bool) -> dict[str, Any]:
+            if first:
+                return {}
+            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            out = {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+            return {**out, "usage": None} if body.include_usage else out
+
+        def usage_chunk(usage: Usage) -> dict[str, Any]:
+            return {
+                "id": request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage.model_dump(),
+            }
+
+        events = _events(state, rt, seqs, t0, body.n, body.include_usage, chunk, usage_chunk, release)
+        return EventStreamResponse(events, on_close=release)
+
+    try:
+        done, results = await _unless_disconnected(request, _collect(state, rt, seqs, t0))
+    finally:
+        release()
+    if not done:
+        return Response(status_code=499)  # nobody is listening
+    choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)]
+    return CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=_usage(results, body.n))
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAM_RESPONSE)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
+    t0 = time.perf_counter()
+    state = get_state(request)
+    rt = state.require_runtime()
+    state.check_model(body.model)
+    body.check_supported()
+    prompt = _render_chat(rt, body.messages, body.add_generation_prompt)
+    seqs = _sequences(rt, [rt.tokenize(prompt)], body.requested_max_tokens, body, "messages")
+    request_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.served_model_name
+    release = state.admit(len(seqs))
+
+    if body.stream:
+
+        def chunk(index: int, text: str, finish_reason: str | None, first: bool) -> dict[str, Any]:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            out = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+            return {**out, "usage": None} if body.include_usage else out
+
+        def usage_chunk(usage: Usage) -> dict[str, Any]:
+            return {
+                "id": request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage.model_dump(),
+            }
+
+        events = _events(state, rt, seqs, t0, body.n, body.include_usage, chunk, usage_chunk, release)
+        return EventStreamResponse(events, on_close=release)
+
+    try:
+        done, results = await _unless_disconnected(request, _collect(state, rt, seqs, t0))
+    finally:
+        release()
+    if not done:
+        return Response(status_code=499)
+    choices = [
+        ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason) for i, r in enumerate(results)
+    ]
+    return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=_usage(results, body.n))
+
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    state = get_state(request)
+    rt = state.require_runtime()
+    state.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+    if body.messages is not None:
+        if not body.messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        text = _render_chat(rt, body.messages, body.add_generation_prompt)
+    else:
+        text = body.prompt or ""
+    tokens = rt.tokenize(text)
+    return TokenizeResponse(count=len(tokens), max_model_len=rt.engine.max_model_len, tokens=tokens)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    state = get_state(request)
+    rt = state.require_runtime()
+    state.check_model(body.model)
+    vocab = rt.engine.model.config.vocab_size
+    bad = [t for t in body.tokens if t >= vocab]
+    if bad:
+        raise APIError(400, f"token ids must be in [0, {vocab}); got {bad[:5]}", param="tokens")
+    return DetokenizeResponse(prompt=rt.detokenize(body.tokens))

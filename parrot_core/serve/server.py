@@ -1,0 +1,198 @@
+"""Running the app: `serve(settings)` loads the model while uvicorn already answers (so
+`/health` is 503 until it is loaded), logs a stats line every `log_stats_interval` seconds and,
+while no request is in flight, checks the runtime's invariants (an ERROR log on violation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import uvicorn
+from fastapi import FastAPI
+
+from parrot_core.frontend.runtime import Runtime
+from parrot_core.serve.app import ServeState, create_app
+from parrot_core.serve.settings import ServeSettings
+
+log = logging.getLogger("parrot_core.serve")
+
+
+def build_runtime(settings: ServeSettings) -> Runtime:
+    """The Runtime the settings describe (the default model unless `settings.model`)."""
+    c = settings.engine_config()
+    return Runtime(
+        settings.model,
+        block_size=c.block_size,
+        num_kv_blocks=c.num_kv_blocks,
+        enable_prefix_caching=c.enable_prefix_caching,
+        max_num_seqs=c.max_num_seqs,
+        max_num_batched_tokens=c.max_num_batched_tokens,
+        max_model_len=c.max_model_len,
+        kv_cache_memory_gb=c.kv_cache_memory_gb,
+    )
+
+
+class StatsLogger:
+    """One log line per `tick()`: throughput since the last tick, running/waiting requests,
+    KV usage and prefix-cache hit rate; repeated idle lines are skipped. When nothing is in
+    flight, `tick()` also runs `runtime.check_invariants()` and logs a violation at ERROR.
+    `tick()` blocks (it reads the runtime from its loop): call it from a worker thread."""
+
+    def __init__(self, state: ServeState, clock: Callable[[], float] = time.monotonic) -> None:
+        self.state = state
+        self._clock = clock
+        self._last: dict[str, float] | None = None
+        self._last_time = clock()
+        self._logged_idle = False
+        self.violations = 0
+
+    def tick(self) -> None:
+        snap = self.state.snapshot()
+        if snap is None:
+            return
+        now = self._clock()
+        last = self._last or {k: 0.0 for k in snap}
+        elapsed = max(now - self._last_time, 1e-9)
+        self._last, self._last_time = snap, now
+
+        def grew(key: str) -> float:
+            return max(snap[key] - last.get(key, 0.0), 0.0)
+
+        prompt, generated = grew("prompt_tokens_computed"), grew("generation_tokens")
+        queries, hits = grew("prefix_cache_queries"), grew("prefix_cache_hits")
+        idle = not (prompt or generated or snap["num_running"] or snap["num_waiting"] or self.state.in_flight)
+        if not (idle and self._logged_idle):
+            log.info(
+                "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs,"
+                " Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%% (all-time %.1f%%),"
+                " Contexts: %d",
+                prompt / elapsed,
+                generated / elapsed,
+                snap["num_running"],
+                snap["num_waiting"],
+                100 * snap["kv_cache_usage_perc"],
+                100 * hits / queries if queries else 0.0,
+                100 * snap["prefix_cache_hit_rate"],
+                snap["contexts_live"],
+            )
+        self._logged_idle = idle
+        if idle:
+            self.self_check()
+
+    def self_check(self) -> bool:
+        """Check the runtime's invariants if no request is in flight; False on a violation.
+        A result is discarded if a request started meanwhile (it may have raced the check)."""
+        rt = self.state.runtime
+        if rt is None or rt.closed or self.state.in_flight:
+            return True
+        started = self.state.requests_started
+        try:
+            rt.check_invariants()
+        except Exception as e:  # noqa: BLE001 - any failure of the check is worth a loud line
+            if self.state.requests_started != started or self.state.in_flight or rt.closed:
+                return True
+            self.violations += 1
+            log.error("SELF-CHECK FAILED: the runtime's bookkeeping is inconsistent: %r", e, exc_info=e)
+            return False
+        return True
+
+    async def run(self, interval: float) -> None:
+        """Tick every `interval` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.tick)
+            except Exception:  # the logger must never take the server down
+                log.exception("stats logging failed")
+
+
+class Server:
+    """uvicorn over `app` plus its stats logger. `run()` is a coroutine; `start_in_thread()`
+    runs it in a daemon thread and returns once the port is bound (for tests and embedding)."""
+
+    def __init__(self, app: FastAPI, settings: ServeSettings, log_level: str = "info") -> None:
+        self.app = app
+        self.settings = settings
+        self.state: ServeState = app.state.serve
+        self.stats = StatsLogger(self.state)
+        config = uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_level=log_level, lifespan="off", timeout_graceful_shutdown=10
+        )
+        self.uvicorn = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with `port=0`)."""
+        return self.uvicorn.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.port}"
+
+    async def run(self, load: Callable[[], Runtime] | None = None) -> None:
+        """Serve until `stop()`. With `load`, the runtime is built in a thread meanwhile (a
+        failure stops the server and is re-raised)."""
+        tasks = []
+        if self.settings.log_stats_interval > 0:
+            tasks.append(asyncio.create_task(self.stats.run(self.settings.log_stats_interval)))
+        failure: list[BaseException] = []
+        if load is not None:
+
+            async def load_runtime() -> None:
+                try:
+                    self.state.attach(await asyncio.to_thread(load))
+                    log.info("model %r loaded; serving it as %r", self.state.runtime.engine.model_name, self.state.served_model_name)
+                except BaseException as e:  # noqa: BLE001 - reported after shutdown
+                    failure.append(e)
+                    log.error("could not load the model: %s", e)
+                    self.stop()
+
+            tasks.append(asyncio.create_task(load_runtime()))
+        try:
+            await self.uvicorn.serve()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if failure:
+            raise failure[0]
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+
+    def start_in_thread(self, timeout: float = 30) -> Server:
+        self._thread = threading.Thread(target=lambda: asyncio.run(self.run()), name="parrot-serve", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop_thread(self, timeout: float = 30) -> None:
+        self.stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+def serve(settings: ServeSettings | None = None) -> None:
+    """Serve until interrupted: bind first, then load the model (settings default: env)."""
+    settings = settings or ServeSettings.from_env()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(None, settings)
+    server = Server(app, settings)
+    log.info("parrot-core serving on http://%s:%d (loading the model...)", settings.host, settings.port)
+    try:
+        asyncio.run(server.run(load=lambda: build_runtime(settings)))
+    finally:
+        rt = server.state.runtime
+        if rt is not None:
+            with contextlib.suppress(Exception):
+                rt.close()

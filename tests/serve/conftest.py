@@ -1,0 +1,128 @@
+"""Fixtures of the server tests: runtimes over a tiny random Llama with the real tokenizer
+(text works, generation is fast), a real uvicorn server on a free port, and leak checks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from parrot_core import Runtime
+from parrot_core.engines.builtin.config import EngineConfig
+from parrot_core.engines.builtin.engine import BuiltinEngine
+from parrot_core.engines.builtin.model import LlamaConfig, LlamaModel
+from parrot_core.serve.app import create_app
+from parrot_core.serve.server import Server
+from parrot_core.serve.settings import ServeSettings
+
+TINY_MAX_LEN = 256
+
+
+class SlowModel:
+    """A model whose forward sleeps `delay` seconds first: makes queued / prefilling /
+    decoding states last long enough to disconnect in them."""
+
+    def __init__(self, model: LlamaModel, delay: float) -> None:
+        self._model = model
+        self.delay = delay
+        self.config = model.config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(self.delay)
+        return self._model.forward(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def settle(rt: Runtime, timeout: float = 10.0) -> dict[str, float]:
+    """Wait until no context is live and every block is free or cached-free; check invariants."""
+    state: dict[str, Any] = {}
+
+    def clean() -> bool:
+        state["stats"] = rt.stats()
+        s = state["stats"]
+        return s["contexts_live"] == 0 and s["engine_contexts"] == 0 and s["blocks_used"] == 0
+
+    try:
+        wait_for(clean, timeout, "every block to come back")
+    except AssertionError:
+        raise AssertionError(f"KV leaked: {state['stats']}") from None
+    rt.engine.wait_idle()
+    rt.check_invariants()
+    return state["stats"]
+
+
+@pytest.fixture(scope="session")
+def tiny_text_llama(real_model) -> LlamaModel:
+    """A tiny random Llama sized to the real tokenizer's vocabulary."""
+    vocab = real_model.tokenizer.vocab_size or 49152
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=512,
+    )
+    return LlamaModel.random(config, seed=0, dtype=torch.float32)
+
+
+@pytest.fixture
+def make_runtime(real_model, tiny_text_llama) -> Iterator[Callable[..., Runtime]]:
+    """Factory: `make_runtime(delay=0.0, **engine_config)` -> a Runtime over the tiny model
+    (max_model_len 256, 128 blocks of 16). Every runtime is checked for leaks, then closed."""
+    made: list[Runtime] = []
+
+    def make(delay: float = 0.0, **overrides: Any) -> Runtime:
+        config = dict(block_size=16, num_kv_blocks=128, max_model_len=TINY_MAX_LEN, max_num_seqs=8, max_num_batched_tokens=256)
+        model = SlowModel(tiny_text_llama, delay) if delay else tiny_text_llama
+        engine = BuiltinEngine(model, real_model.tokenizer, EngineConfig(**{**config, **overrides}), "tiny")  # type: ignore[arg-type]
+        rt = Runtime(engine=engine)
+        made.append(rt)
+        return rt
+
+    yield make
+    try:
+        for rt in made:
+            if not rt.closed:
+                settle(rt)
+    finally:
+        for rt in made:
+            rt.close()
+
+
+@pytest.fixture
+def tiny_runtime(make_runtime) -> Runtime:
+    return make_runtime()
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., Server]]:
+    """Factory: `start_server(runtime, **settings)` -> a running uvicorn `Server` on a free port."""
+    servers: list[Server] = []
+
+    def start(runtime: Runtime, **settings: Any) -> Server:
+        s = ServeSettings(port=0, log_stats_interval=0, **settings)
+        server = Server(create_app(runtime, s), s, log_level="warning").start_in_thread()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop_thread()
