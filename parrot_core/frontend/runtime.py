@@ -81,6 +81,7 @@ class Runtime:
         engines: Sequence[BuiltinEngine] | None = None,
         latency_cap: int = 4,
         constant_prefix_timeout: float = 600.0,
+        session_timeout: float | None = None,
     ) -> None:
         if engines:
             if engine is not None:
@@ -106,9 +107,11 @@ class Runtime:
             {ENGINE_ID if i == 0 else f"builtin-{i}": e for i, e in enumerate(all_engines)},
             latency_cap=latency_cap,
             constant_prefix_timeout=constant_prefix_timeout,
+            session_timeout=session_timeout,
         )
         self.contexts = self.core.contexts
         self.session = self.core.create_session("local")
+        self.session.permanent = True
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self.core.bind_loop(self._loop)

@@ -1,1 +1,2 @@
-"""The HTTP server of parrot-core (`parrot-core serve`): `app.create_app`, `server.serve`."""
+"""The serve layer: `ServeCore` (sessions, engines, contexts), the chain executor and the
+global scheduler. It knows engines only through `parrot_core.engines.base`."""

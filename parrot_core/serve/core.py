@@ -45,6 +45,7 @@ class Session:
         self.last_access = core.clock()
         self.pending_gets = 0
         self.closed = False
+        self.permanent = False  # the in-process runtime's own session never expires
 
     def touch(self) -> None:
         self.last_access = self.core.clock()
@@ -212,7 +213,7 @@ class ServeCore:
         if self.session_timeout is not None:
             deadline = self.clock() - self.session_timeout
             for sid, session in list(self.sessions.items()):
-                if session.last_access < deadline and not session.busy:
+                if session.last_access < deadline and not session.busy and not session.permanent:
                     await self.remove_session(sid)
                     removed.append(sid)
         for var_id in self.contexts.free_expired_constant_prefixes():

@@ -249,3 +249,35 @@ def test_removing_a_session_fails_pending_outputs_and_frees_its_contexts(make_pr
             never.get(timeout=5)
         owned = [c for c in rt.contexts.contexts.values() if c.session_id == session.session_id]
         assert owned == []
+
+
+def test_idle_sessions_expire_but_never_with_a_pending_get(tiny_text_llama, real_model):
+    import asyncio
+
+    from parrot_core.engines.builtin.config import EngineConfig
+    from parrot_core.serve.core import ServeCore
+
+    from .conftest import RecordingEngine
+
+    now = [0.0]
+    engine = RecordingEngine(tiny_text_llama, real_model.tokenizer, EngineConfig(num_kv_blocks=64), "tiny")
+    core = ServeCore({"e": engine}, session_timeout=100.0, constant_prefix_timeout=50.0, clock=lambda: now[0])
+
+    async def main():
+        core.bind_loop(asyncio.get_running_loop())
+        idle, waiting, fresh = core.create_session(), core.create_session(), core.create_session()
+        waiting.pending_gets = 1  # a client is blocked in GET /v1/semantic_var
+        now[0] = 90.0
+        fresh.touch()
+        now[0] = 150.0
+        assert await core.expire() == [idle.session_id]
+        assert set(core.sessions) == {waiting.session_id, fresh.session_id}
+        waiting.pending_gets = 0
+        now[0] = 300.0
+        assert sorted(await core.expire()) == sorted([waiting.session_id, fresh.session_id])
+        assert core.contexts.holder_count() == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.close()

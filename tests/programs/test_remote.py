@@ -9,10 +9,9 @@ import parrot_core as P
 from parrot_core.engines.builtin.config import EngineConfig
 from parrot_core.errors import InvalidRequestError, UnknownVariableError
 from parrot_core.frontend.remote import connect
-from parrot_core.serve import program_api
-from parrot_core.serve.app import create_app
-from parrot_core.serve.server import Server
-from parrot_core.serve.settings import ServeSettings
+from parrot_core.server.app import create_app
+from parrot_core.server.server import Server
+from parrot_core.server.settings import ServeSettings
 
 from .conftest import RecordingEngine
 
@@ -48,10 +47,7 @@ def server(tiny_text_llama, real_model):
     engine = RecordingEngine(tiny_text_llama, real_model.tokenizer, EngineConfig(num_kv_blocks=256), "tiny")
     rt = P.Runtime(engine=engine)
     settings = ServeSettings(port=0, log_stats_interval=0)
-    app = create_app(rt, settings)
-    if not any(getattr(r, "path", "") == "/v1/session" for r in app.routes):
-        app.include_router(program_api.router)
-    srv = Server(app, settings, log_level="warning").start_in_thread()
+    srv = Server(create_app(rt, settings), settings, log_level="warning").start_in_thread()
     yield srv, rt
     srv.stop_thread()
     rt.check_invariants()

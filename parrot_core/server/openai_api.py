@@ -42,7 +42,7 @@ from parrot_core.errors import (
 
 if TYPE_CHECKING:
     from parrot_core.frontend.runtime import Runtime, StreamDelta
-    from parrot_core.serve.app import ServeState
+    from parrot_core.server.app import ServeState
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 from schemathesis.generation.modes import GenerationMode
 
-from parrot_core.serve.app import create_app
-from parrot_core.serve.settings import ServeSettings
+from parrot_core.server.app import create_app
+from parrot_core.server.settings import ServeSettings
 
 POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
 _PATHS = create_app(None).openapi()["paths"]
@@ -26,7 +26,9 @@ CASES = [
     for path, ops in _PATHS.items()
     for method, spec in ops.items()
     for mode in (POSITIVE, NEGATIVE)
-    if mode is POSITIVE or "requestBody" in spec or spec.get("parameters")  # nothing to negate otherwise
+    # negative mode needs something to make invalid: a body, or a non-path parameter
+    # (any string is a valid path segment, e.g. DELETE /v1/session/{session_id})
+    if mode is POSITIVE or "requestBody" in spec or any(p.get("in") != "path" for p in spec.get("parameters", []))
 ]
 GENERATING = {"/v1/completions", "/v1/chat/completions"}
 

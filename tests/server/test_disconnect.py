@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.serve.conftest import settle, wait_for
+from tests.server.conftest import settle, wait_for
 
 
 def send(server, path: str, body: dict[str, Any]) -> socket.socket:

@@ -9,10 +9,10 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from parrot_core.errors import InvariantError
-from parrot_core.serve.app import create_app
-from parrot_core.serve.metrics import ServeMetrics
-from parrot_core.serve.server import StatsLogger
-from parrot_core.serve.settings import ServeSettings
+from parrot_core.server.app import create_app
+from parrot_core.server.metrics import ServeMetrics
+from parrot_core.server.server import StatsLogger
+from parrot_core.server.settings import ServeSettings
 
 COUNTERS = [
     "parrot_core:prefix_cache_queries",
@@ -130,7 +130,7 @@ def test_stats_line_and_idle_self_check(client, tiny_runtime, caplog):
     logger = StatsLogger(state, clock=lambda: next(times))
     traffic(client, "stats")
     tiny_runtime.engine.wait_idle()
-    with caplog.at_level(logging.INFO, logger="parrot_core.serve"):
+    with caplog.at_level(logging.INFO, logger="parrot_core.server"):
         logger.tick()
     line = caplog.records[-1].getMessage()
     for part in ("Avg prompt throughput", "Avg generation throughput", "Running: 0 reqs", "Waiting: 0 reqs",
@@ -148,7 +148,7 @@ def test_stats_line_and_idle_self_check(client, tiny_runtime, caplog):
     tiny_runtime.check_invariants = broken
     try:
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="parrot_core.serve"):
+        with caplog.at_level(logging.INFO, logger="parrot_core.server"):
             logger.tick()
         errors = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert errors and "SELF-CHECK FAILED" in errors[0].getMessage() and "ref_count" in errors[0].getMessage()

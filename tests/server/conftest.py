@@ -14,9 +14,9 @@ from parrot_core import Runtime
 from parrot_core.engines.builtin.config import EngineConfig
 from parrot_core.engines.builtin.engine import BuiltinEngine
 from parrot_core.engines.builtin.model import LlamaConfig, LlamaModel
-from parrot_core.serve.app import create_app
-from parrot_core.serve.server import Server
-from parrot_core.serve.settings import ServeSettings
+from parrot_core.server.app import create_app
+from parrot_core.server.server import Server
+from parrot_core.server.settings import ServeSettings
 
 TINY_MAX_LEN = 256
 

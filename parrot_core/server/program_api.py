@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from parrot_core.errors import ParrotError, UnknownSessionError
 from parrot_core.graph import Parameter, PerfCriteria, RequestMetadata
-from parrot_core.serve.openai_api import ERROR_RESPONSES, APIError, check_api_key, get_state
+from parrot_core.server.openai_api import ERROR_RESPONSES, APIError, check_api_key, get_state
 
 T = TypeVar("T")
 SESSION_HEADER = "x-session-token"

@@ -25,10 +25,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from parrot_core.errors import ParrotError, RuntimeClosedError
 from parrot_core.frontend.runtime import Runtime
-from parrot_core.serve import openai_api
-from parrot_core.serve.metrics import CONTENT_TYPE, ServeMetrics, runtime_snapshot
-from parrot_core.serve.openai_api import ERROR_RESPONSES, APIError, api_error_from, check_api_key, get_state
-from parrot_core.serve.settings import ServeSettings
+from parrot_core.server import openai_api, program_api
+from parrot_core.server.metrics import CONTENT_TYPE, ServeMetrics, runtime_snapshot
+from parrot_core.server.openai_api import ERROR_RESPONSES, APIError, api_error_from, check_api_key, get_state
+from parrot_core.server.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,7 @@ def create_app(runtime: Runtime | None = None, settings: ServeSettings | None = 
     for exc_type, handler in handlers.items():
         app.add_exception_handler(exc_type, handler)
     app.include_router(openai_api.router)
+    app.include_router(program_api.router)
     app.include_router(ops)
     app.add_middleware(_InternalErrors)
     return app

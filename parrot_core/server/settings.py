@@ -47,12 +47,15 @@ class ServeSettings:
         default=256, metadata=_doc("Sequences that may wait beyond the engine's --max-num-seqs; more get HTTP 429.")
     )
     log_stats_interval: float = field(default=10.0, metadata=_doc("Seconds between stats log lines and idle self-checks; 0 disables."))
+    session_timeout: float = field(default=600.0, metadata=_doc("Seconds after which an idle program session (no call, no pending get) is removed."))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise InvalidRequestError(f"port must be in [0, 65535], got {self.port}")
         if self.max_waiting_requests < 0:
             raise InvalidRequestError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
+        if self.session_timeout <= 0:
+            raise InvalidRequestError(f"session_timeout must be > 0, got {self.session_timeout}")
         if self.log_stats_interval < 0:
             raise InvalidRequestError(f"log_stats_interval must be >= 0, got {self.log_stats_interval}")
         self.engine_config()  # validates the engine fields now, not when the model is loaded

@@ -16,10 +16,10 @@ import uvicorn
 from fastapi import FastAPI
 
 from parrot_core.frontend.runtime import Runtime
-from parrot_core.serve.app import ServeState, create_app
-from parrot_core.serve.settings import ServeSettings
+from parrot_core.server.app import ServeState, create_app
+from parrot_core.server.settings import ServeSettings
 
-log = logging.getLogger("parrot_core.serve")
+log = logging.getLogger("parrot_core.server")
 
 
 def build_runtime(settings: ServeSettings) -> Runtime:
@@ -34,6 +34,7 @@ def build_runtime(settings: ServeSettings) -> Runtime:
         max_num_batched_tokens=c.max_num_batched_tokens,
         max_model_len=c.max_model_len,
         kv_cache_memory_gb=c.kv_cache_memory_gb,
+        session_timeout=settings.session_timeout,
     )
 
 

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 from parrot_core.cli import app as cli_app
 from parrot_core.errors import InvalidRequestError
-from parrot_core.serve import server as server_module
-from parrot_core.serve.app import create_app
-from parrot_core.serve.server import Server
-from parrot_core.serve.settings import ServeSettings
-from tests.serve.conftest import wait_for
+from parrot_core.server import server as server_module
+from parrot_core.server.app import create_app
+from parrot_core.server.server import Server
+from parrot_core.server.settings import ServeSettings
+from tests.server.conftest import wait_for
 
 
 def test_defaults_follow_vllm_names():

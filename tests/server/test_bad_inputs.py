@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from parrot_core.serve.app import create_app
-from parrot_core.serve.settings import ServeSettings
-from tests.serve.conftest import TINY_MAX_LEN
+from parrot_core.server.app import create_app
+from parrot_core.server.settings import ServeSettings
+from tests.server.conftest import TINY_MAX_LEN
 
 GOOD_COMPLETION = {"model": "tiny", "prompt": "Hello", "max_tokens": 2}
 GOOD_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}

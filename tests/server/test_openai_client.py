@@ -9,7 +9,7 @@ import pytest
 from parrot_core import Runtime
 from parrot_core.engines.builtin.config import EngineConfig
 from parrot_core.engines.builtin.engine import BuiltinEngine
-from tests.serve.conftest import TINY_MAX_LEN, settle
+from tests.server.conftest import TINY_MAX_LEN, settle
 
 
 def client_for(server) -> openai.OpenAI:
