@@ -9,24 +9,6 @@ from parrot_core.engines.builtin.engine import BuiltinEngine
 from parrot_core.engines.builtin.model import LlamaConfig, LlamaModel
 
 
-@pytest.fixture(scope="session")
-def tiny_text_llama(real_model) -> LlamaModel:
-    """A tiny random Llama over the real vocabulary, so programs use real text and run fast."""
-    config = LlamaConfig(
-        vocab_size=real_model.config.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=1024,
-    )
-    return LlamaModel.random(config, seed=0, dtype=torch.float32)
-
-
 class RecordingEngine(BuiltinEngine):
     """A builtin engine that records the primitives it receives (and can be told to fail)."""
 

@@ -64,25 +64,6 @@ def settle(rt: Runtime, timeout: float = 10.0) -> dict[str, float]:
     return state["stats"]
 
 
-@pytest.fixture(scope="session")
-def tiny_text_llama(real_model) -> LlamaModel:
-    """A tiny random Llama sized to the real tokenizer's vocabulary."""
-    vocab = real_model.tokenizer.vocab_size or 49152
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=512,
-    )
-    return LlamaModel.random(config, seed=0, dtype=torch.float32)
-
-
 @pytest.fixture
 def make_runtime(real_model, tiny_text_llama) -> Iterator[Callable[..., Runtime]]:
     """Factory: `make_runtime(delay=0.0, **engine_config)` -> a Runtime over the tiny model
