@@ -661,39 +661,15 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     state.check_model(body.model)
     body.check_supported()
     seqs = _sequences(rt, _completion_prompts(rt, body.prompt), body.max_tokens, body, "prompt")
-    request_id, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.served_model_name
-    release = state.admit(len(seqs))
 
-    if body.stream:
+    def stream_choice(index: int, text: str, finish_reason: str | None, first: bool) -> dict[str, Any] | None:
+        return None if first else {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
-        def chunk(index: int, text: str, finish_reason: str | None, first: bool) -> dict[str, Any]:
-            if first:
-                return {}
-            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            out = {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
-            return {**out, "usage": None} if body.include_usage else out
+    def response(request_id: str, created: int, model: str, results: list[Any]) -> CompletionResponse:
+        choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)]
+        return CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=_usage(results, body.n))
 
-        def usage_chunk(usage: Usage) -> dict[str, Any]:
-            return {
-                "id": request_id,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": usage.model_dump(),
-            }
-
-        events = _events(state, rt, seqs, t0, body.n, body.include_usage, chunk, usage_chunk, release)
-        return EventStreamResponse(events, on_close=release)
-
-    try:
-        done, results = await _unless_disconnected(request, _collect(state, rt, seqs, t0))
-    finally:
-        release()
-    if not done:
-        return Response(status_code=499)  # nobody is listening
-    choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)]
-    return CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=_usage(results, body.n))
+    return await _generate(request, state, rt, seqs, t0, body, "cmpl", "text_completion", stream_choice, response)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAM_RESPONSE)
@@ -705,40 +681,59 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     body.check_supported()
     prompt = _render_chat(rt, body.messages, body.add_generation_prompt)
     seqs = _sequences(rt, [rt.tokenize(prompt)], body.requested_max_tokens, body, "messages")
-    request_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.served_model_name
-    release = state.admit(len(seqs))
 
+    def stream_choice(index: int, text: str, finish_reason: str | None, first: bool) -> dict[str, Any] | None:
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    def response(request_id: str, created: int, model: str, results: list[Any]) -> ChatCompletionResponse:
+        choices = [
+            ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
+            for i, r in enumerate(results)
+        ]
+        return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=_usage(results, body.n))
+
+    return await _generate(request, state, rt, seqs, t0, body, "chatcmpl", "chat.completion.chunk", stream_choice, response)
+
+
+async def _generate(
+    request: Request,
+    state: Any,
+    rt: Any,
+    seqs: list[Any],
+    t0: float,
+    body: Any,
+    id_prefix: str,
+    chunk_object: str,
+    stream_choice: Callable[[int, str, str | None, bool], dict[str, Any] | None],
+    response: Callable[[str, int, str, list[Any]], Any],
+) -> Any:
+    """What both generation routes share: admission, then an SSE stream of chunks (built by
+    `stream_choice`; None skips one) or one response once every sequence is done (a client
+    that left gets nothing: its generation was aborted)."""
+    request_id, created, model = f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), state.served_model_name
+    release = state.admit(len(seqs))
     if body.stream:
 
         def chunk(index: int, text: str, finish_reason: str | None, first: bool) -> dict[str, Any]:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            out = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+            choice = stream_choice(index, text, finish_reason, first)
+            if choice is None:
+                return {}
+            out = {"id": request_id, "object": chunk_object, "created": created, "model": model, "choices": [choice]}
             return {**out, "usage": None} if body.include_usage else out
 
         def usage_chunk(usage: Usage) -> dict[str, Any]:
-            return {
-                "id": request_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": usage.model_dump(),
-            }
+            return {"id": request_id, "object": chunk_object, "created": created, "model": model, "choices": [], "usage": usage.model_dump()}
 
         events = _events(state, rt, seqs, t0, body.n, body.include_usage, chunk, usage_chunk, release)
         return EventStreamResponse(events, on_close=release)
-
     try:
         done, results = await _unless_disconnected(request, _collect(state, rt, seqs, t0))
     finally:
         release()
     if not done:
-        return Response(status_code=499)
-    choices = [
-        ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason) for i, r in enumerate(results)
-    ]
-    return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=_usage(results, body.n))
+        return Response(status_code=499)  # nobody is listening
+    return response(request_id, created, model, results)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)

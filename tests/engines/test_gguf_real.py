@@ -14,8 +14,11 @@ from parrot_core.engines.builtin.gguf_loader import GGUFFile, load_gguf
 from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel
 from parrot_core.engines.builtin.tokenizer import load_gguf_tokenizer, tokenizer_cache_path
 from parrot_core.errors import ModelLoadError
+import transformers
 
-gguf = pytest.importorskip("gguf")
+from .hf_oracle import hf_llama_config
+
+import gguf  # noqa: E402 - a dependency of parrot-core
 
 # ---------------------------------------------------------------------------- synthetic GGUF
 
@@ -242,21 +245,8 @@ def test_real_chunked_prefill_gives_the_same_greedy_tokens(real_model, real_llam
 @pytest.mark.real_model
 def test_real_forward_matches_transformers_on_the_same_weights(real_model, real_llama):
     """Our forward on the real weights against transformers' LlamaForCausalLM (float32, sdpa)."""
-    transformers = pytest.importorskip("transformers")
     c = real_model.config
-    hf_config = transformers.LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim,
-        rope_theta=c.rope_theta,
-        rms_norm_eps=c.rms_norm_eps,
-        max_position_embeddings=c.max_position_embeddings,
-        tie_word_embeddings=c.tie_word_embeddings,
-    )
+    hf_config = hf_llama_config(c)
     with torch.device("meta"):
         hf = transformers.LlamaForCausalLM(hf_config)
     hf.load_state_dict(real_llama.state_dict_hf(), strict=True, assign=True)

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402 - the test oracle, installed by the test extra
 from transformers.models.llama import modeling_llama  # noqa: E402
+from .hf_oracle import hf_llama_config
 
 ATOL = 1e-6
 BS = 4  # block size of every test here: small, so sequences span many blocks
@@ -45,20 +46,7 @@ def _oracle_precision() -> Iterator[None]:
 def hf_logits(model: LlamaModel, tokens: list[int]) -> torch.Tensor:
     """transformers' logits [len(tokens), vocab] for one sequence, eager attention, float64."""
     c = model.config
-    hf_config = transformers.LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim,
-        rope_theta=c.rope_theta,
-        rms_norm_eps=c.rms_norm_eps,
-        max_position_embeddings=c.max_position_embeddings,
-        tie_word_embeddings=c.tie_word_embeddings,
-        attn_implementation="eager",
-    )
+    hf_config = hf_llama_config(c, attn_implementation="eager")
     hf = transformers.LlamaForCausalLM(hf_config).to(torch.float64).eval()
     hf.load_state_dict(model.state_dict_hf(), strict=True)
     with torch.no_grad(), _oracle_precision():

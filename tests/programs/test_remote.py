@@ -14,19 +14,9 @@ from parrot_core.server.server import Server
 from parrot_core.server.settings import ServeSettings
 
 from .conftest import RecordingEngine
+from .functions import OUT, write_code, write_tests
 
 pytestmark = pytest.mark.timeout(120)
-OUT = P.Output(max_tokens=6, temperature=0.0, ignore_eos=True)
-
-
-@P.semantic_function()
-def write_code(task: P.Input, code: OUT):
-    """You are an expert engineer. Write Python code for {{task}}. Code: {{code}}"""
-
-
-@P.semantic_function()
-def write_tests(task: P.Input, code: P.Input, tests: OUT):
-    """You are a QA engineer. Task: {{task}}. Code: {{code}}. Tests: {{tests}}"""
 
 
 @P.native_function()
