@@ -13,6 +13,10 @@ Primitives:
 - `free_context(context_id)`: drop the context; never blocks, never raises for an id the
   engine has already dropped (the serve layer's bookkeeping is the source of truth).
 - `runtime_info()`: a snapshot of load and cache figures for scheduling and metrics.
+
+Optional: `split(context_id, source_id, drop_last)` creates a context holding the source's
+tokens except its last `drop_last`, sharing their KV. With it the serve layer fills a run of
+new contexts with one fill (one forward pass) into the last of them and carves out the rest.
 """
 
 from __future__ import annotations

@@ -117,21 +117,28 @@ class ChainExecutor:
     ) -> str:
         core = self.core
         engine = core.engines[engine_id]
-        fills = list(zip(contexts[:-1], token_lists[:-1]))
-        for i, (ctx, _) in enumerate(fills):
-            if i > 0 and fills[i - 1][0] is ctx:
-                continue  # a fused run: filled with its first node
-            tokens = [t for c, toks in fills[i:] if c is ctx for t in toks]
-            if ctx.claim():
-                core.contexts.record_fill(ctx, len(tokens))
-                try:
-                    await engine.fill(ctx.context_id, ctx.parent_context_id, tokens)
-                except BaseException as e:
-                    core.contexts.fail_context(ctx, e)
-                    raise
-                ctx.mark_ready()
+        # one entry per distinct context (a fused run is one context over several nodes)
+        groups: list[tuple[Context, list[int]]] = []
+        for ctx, tokens in zip(contexts[:-1], token_lists[:-1]):
+            if groups and groups[-1][0] is ctx:
+                groups[-1][1].extend(tokens)
             else:
-                await ctx.wait_ready()
+                groups.append((ctx, list(tokens)))
+        i = 0
+        while i < len(groups):
+            ctx, _ = groups[i]
+            if not ctx.claim():
+                await ctx.wait_ready()  # another task fills it (R3)
+                i += 1
+                continue
+            run = [groups[i]]
+            i += 1
+            # The new contexts that follow, each the child of the previous, are filled with the
+            # same engine call: one forward pass instead of one per context.
+            while hasattr(engine, "split") and i < len(groups) and groups[i][0].parent_context is run[-1][0] and groups[i][0].claim():
+                run.append(groups[i])
+                i += 1
+            await self._fill_run(engine, run)
         gen_ctx = contexts[-1]
         gen_ctx.claim()
         core.contexts.reserve_generate(gen_ctx, params.max_tokens)
@@ -145,6 +152,27 @@ class ChainExecutor:
             core.contexts.reconcile_generate(gen_ctx, produced)
         gen_ctx.mark_ready()
         return "".join(pieces)
+
+    async def _fill_run(self, engine: Any, run: list[tuple[Context, list[int]]]) -> None:
+        """Fill contexts c1 <- c2 <- ... <- ck (all claimed by this task): one fill of every
+        token into ck, then c1..ck-1 carved out of it as prefixes. Failure fails them all."""
+        core = self.core
+        for ctx, tokens in run:
+            core.contexts.record_fill(ctx, len(tokens))
+        last = run[-1][0]
+        try:
+            tokens = [t for _, toks in run for t in toks]
+            await engine.fill(last.context_id, run[0][0].parent_context_id, tokens)
+            after = len(tokens)
+            for ctx, toks in run[:-1]:
+                after -= len(toks)
+                await engine.split(ctx.context_id, last.context_id, after)
+        except BaseException as e:
+            for ctx, _ in run:
+                core.contexts.fail_context(ctx, e)
+            raise
+        for ctx, _ in run:
+            ctx.mark_ready()
 
     # -- native functions ----------------------------------------------------------------
     async def _run_native(self, node: NativeFuncNode) -> None:

@@ -292,3 +292,24 @@ def test_any_failure_at_submission_reaches_the_caller(make_engine, monkeypatch):
     with pytest.raises(EngineError, match="ValueError: boom"):
         asyncio.run(asyncio.wait_for(engine.fill(0, None, [1, 2]), 10))
     engine.free_context(0)
+
+
+@pytest.mark.parametrize("len_a", [7, 8])  # 8: the recomputed last token closes a full, cached block
+def test_split_carves_out_prefixes_that_generate_like_fresh_contexts(make_engine, len_a):
+    engine = make_engine()
+    a, b, c = prompt(80, len_a), prompt(81, 6), prompt(82, 5)
+
+    async def go():
+        await engine.fill(2, None, a + b + c)  # one fill for the whole run
+        before = engine.runtime_info().prompt_tokens_computed
+        await engine.split(0, 2, len(b) + len(c))  # holds a
+        await engine.split(1, 2, len(c))  # holds a + b
+        assert engine.runtime_info().prompt_tokens_computed == before  # nothing recomputed
+        from_prefix = (await run(engine, 3, [], 6, parent=1))[0]  # fork of a carved-out prefix
+        direct = [t async for d in engine.generate(0, None, SamplingParams(max_tokens=6, **GREEDY)) for t in d.token_ids]
+        return from_prefix, direct
+
+    from_prefix, direct = asyncio.run(go())
+    assert from_prefix == asyncio.run(run(engine, 10, a + b, 6))[0]
+    assert direct == asyncio.run(run(engine, 11, a, 6))[0]
+    engine.check_invariants()

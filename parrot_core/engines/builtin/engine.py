@@ -135,6 +135,26 @@ class BuiltinEngine:
             if not finished:  # the caller went away: stop generating
                 self._post(lambda: self._abort(holder.get("req")))
 
+    async def split(self, context_id: int, source_id: int, drop_last: int) -> None:
+        """Create `context_id` holding `source_id`'s tokens except its last `drop_last`,
+        sharing their KV (nothing is computed). Lets the serve layer fill a run of new
+        contexts with one fill into the last of them, then carve out the others."""
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                if source_id in self._active:
+                    raise InvalidRequestError(f"context {source_id} is busy with another request")
+                source = self.tree.get(source_id)
+                self.tree.create_prefix(context_id, source_id, len(source.token_ids) - drop_last)
+                self._last_used[context_id] = self._step_no
+                future.set_result(None)
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                future.set_exception(e)
+
+        self._post(run)
+        await asyncio.wrap_future(future)
+
     def free_context(self, context_id: int) -> None:
         """Drop the context (aborting a request still working on it). Never blocks."""
         self._post(lambda: self._free(context_id))
@@ -249,6 +269,8 @@ class BuiltinEngine:
             emit(e if isinstance(e, ParrotError) else EngineError(f"{type(e).__name__}: {e}"))
             return None
         self.tree.append_tokens(ctx, tokens)
+        if kind is Kind.GENERATE and ctx.last_hidden is None and ctx.num_computed == len(ctx.token_ids):
+            self.tree.uncompute_last(ctx)  # a carved-out prefix keeps no hidden state: recompute one token
         req = EngineRequest(next(self._ids), kind, ctx, emit, params=params, new_tokens=len(tokens), generator=generator)
         if kind is Kind.GENERATE:
             req.detokenizer = self.tokenizer.detokenizer() if self.tokenizer is not None else None

@@ -73,6 +73,35 @@ class KVContextTree:
         self._contexts[context_id] = ctx
         return ctx
 
+    def create_prefix(self, context_id: int, source_id: int, num_tokens: int) -> KVContext:
+        """A new context holding the first `num_tokens` computed tokens of `source`, sharing
+        its blocks, the boundary block too: the slots past this context's length belong to the
+        source and are never read here, and whoever writes into a shared block first copies it.
+        It keeps no hidden state: a generation from it recomputes its last token."""
+        if context_id in self._contexts:
+            raise ContextExistsError(f"context {context_id} already exists")
+        source = self.get(source_id)
+        if not 0 < num_tokens <= source.num_computed:
+            raise InvalidRequestError(f"a prefix of context {source_id} must hold 1..{source.num_computed} computed tokens, not {num_tokens}")
+        shared = source.blocks[: self._num_blocks_for(num_tokens)]
+        for block in shared:
+            self.pool.incref(block)
+        ctx = KVContext(context_id, source_id, source.token_ids[:num_tokens], list(shared), num_tokens, None)
+        self._contexts[context_id] = ctx
+        return ctx
+
+    def uncompute_last(self, ctx: KVContext) -> None:
+        """Forget the KV of the last computed token, so the next step computes it again (and
+        yields the hidden state a sample needs)."""
+        if ctx.num_computed == 0:
+            return
+        ctx.num_computed -= 1
+        keep = self._num_blocks_for(ctx.num_computed)
+        for block in reversed(ctx.blocks[keep:]):
+            self.pool.decref(block)
+        del ctx.blocks[keep:]
+        ctx.last_hidden = None
+
     def get(self, context_id: int) -> KVContext:
         ctx = self._contexts.get(context_id)
         if ctx is None:
