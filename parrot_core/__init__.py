@@ -15,7 +15,6 @@
 
 from parrot_core import errors, graph
 from parrot_core.engines.base import SamplingParams
-from parrot_core.frontend import remote
 from parrot_core.frontend.function import Input, Output, native_function, semantic_function, variable
 from parrot_core.frontend.remote import connect
 from parrot_core.frontend.runtime import ContextHandle, GenerateOutput, Runtime, StreamDelta, current_runtime

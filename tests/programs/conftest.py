@@ -1,12 +1,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from parrot_core import Runtime
 from parrot_core.engines.builtin.config import EngineConfig
 from parrot_core.engines.builtin.engine import BuiltinEngine
-from parrot_core.engines.builtin.model import LlamaConfig, LlamaModel
 
 
 class RecordingEngine(BuiltinEngine):

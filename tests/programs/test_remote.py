@@ -8,13 +8,13 @@ import pytest
 import parrot_core as P
 from parrot_core.engines.builtin.config import EngineConfig
 from parrot_core.errors import InvalidRequestError, UnknownVariableError
-from parrot_core.frontend.remote import connect
+from parrot_core.frontend.remote import RemoteVariable, connect
 from parrot_core.server.app import create_app
 from parrot_core.server.server import Server
 from parrot_core.server.settings import ServeSettings
 
 from .conftest import RecordingEngine
-from .functions import OUT, write_code, write_tests
+from .functions import write_code, write_tests
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,7 +63,7 @@ def test_session_token_is_enforced_and_sessions_cannot_read_each_other(server):
         assert secret.get() == "only for a"
         # b names a's variable: unknown in b's session
         with pytest.raises(UnknownVariableError):
-            P.frontend.remote.RemoteVariable(b, secret.var_id).get(timeout=2)
+            RemoteVariable(b, secret.var_id).get(timeout=2)
         # a's session with b's token (or none): 401
         raw = httpx.get(f"{srv.url}/v1/semantic_var/{secret.var_id}", params={"session_id": a.session_id}, headers={"X-Session-Token": "forged"})
         assert raw.status_code == 401 and raw.json()["error"]["message"]

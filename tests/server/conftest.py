@@ -8,12 +8,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import torch
 
 from parrot_core import Runtime
 from parrot_core.engines.builtin.config import EngineConfig
 from parrot_core.engines.builtin.engine import BuiltinEngine
-from parrot_core.engines.builtin.model import LlamaConfig, LlamaModel
+from parrot_core.engines.builtin.model import LlamaModel
 from parrot_core.server.app import create_app
 from parrot_core.server.server import Server
 from parrot_core.server.settings import ServeSettings
