@@ -102,7 +102,7 @@ def test_parent_freed_while_child_lives_keeps_shared_blocks():
     fill(tree, kv, parent, range(9))
     child = tree.create(2, 1)
     assert tree.free(1) is True
-    assert 1 not in tree and len(tree) == 1
+    assert len(tree) == 1 and 1 not in tree
     assert [b.ref_count for b in child.blocks] == [1, 1, 1] and pool.num_used == 3
     fill(tree, kv, child, [100])
     assert content(tree, kv, child) == expected(child)
