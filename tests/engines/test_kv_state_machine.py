@@ -7,7 +7,7 @@ from collections import Counter
 import hypothesis.strategies as st
 import pytest
 from hypothesis import event, note, settings
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, rule
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, multiple, rule
 
 from parrot_core.engines.builtin.block_pool import BlockPool
 from parrot_core.engines.builtin.kv_contexts import KVContextTree
@@ -109,6 +109,31 @@ class KVMachine(RuleBasedStateMachine):
         c = self.fork(parent)
         self.fill(c, tokens, None)
         return c
+
+    @rule(target=ctxs, source=ctxs, keep=st.integers(1, 40), tokens=TOKENS)
+    def carve_prefix_and_fill(self, source, keep, tokens):
+        """The engine's split: a new context holding a prefix of the source's computed tokens,
+        sharing its blocks (the boundary block too), then written to: copy-on-write must keep
+        the source's slots past the prefix intact."""
+        n = min(keep, self.computed[source])
+        if n == 0:
+            return multiple()
+        c = self.new_id()
+        event("carve: boundary block shared" if n % self.bs else "carve: block-aligned")
+        self.tree.create_prefix(c, source, n)
+        self.tokens[c], self.computed[c] = list(self.tokens[source][:n]), n
+        self.fill(c, tokens, None)
+        return c
+
+    @rule(c=ctxs)
+    def uncompute_last(self, c):
+        """A generation from a context without a kept hidden state recomputes its last token."""
+        if self.computed[c] == 0:
+            return
+        event("uncompute: inside a shared block" if self.tree.get(c).blocks[-1].ref_count > 1 else "uncompute")
+        self.tree.uncompute_last(self.tree.get(c))
+        self.computed[c] -= 1
+        self.fill(c, [], None)  # compute it again (or stay uncomputed if out of blocks)
 
     @rule(c=ctxs, tokens=TOKENS)
     def append(self, c, tokens):
