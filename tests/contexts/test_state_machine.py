@@ -123,6 +123,7 @@ fills = st.lists(st.sampled_from(["s:c:a", "s:c:b", "s:c:c"]), max_size=3)
 class ContextManagerMachine(RuleBasedStateMachine):
     tasks = Bundle("tasks")
     handles = Bundle("handles")
+    retained = Bundle("retained")
 
     def __init__(self) -> None:
         super().__init__()
@@ -227,6 +228,28 @@ class ContextManagerMachine(RuleBasedStateMachine):
         assert len(got) == len(nodes)
         assert sorted({c.context_id for c in got}) == sorted(held)
         return tid
+
+    @rule(target=retained, tid=tasks, session=st.sampled_from([None, *SESSIONS]))
+    def retain(self, tid, session):
+        """Keep a task's last context alive past the task (output k for output k+1)."""
+        held = [c for c in self.model.holders.get(("task", tid), []) if c in self.model.ctxs]
+        if not held:
+            return multiple()
+        key = self.mgr.retain(self.mgr.contexts[held[-1]], session)
+        self.model.holders[key] = [held[-1]]
+        self.model.holder_session[key] = session
+        return key
+
+    @rule(key=consumes(retained))
+    def release(self, key):
+        if key not in self.model.holders:  # its session was removed meanwhile
+            try:
+                self.mgr.release(key)
+            except UnknownContextError:
+                return
+            raise AssertionError("releasing a released key must raise")
+        self.mgr.release(key)
+        self.model.release(key)
 
     @rule(tid=consumes(tasks))
     def free_task(self, tid):
@@ -357,6 +380,8 @@ class ContextManagerMachine(RuleBasedStateMachine):
         for key in list(self.model.holders):
             if key[0] == "task":
                 self.mgr.free_task_contexts(ContextTask(key[1], None, []))
+            elif key[0] == "retain":
+                self.mgr.release(key)
             else:
                 self.mgr.free_context(self.handle_objs[key[1]])
             self.model.release(key)
