@@ -27,7 +27,8 @@ from parrot_core.errors import ParrotError, RuntimeClosedError
 from parrot_core.frontend.runtime import Runtime
 from parrot_core.server import openai_api, program_api
 from parrot_core.server.metrics import CONTENT_TYPE, ServeMetrics, runtime_snapshot
-from parrot_core.server.openai_api import ERROR_RESPONSES, APIError, api_error_from, check_api_key, get_state
+from parrot_core.server.http_errors import ERROR_RESPONSES, APIError, api_error_from
+from parrot_core.server.openai_api import check_api_key, get_state
 from parrot_core.server.settings import ServeSettings
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from parrot_core.errors import ParrotError, UnknownSessionError
 from parrot_core.graph import Parameter, PerfCriteria, RequestMetadata
-from parrot_core.server.openai_api import ERROR_RESPONSES, APIError, check_api_key, get_state
+from parrot_core.server.http_errors import ERROR_RESPONSES, APIError
+from parrot_core.server.openai_api import check_api_key, get_state
 
 T = TypeVar("T")
 SESSION_HEADER = "x-session-token"
