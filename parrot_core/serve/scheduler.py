@@ -140,11 +140,12 @@ class GlobalScheduler:
             placed_any = False
             for head in list(self.queue):
                 group = self._group_of(head)
-                engine = self._choose(group)
+                cached = {t.seq: self._cached_by_engine(t) for t in group}
+                engine = self._choose(group, cached)
                 if engine is None:
                     continue
                 for task in group:
-                    self._assign(task, engine)
+                    self._assign(task, engine, self._new_tokens(task, cached[task.seq][engine.engine_id]))
                 placed_any = True
                 break
 
@@ -153,13 +154,14 @@ class GlobalScheduler:
             return [task]
         return [t for t in self.queue if t.group is task.group]
 
-    def _choose(self, group: list[SchedTask]) -> EngineSlot | None:
+    def _choose(self, group: list[SchedTask], cached: dict[int, dict[Hashable, int]]) -> EngineSlot | None:
+        """`cached[task.seq][engine_id]`: tokens of the task's leading Fills already cached there."""
         candidates = []
         for slot in self.engines.values():
-            if not self._qualifies(slot, group):
+            here = [cached[t.seq][slot.engine_id] for t in group]
+            if not self._qualifies(slot, group, here):
                 continue
-            affinity = sum(self._cached_tokens(slot, t) for t in group)
-            candidates.append((affinity, slot))
+            candidates.append((sum(here), slot))
         if not candidates:
             return None
         latency = any(t.criteria is PerfCriteria.LATENCY for t in group)
@@ -171,13 +173,13 @@ class GlobalScheduler:
 
         return max(candidates, key=rank)[1]
 
-    def _qualifies(self, slot: EngineSlot, group: list[SchedTask]) -> bool:
+    def _qualifies(self, slot: EngineSlot, group: list[SchedTask], cached_here: list[int]) -> bool:
         models = group[0].models
         if models and slot.model_name not in models:
             return False
         if any(t.required_engine is not None and t.required_engine != slot.engine_id for t in group):
             return False
-        needed = sum(self._new_tokens(slot, t) for t in group)
+        needed = sum(self._new_tokens(t, c) for t, c in zip(group, cached_here))
         if self._load(slot) + needed > slot.capacity_tokens:
             return False
         unit = group[0].unit
@@ -193,17 +195,21 @@ class GlobalScheduler:
     def _load(self, slot: EngineSlot) -> int:
         return self.contexts.engine_load(slot.engine_id) + sum(slot.pending_tokens.values())
 
-    def _cached_tokens(self, slot: EngineSlot, task: SchedTask) -> int:
-        match = next(m for m in self.contexts.query_prefixes_in_engines(task.context_task) if m.engine_id == slot.engine_id)
-        return sum(task.fill_tokens[: match.nodes])
+    def _cached_by_engine(self, task: SchedTask) -> dict[Hashable, int]:
+        """One prefix-cache query (it covers every engine) per task and decision."""
+        return {
+            m.engine_id: sum(task.fill_tokens[: m.nodes]) for m in self.contexts.query_prefixes_in_engines(task.context_task)
+        }
 
-    def _new_tokens(self, slot: EngineSlot, task: SchedTask) -> int:
-        return sum(task.fill_tokens) - self._cached_tokens(slot, task) + task.max_tokens
+    @staticmethod
+    def _new_tokens(task: SchedTask, cached_tokens: int) -> int:
+        """Tokens the task adds to an engine that already holds `cached_tokens` of its prompt."""
+        return sum(task.fill_tokens) - cached_tokens + task.max_tokens
 
-    def _assign(self, task: SchedTask, slot: EngineSlot) -> None:
+    def _assign(self, task: SchedTask, slot: EngineSlot, new_tokens: int) -> None:
         self.queue.remove(task)
         task.engine_id = slot.engine_id
-        slot.pending_tokens[task.seq] = self._new_tokens(slot, task)
+        slot.pending_tokens[task.seq] = new_tokens
         slot.units[task.unit] = slot.units.get(task.unit, 0) + 1
         if task.criteria is PerfCriteria.LATENCY:
             slot.latency_units.add(task.unit)
