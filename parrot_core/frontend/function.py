@@ -22,12 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from parrot_core.engines.base import SamplingParams
 from parrot_core.errors import InvalidRequestError, TemplateError
 from parrot_core.graph import Parameter, PerfCriteria, RequestMetadata, SemanticVariable, check_request
-
-DEFAULT_MAX_TOKENS = 128
-
+from parrot_core.serve.executor import output_sampling
 
 class Input:
     """Annotation of a text input: pass a `str` or a `SemanticVariable`."""
@@ -38,11 +35,7 @@ class Output:
     top_p=..., top_k=..., seed=..., stop=..., stop_token_ids=..., ignore_eos=...)`."""
 
     def __init__(self, **sampling: Any) -> None:
-        sampling.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
-        try:
-            SamplingParams(**sampling)
-        except TypeError as e:
-            raise InvalidRequestError(f"bad output options: {e}") from None
+        output_sampling(sampling)  # validate now: a bad option fails at decoration time
         self.sampling = sampling
 
 
@@ -70,7 +63,7 @@ def _classify(fn: Callable[..., Any]) -> list[_Param]:
         if ann is Input:
             params.append(_Param(name, "input"))
         elif ann is Output:
-            params.append(_Param(name, "output", {"max_tokens": DEFAULT_MAX_TOKENS}))
+            params.append(_Param(name, "output", {}))
         elif isinstance(ann, Output):
             params.append(_Param(name, "output", dict(ann.sampling)))
         else:

@@ -10,6 +10,7 @@ methods are the same coroutines for async callers (they hop onto the runtime's l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
@@ -252,45 +253,34 @@ class Runtime:
             producer.cancel()  # no-op if finished; otherwise aborts the engine request
 
     async def _stream_one(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamDelta]:
+        """A fresh context: fill the prompt, generate in it, free it (also when abandoned)."""
         ctx = self.contexts.new_context(ENGINE_ID)
+        try:
+            fill = await self.engine.fill(ctx.context_id, None, prompt_ids)
+            self.contexts.record_fill(ctx, len(prompt_ids))
+            async with contextlib.aclosing(self._stream_in(ctx, params)) as deltas:  # reconciled before the free
+                async for delta in deltas:
+                    yield StreamDelta(delta.token_ids, delta.text, delta.finish_reason, len(prompt_ids), fill.cached_tokens)
+        finally:
+            self.contexts.free_context(ctx)
+
+    async def _stream_in(self, ctx: Context, params: SamplingParams) -> AsyncIterator[Any]:
+        """Generate in `ctx` itself: the sampled tokens join the context (R4: reserve
+        `max_tokens`, then reconcile to what was produced, also when abandoned)."""
+        self.contexts.reserve_generate(ctx, params.max_tokens)
         produced = 0
         try:
-            fill = await self.engine.fill(ctx.context_id, None, prompt_ids)
-            self.contexts.record_fill(ctx, len(prompt_ids))
-            self.contexts.reserve_generate(ctx, params.max_tokens)
-            async for delta in self.engine.generate(ctx.context_id, None, params):
+            async for delta in self.engine.generate(ctx.context_id, ctx.parent_context_id, params):
                 produced += len(delta.token_ids)
-                yield StreamDelta(delta.token_ids, delta.text, delta.finish_reason, len(prompt_ids), fill.cached_tokens)
+                yield delta
         finally:
-            if ctx.reserved_tokens:
-                self.contexts.reconcile_generate(ctx, produced)
-            self.contexts.free_context(ctx)
+            self.contexts.reconcile_generate(ctx, produced)
 
     async def _generate_one(self, prompt_ids: list[int], params: SamplingParams) -> GenerateOutput:
-        ctx = self.contexts.new_context(ENGINE_ID)
-        try:
-            fill = await self.engine.fill(ctx.context_id, None, prompt_ids)
-            self.contexts.record_fill(ctx, len(prompt_ids))
-            out = await self._generate_in(ctx, params)
-            return GenerateOutput(out.text, out.token_ids, out.finish_reason, len(prompt_ids), fill.cached_tokens)
-        finally:
-            self.contexts.free_context(ctx)
+        return await _collect(self._stream_one(prompt_ids, params), len(prompt_ids))
 
     async def _generate_in(self, ctx: Context, params: SamplingParams) -> GenerateOutput:
-        """Generate in `ctx` itself: the sampled tokens join the context (R4: reserve, then
-        reconcile to what was produced)."""
-        self.contexts.reserve_generate(ctx, params.max_tokens)
-        ids: list[int] = []
-        pieces: list[str] = []
-        reason = "abort"
-        try:
-            async for delta in self.engine.generate(ctx.context_id, ctx.parent_context_id, params):
-                ids.extend(delta.token_ids)
-                pieces.append(delta.text)
-                reason = delta.finish_reason or reason
-        finally:
-            self.contexts.reconcile_generate(ctx, len(ids))
-        return GenerateOutput("".join(pieces), ids, reason, 0, 0)
+        return await _collect(self._stream_in(ctx, params), 0)
 
     # -- programs: semantic functions, native functions, variables -------------------------
     def submit_call(
@@ -376,6 +366,19 @@ class Runtime:
         self.engine.check_invariants()
         if serve_ids != engine_ids:
             raise InvariantError(f"serve contexts {sorted(serve_ids)} != engine contexts {sorted(engine_ids)}")
+
+
+async def _collect(stream: AsyncIterator[Any], prompt_tokens: int) -> GenerateOutput:
+    """Drain a stream of deltas into one output."""
+    ids: list[int] = []
+    pieces: list[str] = []
+    reason, cached = "abort", 0
+    async for delta in stream:
+        ids.extend(delta.token_ids)
+        pieces.append(delta.text)
+        reason = delta.finish_reason or reason
+        cached = getattr(delta, "cached_tokens", cached)
+    return GenerateOutput("".join(pieces), ids, reason, prompt_tokens, cached)
 
 
 def _sampling_params(max_tokens: int, sampling: dict[str, Any]) -> SamplingParams:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from parrot_core.contexts import Context, ContextTask, NodeSpec
 from parrot_core.engines.base import SamplingParams
-from parrot_core.errors import EngineError, ParrotError
+from parrot_core.errors import EngineError, InvalidRequestError, ParrotError
 from parrot_core.graph import CompletionChain, NativeFuncNode, PerfCriteria, PlaceholderGen
 
 if TYPE_CHECKING:
@@ -198,10 +198,20 @@ class ChainExecutor:
         self._retained.clear()
 
 
+DEFAULT_MAX_TOKENS = 128  # of an output that does not say
+
+
+def output_sampling(options: Mapping[str, Any]) -> SamplingParams:
+    """The sampling of an output from its options (`max_tokens` defaults to 128). Raises
+    `InvalidRequestError` for an unknown option or a bad value."""
+    try:
+        return SamplingParams(**{"max_tokens": DEFAULT_MAX_TOKENS, **options})
+    except TypeError as e:
+        raise InvalidRequestError(f"bad output options: {e}") from None
+
+
 def sampling_params(gen: PlaceholderGen) -> SamplingParams:
-    options = dict(gen.sampling)
-    options.setdefault("max_tokens", 128)
-    return SamplingParams(**options)
+    return output_sampling(gen.sampling)
 
 
 def _next_chain(chain: CompletionChain) -> CompletionChain | None:

@@ -25,7 +25,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from parrot_core.errors import ParrotError, UnknownSessionError
+from parrot_core.errors import InvalidRequestError
 from parrot_core.graph import Parameter, PerfCriteria, RequestMetadata
+from parrot_core.serve.executor import output_sampling
 from parrot_core.server.http_errors import ERROR_RESPONSES, APIError
 from parrot_core.server.openai_api import check_api_key, get_state
 
@@ -245,11 +247,7 @@ async def get_variable(
 
 
 def _check_sampling(p: ParameterSpec) -> None:
-    from parrot_core.engines.base import SamplingParams
-
-    options = dict(p.sampling_config or {})
-    options.setdefault("max_tokens", 128)
     try:
-        SamplingParams(**options)
-    except TypeError as e:
-        raise APIError(400, f"output {p.name!r}: bad sampling_config: {e}", param="sampling_config") from None
+        output_sampling(p.sampling_config or {})
+    except InvalidRequestError as e:
+        raise APIError(400, f"output {p.name!r}: {e}", param="sampling_config") from None
