@@ -28,6 +28,8 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
 import parrot_core as P  # noqa: E402
+import chain_summary  # noqa: E402
+import map_reduce  # noqa: E402
 from _texts import chunks  # noqa: E402
 from parrot_core.engines.builtin.config import EngineConfig  # noqa: E402
 from parrot_core.engines.builtin.default_model import default_model_path  # noqa: E402
@@ -36,20 +38,9 @@ from parrot_core.engines.builtin.gguf_loader import load_gguf  # noqa: E402
 from parrot_core.engines.builtin.model import LlamaModel  # noqa: E402
 from parrot_core.graph import Parameter, RequestMetadata  # noqa: E402
 
-MAP_TEMPLATE = """<|im_start|>system
-You summarize technical documentation in one sentence.<|im_end|>
-<|im_start|>user
-Summarize: {{text}}<|im_end|>
-<|im_start|>assistant
-{{summary}}"""
-REFINE_TEMPLATE = """<|im_start|>system
-You refine a running summary of technical documentation. Keep it to two sentences.<|im_end|>
-<|im_start|>user
-Current summary: {{previous}}
-New text: {{text}}
-Write the refined summary.<|im_end|>
-<|im_start|>assistant
-{{summary}}"""
+# The examples' prompts; every call here generates the same 32 greedy tokens (OUT).
+MAP_TEMPLATE = map_reduce.summarize.template
+REFINE_TEMPLATE = chain_summary.refine.template
 OUT = dict(max_tokens=32, temperature=0.0)
 
 
