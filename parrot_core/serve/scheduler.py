@@ -73,7 +73,6 @@ class GlobalScheduler:
         self.app_fifo = app_fifo
         self.engines: dict[Hashable, EngineSlot] = {}
         self.queue: list[SchedTask] = []
-        self.placements: list[tuple[int, Hashable]] = []  # (task seq, engine), in placement order
         self._pass_pending = False
 
     def add_engine(self, engine_id: Hashable, model_name: str, capacity_tokens: int) -> None:
@@ -213,7 +212,6 @@ class GlobalScheduler:
         slot.units[task.unit] = slot.units.get(task.unit, 0) + 1
         if task.criteria is PerfCriteria.LATENCY:
             slot.latency_units.add(task.unit)
-        self.placements.append((task.seq, slot.engine_id))
         assert task.placed is not None
         if not task.placed.done():
             task.placed.set_result(slot.engine_id)
