@@ -104,7 +104,7 @@ def run_parrot(rt: P.Runtime, program: str, parts: list[str], bar: tqdm) -> tupl
 
 def parrot_prompt_tokens(rt: P.Runtime) -> int:
     """What the calls' prompts add up to (each call's whole prompt, as a client would send it)."""
-    return sum(len(rt.tokenize(node.sv.get())) for r in rt.session.graph.requests.values() for c in r.chains for node in c.fills)
+    return rt.session.executor.prompt_tokens
 
 
 def run_one_by_one(rt: P.Runtime, program: str, parts: list[str], bar: tqdm) -> tuple[int, int]:

@@ -65,6 +65,14 @@ class ComputeGraph:
             if isinstance(node, FillNode) and node in node.sv.consumers:
                 node.sv.consumers.remove(node)
 
+    def remove_native(self, node: NativeFuncNode) -> None:
+        """Forget a finished native function's consumer links (its outputs keep their values)."""
+        if node in self.natives:
+            self.natives.remove(node)
+        for sv in node.inputs.values():
+            if node in sv.consumers:
+                sv.consumers.remove(node)
+
     def _link_request(self, request: RequestChain) -> None:
         for node in request.nodes:
             if isinstance(node, PlaceholderGen):

@@ -41,7 +41,7 @@ class Session:
         self.session_id = session_id
         self.namespace = Namespace(f"s{session_id}", clock=core.clock)
         self.graph = ComputeGraph()
-        self.executor = ChainExecutor(core, session_id)
+        self.executor = ChainExecutor(core, session_id, self._done)
         self.last_access = core.clock()
         self.pending_gets = 0
         self.closed = False
@@ -114,6 +114,13 @@ class Session:
             self.activate(sv, criteria)
         else:
             loop.call_soon_threadsafe(self.activate, sv, criteria)
+
+    def _done(self, item: CompletionChain | NativeFuncNode) -> None:
+        """Forget what finished, so a long-lived session's graph does not grow without end."""
+        if isinstance(item, NativeFuncNode):
+            self.graph.remove_native(item)
+        elif all(c.gen.sv.done for c in item.request.chains):
+            self.graph.remove_request(item.request)
 
     @property
     def busy(self) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from parrot_core.contexts import Context, ContextTask, NodeSpec
@@ -33,9 +33,11 @@ _task_ids = itertools.count()
 class ChainExecutor:
     """Runs the chains and native functions of one session on the core's event loop."""
 
-    def __init__(self, core: ServeCore, session_id: str) -> None:
+    def __init__(self, core: ServeCore, session_id: str, on_done: Callable[[CompletionChain | NativeFuncNode], None]) -> None:
         self.core = core
         self.session_id = session_id
+        self.on_done = on_done  # a chain or native node finished (its outputs are set or failed)
+        self.prompt_tokens = 0  # tokens of the Fills the chains sent (what one-by-one calls would send)
         self.tasks: set[asyncio.Task[None]] = set()
         self._retained: dict[int, tuple[Context, tuple]] = {}  # chain id -> (gen context, holder key)
 
@@ -75,6 +77,7 @@ class ChainExecutor:
                 log.exception("chain %s failed", chain.gen.sv.id)
                 e = EngineError(f"{type(e).__name__}: {e}")
             _fail(chain.gen.sv, e)
+        self.on_done(chain)
 
     async def _execute(self, chain: CompletionChain, texts: list[str], parent: Context | None, retained_key: Any) -> None:
         core, request = self.core, chain.request
@@ -82,6 +85,7 @@ class ChainExecutor:
         params = sampling_params(chain.gen)
         tokenizer = core.tokenizer_for(metadata.models)
         token_lists = [tokenizer.encode(t) for t in texts] + [[]]
+        self.prompt_tokens += sum(map(len, token_lists))
         nodes = [NodeSpec(n.sv.id, True, n.sv.is_constant_prefix) for n in chain.fills]
         nodes.append(NodeSpec(chain.gen.sv.id, is_fill=False))
         ctask = ContextTask(
@@ -191,6 +195,7 @@ class ChainExecutor:
         except BaseException as e:  # noqa: BLE001
             for sv in node.outputs.values():
                 _fail(sv, e)
+        self.on_done(node)
 
     def release_retained(self) -> None:
         for _, key in self._retained.values():

@@ -61,8 +61,9 @@ def test_a_dag_of_three_functions_flows_on_the_server_side(make_program_runtime)
         # the downstream call was filled with the upstream output's tokens, never sent back to us
         code_tokens = rt.tokenize(code.get())
         assert any(_contains(f[2], code_tokens) for f in engine.fills)
-        chains = [r.chains[0] for r in rt.session.graph.requests.values()]
-        assert sorted(c.depth for c in chains) == [1, 2, 3]
+        chains = [v.producer.chain for v in (code, tests, verdict)]
+        assert [c.depth for c in chains] == [1, 2, 3]
+        assert rt.session.graph.requests == {}  # finished requests leave the graph
         assert all(c.criteria is P.LATENCY for c in chains)
 
 
@@ -161,6 +162,7 @@ def test_native_function_runs_in_process_as_a_dag_node(make_program_runtime):
         verdict = review(loud)
         verdict.get(timeout=60)
         assert loud.get() == code.get().upper() + "!"
+        assert rt.session.graph.natives == []  # a finished native node leaves the graph
         with pytest.raises(ValueError, match="native failure"):
             review(broken("x")).get(timeout=30)
 
