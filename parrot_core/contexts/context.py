@@ -25,7 +25,9 @@ class Context:
     `ServeCoreContextManager` (rule R1); nobody else writes it.
 
     Ready state (rule R3): the first `claim()` returns True and that caller sends the Fill;
-    everyone else awaits `wait_ready()`, which raises `ContextFailedError` if the Fill failed.
+    everyone else awaits `wait_ready()`, which raises `ContextFailedError` if the Fill failed,
+    and returns False if the claimer gave up without a verdict (`unclaim()`): then the waiter
+    claims the context itself and fills it alone.
     """
 
     context_id: int
@@ -40,7 +42,7 @@ class Context:
     alive: bool = True
     children: set[int] = field(default_factory=set)
     _claimed: bool = False
-    _ready: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future, repr=False)
+    _ready: concurrent.futures.Future[bool] = field(default_factory=concurrent.futures.Future, repr=False)
 
     def __repr__(self) -> str:
         parent = self.parent_context.context_id if self.parent_context else None
@@ -53,10 +55,19 @@ class Context:
     def parent_context_id(self) -> int | None:
         return self.parent_context.context_id if self.parent_context else None
 
+    @property
+    def chain_tokens(self) -> int:
+        """Tokens of this context and all its ancestors: the length of its KV sequence."""
+        total, ctx = 0, self
+        while ctx is not None:
+            total += ctx.tokens_num
+            ctx = ctx.parent_context
+        return total
+
     # -- ready state (R3) ----------------------------------------------------------------
     def claim(self) -> bool:
         """True for the first caller only: that caller must fill the context and then call
-        `mark_ready()` or, through the manager, `fail_context()`."""
+        `mark_ready()`, `unclaim()` or, through the manager, `fail_context()`."""
         if self._claimed:
             return False
         self._claimed = True
@@ -68,7 +79,7 @@ class Context:
 
     @property
     def is_ready(self) -> bool:
-        return self._ready.done() and self._ready.exception() is None
+        return self._ready.done() and self._ready.exception() is None and self._ready.result()
 
     @property
     def is_failed(self) -> bool:
@@ -76,7 +87,17 @@ class Context:
 
     def mark_ready(self) -> None:
         if not self._ready.done():
-            self._ready.set_result(None)
+            self._ready.set_result(True)
+
+    def unclaim(self) -> None:
+        """The claimer gave up without a verdict (it was cancelled, or its fill ran together
+        with other contexts and failed): the context is not failed; the next task that needs
+        it claims it and fills it alone. Wakes the current waiters for that."""
+        if self._ready.done():
+            return
+        self._claimed = False
+        waiters, self._ready = self._ready, concurrent.futures.Future()
+        waiters.set_result(False)
 
     def _mark_failed(self, error: BaseException) -> None:
         if not self._ready.done():
@@ -84,8 +105,7 @@ class Context:
             failure.__cause__ = error
             self._ready.set_exception(failure)
 
-    async def wait_ready(self) -> None:
-        await asyncio.shield(asyncio.wrap_future(self._ready))
-
-    def wait_ready_sync(self, timeout: float | None = None) -> None:
-        self._ready.result(timeout)
+    async def wait_ready(self) -> bool:
+        """True once filled; False if the claimer gave up (claim it then); raises
+        `ContextFailedError` if the fill failed."""
+        return await asyncio.shield(asyncio.wrap_future(self._ready))

@@ -324,9 +324,10 @@ class ServeCoreContextManager:
 
     # -- tokens (R4) ---------------------------------------------------------------------
     def record_fill(self, ctx: Context, num_tokens: int) -> None:
+        """Count a fill's tokens (a negative count takes back a fill that was not done)."""
         self._require_live(ctx)
-        if num_tokens < 0:
-            raise InvalidRequestError(f"a fill cannot add {num_tokens} tokens")
+        if ctx.tokens_num - ctx.reserved_tokens + num_tokens < 0:
+            raise InvalidRequestError(f"a fill cannot take {-num_tokens} tokens from {ctx!r}")
         ctx.tokens_num += num_tokens
         self._engine_tokens[ctx.engine_id] += num_tokens
 

@@ -8,8 +8,15 @@ always frees children before parents.
 Primitives:
 - `fill(context_id, parent_context_id, token_ids)`: append tokens to the context and compute
   their KV. Returns once the KV is computed.
-- `generate(context_id, parent_context_id, params)`: sample tokens after the context's last
-  token, appending each sampled token to the same context; yields deltas as they come.
+- `generate(context_id, parent_context_id, params, prompt_token_ids=())`: append the prompt
+  tokens (if any) and sample after the context's last token, appending each sampled token to the
+  same context; yields deltas as they come. A plain request is one generate: its prompt is
+  computed and the first token sampled in the same step, with no window in which the request
+  holds KV while waiting. A separate `fill` is for what is filled once and shared.
+- Memory: an engine holds KV as a cache of each context's tokens. It may drop the KV of a
+  context that no request is running on and recompute it, exactly, when the context is next
+  used; so work that fits the engine alone always runs eventually, and only work that can
+  never fit is refused (`RequestTooLargeError`, with the numbers).
 - `free_context(context_id)`: drop the context; never blocks, never raises for an id the
   engine has already dropped (the serve layer's bookkeeping is the source of truth).
 - `runtime_info()`: a snapshot of load and cache figures for scheduling and metrics.
@@ -37,7 +44,7 @@ FINISH_ABORT = "abort"  # the caller went away
 class SamplingParams:
     """How to sample one generation. Validated on construction (typed error, clear message).
 
-    `temperature == 0` is greedy. `top_k <= 0` and `top_p == 1` disable those filters. `seed`
+    `temperature == 0` is greedy. `top_k` of -1 or 0 and `top_p == 1` disable those filters. `seed`
     makes a sampled generation reproducible independently of what else runs in the batch.
     Stop strings are matched on the detokenized output and are not included in it; stop token
     ids (and EOS unless `ignore_eos`) end the generation and are not included either.
@@ -63,8 +70,8 @@ class SamplingParams:
             raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
-            raise InvalidRequestError(f"top_k must be an integer (<= 0 disables it), got {self.top_k!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise InvalidRequestError(f"top_k must be an integer >= 1, or -1 or 0 to disable it, got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63):
             raise InvalidRequestError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -94,11 +101,13 @@ class FillResult:
 @dataclass(frozen=True)
 class GenerationDelta:
     """New token ids of one generation. The last delta has `finish_reason` set; `text` is the
-    detokenized text of these tokens (stop strings already cut)."""
+    detokenized text of these tokens (stop strings already cut). `cached_tokens`: of the prompt
+    tokens the generate carried, how many the prefix cache supplied."""
 
     token_ids: list[int]
     text: str = ""
     finish_reason: str | None = None
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -130,11 +139,16 @@ class Engine(Protocol):
     """What the serve layer needs from an engine. See the module docstring for the contract."""
 
     model_name: str
+    max_model_len: int  # the longest context (prompt + generated tokens) it runs
 
     async def fill(self, context_id: int, parent_context_id: int | None, token_ids: Sequence[int]) -> FillResult: ...
 
     def generate(
-        self, context_id: int, parent_context_id: int | None, params: SamplingParams
+        self,
+        context_id: int,
+        parent_context_id: int | None,
+        params: SamplingParams,
+        prompt_token_ids: Sequence[int] = (),
     ) -> AsyncIterator[GenerationDelta]: ...
 
     def free_context(self, context_id: int) -> None: ...

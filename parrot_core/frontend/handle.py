@@ -46,10 +46,7 @@ class ContextHandle:
         return self._rt._run(self._fill(prompt))
 
     async def _fill(self, prompt: Prompt) -> int:
-        ids = self._rt._to_ids(prompt)
-        result = await self._rt.engine.fill(self._ctx.context_id, self._ctx.parent_context_id, ids)
-        self._rt.contexts.record_fill(self._ctx, len(ids))
-        return result.cached_tokens
+        return await self._rt._fill_in(self._ctx, self._rt._to_ids(prompt))
 
     def fork(self) -> ContextHandle:
         """A child context that starts with everything this one holds now."""

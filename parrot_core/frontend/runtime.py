@@ -26,6 +26,7 @@ from parrot_core.errors import InvalidRequestError, RuntimeClosedError
 from parrot_core.graph import NativeFuncNode, Parameter, PerfCriteria, RequestMetadata, SemanticVariable
 from parrot_core.frontend.handle import ContextHandle
 from parrot_core.serve.core import ServeCore
+from parrot_core.serve.scheduler import SchedTask
 
 T = TypeVar("T")
 Prompt = str | Sequence[int]
@@ -253,24 +254,28 @@ class Runtime:
             producer.cancel()  # no-op if finished; otherwise aborts the engine request
 
     async def _stream_one(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamDelta]:
-        """A fresh context: fill the prompt, generate in it, free it (also when abandoned)."""
-        ctx = self.contexts.new_context(ENGINE_ID)
-        try:
-            fill = await self.engine.fill(ctx.context_id, None, prompt_ids)
-            self.contexts.record_fill(ctx, len(prompt_ids))
-            async with contextlib.aclosing(self._stream_in(ctx, params)) as deltas:  # reconciled before the free
-                async for delta in deltas:
-                    yield StreamDelta(delta.token_ids, delta.text, delta.finish_reason, len(prompt_ids), fill.cached_tokens)
-        finally:
-            self.contexts.free_context(ctx)
+        """A fresh context holding the prompt and its generation: one engine request (prefill
+        and first sample in one step), placed like all other work; freed at the end, also
+        when abandoned."""
+        work = SchedTask(None, [len(prompt_ids)], params.max_tokens, required_engine=ENGINE_ID)
+        async with self.core.scheduler.admit(work):
+            ctx = self.contexts.new_context(ENGINE_ID)
+            try:
+                self.contexts.record_fill(ctx, len(prompt_ids))
+                async with contextlib.aclosing(self._stream_in(ctx, params, prompt_ids)) as deltas:  # reconciled before the free
+                    async for delta in deltas:
+                        yield StreamDelta(delta.token_ids, delta.text, delta.finish_reason, len(prompt_ids), delta.cached_tokens)
+            finally:
+                self.contexts.free_context(ctx)
 
-    async def _stream_in(self, ctx: Context, params: SamplingParams) -> AsyncIterator[Any]:
-        """Generate in `ctx` itself: the sampled tokens join the context (R4: reserve
-        `max_tokens`, then reconcile to what was produced, also when abandoned)."""
+    async def _stream_in(self, ctx: Context, params: SamplingParams, prompt_ids: Sequence[int] = ()) -> AsyncIterator[Any]:
+        """Generate in `ctx` itself, after `prompt_ids` (already recorded): the sampled tokens
+        join the context (R4: reserve `max_tokens`, then reconcile to what was produced, also
+        when abandoned)."""
         self.contexts.reserve_generate(ctx, params.max_tokens)
         produced = 0
         try:
-            async for delta in self.engine.generate(ctx.context_id, ctx.parent_context_id, params):
+            async for delta in self.engine.generate(ctx.context_id, ctx.parent_context_id, params, prompt_ids):
                 produced += len(delta.token_ids)
                 yield delta
         finally:
@@ -280,7 +285,19 @@ class Runtime:
         return await _collect(self._stream_one(prompt_ids, params), len(prompt_ids))
 
     async def _generate_in(self, ctx: Context, params: SamplingParams) -> GenerateOutput:
-        return await _collect(self._stream_in(ctx, params), 0)
+        """Generate in a context held through the context API, placed like all other work."""
+        work = SchedTask(None, [0], params.max_tokens, required_engine=ctx.engine_id, prior_tokens=ctx.chain_tokens)
+        async with self.core.scheduler.admit(work):
+            return await _collect(self._stream_in(ctx, params), 0)
+
+    async def _fill_in(self, ctx: Context, prompt_ids: list[int]) -> int:
+        """Append tokens to a context held through the context API (placed like all other
+        work); returns how many came from the prefix cache."""
+        work = SchedTask(None, [len(prompt_ids)], 0, required_engine=ctx.engine_id, prior_tokens=ctx.chain_tokens)
+        async with self.core.scheduler.admit(work):
+            result = await self.engine.fill(ctx.context_id, ctx.parent_context_id, prompt_ids)
+            self.contexts.record_fill(ctx, len(prompt_ids))
+            return result.cached_tokens
 
     # -- programs: semantic functions, native functions, variables -------------------------
     def submit_call(
@@ -361,11 +378,12 @@ class Runtime:
         from parrot_core.errors import InvariantError
 
         self.contexts.check_invariants()
-        serve_ids = set(self.contexts.contexts)
-        engine_ids = self.engine.call(lambda: {c.context_id for c in self.engine.tree.contexts()})
-        self.engine.check_invariants()
-        if serve_ids != engine_ids:
-            raise InvariantError(f"serve contexts {sorted(serve_ids)} != engine contexts {sorted(engine_ids)}")
+        for engine_id, engine in self.core.engines.items():
+            serve_ids = {c.context_id for c in self.contexts.contexts.values() if c.engine_id == engine_id}
+            engine_ids = engine.call(lambda e=engine: {c.context_id for c in e.tree.contexts()})
+            engine.check_invariants()
+            if serve_ids != engine_ids:
+                raise InvariantError(f"engine {engine_id!r}: serve contexts {sorted(serve_ids)} != engine contexts {sorted(engine_ids)}")
 
 
 async def _collect(stream: AsyncIterator[Any], prompt_tokens: int) -> GenerateOutput:

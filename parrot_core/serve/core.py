@@ -170,7 +170,8 @@ class ServeCore:
         info = engine.runtime_info()
         self.engines[engine_id] = engine
         self.contexts.register_engine(engine_id, engine)
-        self.scheduler.add_engine(engine_id, engine.model_name, info.num_blocks_total * info.block_size)
+        capacity = info.num_blocks_total * info.block_size
+        self.scheduler.add_engine(engine_id, engine.model_name, capacity, getattr(engine, "max_model_len", None))
 
     def remove_engine(self, engine_id: Hashable) -> None:
         self.scheduler.remove_engine(engine_id)
@@ -190,7 +191,10 @@ class ServeCore:
         if parent is not None:  # a continuation must run where the previous output's KV is
             models = (self.engines[parent.engine_id].model_name,)
         required = parent.engine_id if parent is not None else None
-        return SchedTask(ctask, fill_tokens, max_tokens, criteria_of(chain), chain.depth or 1, chain.group, models, required)
+        prior = parent.chain_tokens if parent is not None else 0
+        return SchedTask(
+            ctask, fill_tokens, max_tokens, criteria_of(chain), chain.depth or 1, chain.group, models, required, prior
+        )
 
     # -- sessions ------------------------------------------------------------------------
     def create_session(self, session_id: str | None = None) -> Session:

@@ -39,6 +39,7 @@ class ChainExecutor:
         self.on_done = on_done  # a chain or native node finished (its outputs are set or failed)
         self.prompt_tokens = 0  # tokens of the Fills the chains sent (what one-by-one calls would send)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.executing = 0  # chains on an engine and native functions running now
         self._retained: dict[int, tuple[Context, tuple]] = {}  # chain id -> (gen context, holder key)
 
     def launch_chain(self, chain: CompletionChain) -> None:
@@ -54,7 +55,9 @@ class ChainExecutor:
 
     @property
     def busy(self) -> bool:
-        return any(not t.done() for t in self.tasks)
+        """Work is running now. Chains that wait to be fetched or for an input that may never
+        arrive do not count: a session holding only those may expire."""
+        return self.executing > 0
 
     # -- chains --------------------------------------------------------------------------
     async def _run_chain(self, chain: CompletionChain) -> None:
@@ -68,7 +71,11 @@ class ChainExecutor:
                 await chain.prev_chain.gen.sv.wait()
                 parent, retained_key = self._retained.pop(chain.prev_chain.chain_id)
             executing = True
-            await self._execute(chain, texts, parent, retained_key)
+            self.executing += 1
+            try:
+                await self._execute(chain, texts, parent, retained_key)
+            finally:
+                self.executing -= 1
         except asyncio.CancelledError:
             _fail(chain.gen.sv, ParrotError("the session was removed before this call finished"))
             raise
@@ -132,9 +139,9 @@ class ChainExecutor:
         while i < len(groups):
             ctx, _ = groups[i]
             if not ctx.claim():
-                await ctx.wait_ready()  # another task fills it (R3)
-                i += 1
-                continue
+                if await ctx.wait_ready():  # another task fills it (R3)
+                    i += 1
+                continue  # its filler gave up without a verdict: claim it now
             run = [groups[i]]
             i += 1
             # The new contexts that follow, each the child of the previous, are filled with the
@@ -159,7 +166,14 @@ class ChainExecutor:
 
     async def _fill_run(self, engine: Any, run: list[tuple[Context, list[int]]]) -> None:
         """Fill contexts c1 <- c2 <- ... <- ck (all claimed by this task): one fill of every
-        token into ck, then c1..ck-1 carved out of it as prefixes. Failure fails them all."""
+        token into ck, then c1..ck-1 carved out of it as prefixes.
+
+        Failure isolation (R3): a lone context whose fill failed is failed (its waiters get
+        the error; it leaves the prefix cache, so the next task makes a fresh one). When a run
+        of several fails, which of them caused it is unknown, and when this task is cancelled
+        (its session went away) none of them did: then the contexts not yet filled are handed
+        back unclaimed, so the next task that needs one fills it alone; only this task fails.
+        """
         core = self.core
         for ctx, tokens in run:
             core.contexts.record_fill(ctx, len(tokens))
@@ -167,16 +181,23 @@ class ChainExecutor:
         try:
             tokens = [t for _, toks in run for t in toks]
             await engine.fill(last.context_id, run[0][0].parent_context_id, tokens)
+            last.mark_ready()
             after = len(tokens)
             for ctx, toks in run[:-1]:
                 after -= len(toks)
                 await engine.split(ctx.context_id, last.context_id, after)
+                ctx.mark_ready()
         except BaseException as e:
-            for ctx, _ in run:
-                core.contexts.fail_context(ctx, e)
+            if len(run) == 1 and not isinstance(e, asyncio.CancelledError):
+                core.contexts.fail_context(last, e)
+                raise
+            if not last.is_ready:
+                engine.free_context(last.context_id)  # drop whatever the engine computed: refilled from scratch
+            for ctx, toks in run:
+                if not ctx.is_ready:
+                    core.contexts.record_fill(ctx, -len(toks))
+                    ctx.unclaim()
             raise
-        for ctx, _ in run:
-            ctx.mark_ready()
 
     # -- native functions ----------------------------------------------------------------
     async def _run_native(self, node: NativeFuncNode) -> None:
@@ -185,7 +206,11 @@ class ChainExecutor:
             for sv in node.inputs.values():
                 await sv.wait()
             kwargs = {**node.inputs, **node.outputs}
-            await asyncio.to_thread(node.func, **kwargs)
+            self.executing += 1
+            try:
+                await asyncio.to_thread(node.func, **kwargs)
+            finally:
+                self.executing -= 1
             for name, sv in node.outputs.items():
                 _fail(sv, ParrotError(f"native function {node.name!r} returned without setting output {name!r}"))
         except asyncio.CancelledError:

@@ -1,7 +1,17 @@
-"""The global scheduler: which engine runs each completion task.
+"""The global scheduler: which engine runs each piece of work.
 
-Event-driven: `place(task)` queues the task and awaits its placement; the queue is scanned
-when a task arrives and when one finishes, never in a busy loop.
+One path: every request (a program's completion chain, `Runtime.generate`, an OpenAI request,
+a fill or generate through the context API) is placed here, and holds its place until it
+finishes (`admit(...)` or `place` / `finish`). Event-driven: the queue is scanned when work
+arrives and when work finishes (the only events that change what it counts), never in a busy
+loop.
+
+What it counts: the tokens that placed, unfinished work adds to an engine (its prompt tokens
+not already cached there, plus `max_tokens`). KV that no running work needs (pinned constant
+prefixes, retained outputs, contexts held by callers) is a cache the engine evicts under
+pressure, so it is not counted: a task never waits for memory that only a cache holds. An
+engine with no placed work takes any task that fits it alone, so nothing that fits waits
+forever.
 
 Policy, for the task (or task group) at the head of the queue:
 - Order (app-FIFO): deeper chains first, so an application already under way finishes before
@@ -9,9 +19,8 @@ Policy, for the task (or task group) at the head of the queue:
 - A task group (all the producers feeding one consumer) is placed together, on one engine:
   its members arrive one by one, and once the group has an engine the rest follow it; the
   group counts as one unit against the latency cap.
-- An engine qualifies if it serves the model, has room for the tokens the task adds (its Fill
-  tokens not already cached there, each shared context counted once, plus `max_tokens`), and
-  keeps every LATENCY task on it within `latency_cap` tasks.
+- An engine qualifies if it serves the model, has room for the tokens the task adds (or has no
+  placed work at all), and keeps every LATENCY task on it within `latency_cap` tasks.
 - Among qualifying engines, the one holding the longest cached prefix wins (affinity beats
   any capacity tie-break); then LATENCY tasks go to the least loaded engine and THROUGHPUT
   tasks pack onto the busiest one that still has room.
@@ -20,8 +29,9 @@ Policy, for the task (or task group) at the head of the queue:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import Hashable
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass, field
 
 from parrot_core.contexts import ContextTask, ServeCoreContextManager
@@ -36,20 +46,20 @@ class EngineSlot:
     engine_id: Hashable
     model_name: str
     capacity_tokens: int
+    max_model_len: int
     # A unit is a task, or a whole task group (its members count as one against the cap).
     units: dict[tuple, int] = field(default_factory=dict)  # unit -> tasks of it placed here
     latency_units: set[tuple] = field(default_factory=set)
-    # Tokens promised to placed tasks until they finish. The context manager's load also
-    # counts them once they are filled, so a running task is counted twice: conservative.
-    pending_tokens: dict[int, int] = field(default_factory=dict)
+    pending_tokens: dict[int, int] = field(default_factory=dict)  # task seq -> tokens it adds until it finishes
 
 
 @dataclass(eq=False)
 class SchedTask:
-    """A completion chain waiting for an engine. `fill_tokens[i]` is the token count of the
-    i-th node of `context_task` (0 for the Gen)."""
+    """Work waiting for an engine. `fill_tokens[i]` is the token count of the i-th node of
+    `context_task` (0 for the Gen); work with no `context_task` (a plain generate) has no
+    prefix the serve layer caches, so nothing of it counts as cached."""
 
-    context_task: ContextTask
+    context_task: ContextTask | None
     fill_tokens: list[int]
     max_tokens: int
     criteria: PerfCriteria = PerfCriteria.THROUGHPUT
@@ -57,6 +67,7 @@ class SchedTask:
     group: TaskGroup | None = None
     models: tuple[str, ...] = ()
     required_engine: Hashable | None = None  # a continuation runs where its parent context is
+    prior_tokens: int = 0  # tokens the work's context already holds (a continuation, a handle)
     seq: int = field(default_factory=itertools.count().__next__)
     placed: asyncio.Future[Hashable] | None = None
     engine_id: Hashable | None = None
@@ -75,21 +86,41 @@ class GlobalScheduler:
         self.queue: list[SchedTask] = []
         self._pass_pending = False
 
-    def add_engine(self, engine_id: Hashable, model_name: str, capacity_tokens: int) -> None:
-        self.engines[engine_id] = EngineSlot(engine_id, model_name, capacity_tokens)
+    def add_engine(self, engine_id: Hashable, model_name: str, capacity_tokens: int, max_model_len: int | None = None) -> None:
+        """`capacity_tokens`: the KV slots of the engine's pool; `max_model_len`: the longest
+        sequence it runs (default: no limit beyond the pool)."""
+        self.engines[engine_id] = EngineSlot(engine_id, model_name, capacity_tokens, max_model_len or capacity_tokens)
         self._schedule()
 
     def remove_engine(self, engine_id: Hashable) -> None:
         self.engines.pop(engine_id, None)
 
+    @contextlib.asynccontextmanager
+    async def admit(self, task: SchedTask) -> AsyncIterator[Hashable]:
+        """Place `task` and hold its place while the block runs: `async with
+        scheduler.admit(task) as engine_id: ...`. Leaving the block (also by an error or a
+        cancellation) finishes the task, which may let queued work in."""
+        engine_id = await self.place(task)
+        try:
+            yield engine_id
+        finally:
+            self.finish(task)
+
     async def place(self, task: SchedTask) -> Hashable:
-        """Queue `task`; returns the engine it was placed on."""
+        """Queue `task`; returns the engine it was placed on. Raises a typed error at once for
+        work that no engine could ever take (unknown model, too long for every engine)."""
         if task.models and not any(e.model_name in task.models for e in self.engines.values()):
             raise InvalidRequestError(f"no engine serves any of the models {list(task.models)}")
-        biggest = max((e.capacity_tokens for e in self.engines.values()), default=0)
-        if sum(task.fill_tokens) + task.max_tokens > biggest:
+        fitting = [e for e in self.engines.values() if not task.models or e.model_name in task.models]
+        needed = sum(task.fill_tokens) + task.prior_tokens + task.max_tokens
+        biggest = max((e.capacity_tokens for e in fitting), default=0)
+        if needed > biggest:
+            raise RequestTooLargeError(f"the call needs {needed} tokens of KV cache; the largest engine holds {biggest}")
+        longest = max((e.max_model_len for e in fitting), default=0)
+        if needed > longest:
             raise RequestTooLargeError(
-                f"the call needs {sum(task.fill_tokens) + task.max_tokens} tokens; the largest engine holds {biggest}"
+                f"This model's maximum context length is {longest} tokens. However, you requested {needed} tokens"
+                f" ({needed - task.max_tokens} in the prompt, {task.max_tokens} to generate)."
             )
         task.placed = asyncio.get_running_loop().create_future()
         self.queue.append(task)
@@ -179,7 +210,7 @@ class GlobalScheduler:
         if any(t.required_engine is not None and t.required_engine != slot.engine_id for t in group):
             return False
         needed = sum(self._new_tokens(t, c) for t, c in zip(group, cached_here))
-        if self._load(slot) + needed > slot.capacity_tokens:
+        if slot.pending_tokens and self._load(slot) + needed > slot.capacity_tokens:
             return False
         unit = group[0].unit
         if unit in slot.units:
@@ -191,11 +222,14 @@ class GlobalScheduler:
             return False  # a LATENCY task (here or arriving) keeps its engine lightly loaded
         return True
 
-    def _load(self, slot: EngineSlot) -> int:
-        return self.contexts.engine_load(slot.engine_id) + sum(slot.pending_tokens.values())
+    @staticmethod
+    def _load(slot: EngineSlot) -> int:
+        return sum(slot.pending_tokens.values())
 
     def _cached_by_engine(self, task: SchedTask) -> dict[Hashable, int]:
         """One prefix-cache query (it covers every engine) per task and decision."""
+        if task.context_task is None:
+            return dict.fromkeys(self.engines, 0)
         return {
             m.engine_id: sum(task.fill_tokens[: m.nodes]) for m in self.contexts.query_prefixes_in_engines(task.context_task)
         }

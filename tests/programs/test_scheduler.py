@@ -64,9 +64,47 @@ def test_prefix_affinity_beats_the_capacity_tie_break():
         t = task(100 + (criteria is LAT), criteria, prefix="sys", fill=500)
         assert asyncio.run(sched.place(t)) == "e0"
         sched.finish(t)
-    # without the prefix, a latency task goes to the emptier engine
+    # without the prefix, a latency task goes to the engine with less placed work
+    busy = task(300, prefix="other")
+    busy.required_engine = "e0"
+    assert asyncio.run(sched.place(busy)) == "e0"
     t = task(200, LAT, prefix="other")
     assert asyncio.run(sched.place(t)) == "e1"
+
+
+def test_cached_kv_never_makes_work_wait():
+    """Issue 9 defect 1: pinned constant prefixes, retained outputs and held contexts are a
+    cache the engine evicts, so they never count against placement (before: a task waited
+    forever for pins that expire after 600 s, and nothing woke it)."""
+    mgr, sched = make(engines=("e0",), capacity=600)
+    held = ContextTask("holder", "e0", [NodeSpec("global:c:sys", is_constant_prefix=True), NodeSpec("s:v:x", is_fill=False)])
+    ctxs = mgr.set_task_contexts(held)
+    mgr.record_fill(ctxs[0], 500)
+    mgr.free_task_contexts(held)  # the system prompt stays pinned: 500 tokens of cache
+    handle = mgr.new_context("e0")
+    mgr.record_fill(handle, 90)
+    assert mgr.engine_load("e0") == 590
+    t = task(1, prefix="other", fill=300, max_tokens=50)
+    assert asyncio.run(asyncio.wait_for(sched.place(t), 5)) == "e0"
+
+
+def test_an_idle_engine_takes_any_task_that_fits_it_alone():
+    _, sched = make(engines=("e0",), capacity=150)
+    with pytest.raises(Exception, match="largest engine holds 150"):
+        asyncio.run(sched.place(task(1, fill=150, max_tokens=1)))
+    assert asyncio.run(asyncio.wait_for(sched.place(task(2, fill=140, max_tokens=10)), 5)) == "e0"
+
+
+def test_work_longer_than_the_model_is_refused_at_placement():
+    from parrot_core.errors import RequestTooLargeError
+
+    mgr = ServeCoreContextManager()
+    sched = GlobalScheduler(mgr)
+    mgr.register_engine("e0")
+    sched.add_engine("e0", "model", 10_000, max_model_len=256)
+    with pytest.raises(RequestTooLargeError, match="maximum context length is 256 tokens"):
+        asyncio.run(sched.place(task(1, fill=250, max_tokens=10)))
+    assert sched.queue == []
 
 
 def test_app_fifo_runs_deeper_chains_first():

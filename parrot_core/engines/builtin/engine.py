@@ -74,8 +74,7 @@ class BuiltinEngine:
         self._last_used: dict[int, int] = {}  # context id -> step it was last used (idle eviction)
         self._ids = itertools.count()
         self._step_no = 0
-        self._stalled_steps = 0
-        self.stats = {"prompt_tokens_computed": 0, "generation_tokens": 0, "steps": 0, "forward_seconds": 0.0}
+        self.stats = {"prompt_tokens_computed": 0, "generation_tokens": 0, "steps": 0, "forward_seconds": 0.0, "evicted_blocks": 0}
 
         self._commands: list[Callable[[], None]] = []
         self._wakeup = threading.Condition()
@@ -101,9 +100,14 @@ class BuiltinEngine:
         return await asyncio.wrap_future(future)
 
     async def generate(
-        self, context_id: int, parent_context_id: int | None, params: SamplingParams
+        self,
+        context_id: int,
+        parent_context_id: int | None,
+        params: SamplingParams,
+        prompt_token_ids: Sequence[int] = (),
     ) -> AsyncIterator[GenerationDelta]:
         loop = asyncio.get_running_loop()
+        prompt = list(prompt_token_ids)
         queue: asyncio.Queue[object] = asyncio.Queue()
         holder: dict[str, EngineRequest] = {}
 
@@ -114,7 +118,7 @@ class BuiltinEngine:
                 pass
 
         def start() -> None:
-            req = self._start(Kind.GENERATE, context_id, parent_context_id, [], params, emit)
+            req = self._start(Kind.GENERATE, context_id, parent_context_id, prompt, params, emit)
             if req is not None:
                 holder["req"] = req
 
@@ -175,7 +179,11 @@ class BuiltinEngine:
             prompt_tokens_computed=self.stats["prompt_tokens_computed"],
             generation_tokens=self.stats["generation_tokens"],
             num_preemptions=self.scheduler.num_preemptions,
-            extra={"steps": self.stats["steps"], "forward_seconds": self.stats["forward_seconds"]},
+            extra={
+                "steps": self.stats["steps"],
+                "forward_seconds": self.stats["forward_seconds"],
+                "evicted_blocks": self.stats["evicted_blocks"],
+            },
         )
 
     # -- helpers for the runtime and tests -------------------------------------------------
@@ -234,21 +242,30 @@ class BuiltinEngine:
             with self._wakeup:
                 while not self._commands and not self.scheduler.has_work and not self._closed:
                     self._wakeup.wait()
-                if self._closed:
-                    break
                 commands, self._commands = self._commands, []
-            for command in commands:
-                try:
-                    command()
-                except Exception:  # a command reports to its own caller; never kill the loop
-                    log.exception("engine command failed")
+            self._run_commands(commands)
+            if self._closed:
+                break
             if self.scheduler.has_work:
                 try:
                     self._step()
                 except Exception:  # a bug in one step must not take the engine down
                     log.exception("engine step crashed; failing its requests")
                     self._fail_all(EngineError("internal engine error (see the server log)"))
+        # Closed: `_post` takes no more commands. Those already queued still run (each answers
+        # its caller), then every request still queued or running fails: nobody is left waiting.
+        with self._wakeup:
+            commands, self._commands = self._commands, []
+        self._run_commands(commands)
         self._fail_all(RuntimeClosedError("the engine was closed"))
+
+    @staticmethod
+    def _run_commands(commands: list[Callable[[], None]]) -> None:
+        for command in commands:
+            try:
+                command()
+            except Exception:  # a command reports to its own caller; never kill the loop
+                log.exception("engine command failed")
 
     def _start(
         self,
@@ -270,7 +287,7 @@ class BuiltinEngine:
             return None
         self.tree.append_tokens(ctx, tokens)
         if kind is Kind.GENERATE and ctx.last_hidden is None and ctx.num_computed == len(ctx.token_ids):
-            self.tree.uncompute_last(ctx)  # a carved-out prefix keeps no hidden state: recompute one token
+            self.tree.uncompute_last(ctx)  # no hidden state kept (a carved-out prefix): recompute one token
         req = EngineRequest(next(self._ids), kind, ctx, emit, params=params, new_tokens=len(tokens), generator=generator)
         if kind is Kind.GENERATE:
             req.detokenizer = self.tokenizer.detokenizer() if self.tokenizer is not None else None
@@ -327,13 +344,18 @@ class BuiltinEngine:
         self._finish(req, FINISH_ABORT)
 
     def _evict_idle(self, blocks_needed: int) -> int:
-        """Release contexts no request uses, least recently used first, until `blocks_needed`
-        blocks are available. Their tokens stay; they are recomputed on their next use."""
-        idle = [cid for cid in self._last_used if cid not in self._active and self.tree.get(cid).blocks]
-        for cid in sorted(idle, key=self._last_used.__getitem__):
+        """Drop the KV of contexts that no running request works on (held, waiting or done),
+        least recently used first, until `blocks_needed` blocks are available. Their tokens
+        stay; they are recomputed (mostly re-hit in the prefix cache) on their next use.
+        Returns the blocks available."""
+        running = self.scheduler.running_context_ids()
+        idle = [c for c in self.tree.contexts() if c.blocks and c.context_id not in running]
+        for ctx in sorted(idle, key=lambda c: self._last_used.get(c.context_id, -1)):
             if self.pool.num_available >= blocks_needed:
                 break
-            self.tree.release(self.tree.get(cid))
+            before = self.pool.num_available
+            self.tree.release(ctx)
+            self.stats["evicted_blocks"] += self.pool.num_available - before
         return self.pool.num_available
 
     # -- one step ------------------------------------------------------------------------
@@ -342,16 +364,16 @@ class BuiltinEngine:
         self.stats["steps"] += 1
         plan = self.scheduler.schedule()
         for req in plan.preempted:
-            log.warning("request %d preempted (KV blocks exhausted); it will be recomputed", req.request_id)
+            log.debug("request %d preempted (KV blocks exhausted); it will be recomputed", req.request_id)
         if plan.empty:
-            self._stalled_steps += 1
-            if self._stalled_steps > 100 and self.scheduler.waiting:  # no progress is possible
-                req = self.scheduler.waiting[0]
-                self.scheduler.remove(req)
-                self._fail(req, OutOfBlocksError("the KV pool cannot hold this request together with what must stay"))
-            time.sleep(0.001)
+            # Unreachable by the scheduler's contract (the earliest request always progresses);
+            # if it happens anyway, fail the head of the line loudly rather than spin.
+            req = (self.scheduler.running or list(self.scheduler.waiting))[0]
+            self.scheduler.remove(req)
+            self.tree.release(req.context)
+            log.error("engine made no progress; failing request %d", req.request_id)
+            self._fail(req, OutOfBlocksError(f"no progress possible for request {req.request_id} ({self.pool.num_available} blocks available)"))
             return
-        self._stalled_steps = 0
         try:
             hidden = self._forward(plan.compute) if plan.compute else None
             ready: list[tuple[EngineRequest, torch.Tensor]] = []
@@ -408,6 +430,7 @@ class BuiltinEngine:
         params = req.params
         assert params is not None
         if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
+            self._flush_text(req)  # the end token is not output, but bytes held back are
             self._finish(req, FINISH_STOP)
             return
         req.output_ids.append(token)
@@ -418,18 +441,21 @@ class BuiltinEngine:
         if params.stop and self._cut_at_stop(req):
             self._finish(req, FINISH_STOP, token_ids=[token])
         elif len(req.output_ids) >= params.max_tokens:
-            if req.detokenizer is not None:
-                req.text += req.detokenizer.flush()
-            if params.stop and self._cut_at_stop(req):
-                self._finish(req, FINISH_STOP, token_ids=[token])
-            else:
-                self._finish(req, FINISH_LENGTH, token_ids=[token])
+            stopped = self._flush_text(req)
+            self._finish(req, FINISH_STOP if stopped else FINISH_LENGTH, token_ids=[token])
         else:
             hold = max((len(s) - 1 for s in params.stop), default=0)  # a stop string may be starting
             safe = max(req.sent_chars, len(req.text) - hold)
             piece = req.text[req.sent_chars : safe]
             req.sent_chars = safe
-            _emit(req, GenerationDelta([token], piece))
+            _emit(req, GenerationDelta([token], piece, cached_tokens=req.cached_tokens))
+
+    def _flush_text(self, req: EngineRequest) -> bool:
+        """The generation ends: add what the detokenizer held back (a multi-byte character
+        in progress). Returns True if a stop string then cut the text."""
+        if req.detokenizer is not None:
+            req.text += req.detokenizer.flush()
+        return bool(req.params and req.params.stop) and self._cut_at_stop(req)
 
     @staticmethod
     def _cut_at_stop(req: EngineRequest) -> bool:
@@ -450,7 +476,7 @@ class BuiltinEngine:
             return
         piece = req.text[req.sent_chars :]
         req.sent_chars = len(req.text)
-        _emit(req, GenerationDelta(token_ids or [], piece, reason))
+        _emit(req, GenerationDelta(token_ids or [], piece, reason, req.cached_tokens))
 
     def _fail(self, req: EngineRequest, error: BaseException) -> None:
         self._active.pop(req.context.context_id, None)

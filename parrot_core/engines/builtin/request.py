@@ -38,8 +38,7 @@ class EngineRequest:
     detokenizer: IncrementalDetokenizer | None = None
     new_tokens: int = 0  # tokens this request asked to append (Fill)
     cached_tokens: int = 0  # of the uncomputed tokens, how many the prefix cache supplied
-    admitted: bool = False  # prefix-cache lookup done; holds blocks while running
-    num_admissions: int = 0  # > 1 after a preemption
+    num_admissions: int = 0  # > 1 after a preemption (then its recompute is not a cache hit)
     slots: list[int] = field(default_factory=list)  # KV slots of this step's tokens
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # detokenized output, stop strings not yet cut

@@ -1,22 +1,32 @@
 """Continuous batching: which requests compute how many tokens in the next step.
 
-Policy (one step):
-1. Running requests in admission order, each up to its uncomputed tokens (a decode needs 1,
-   a prefill continues with a chunk), within `max_num_batched_tokens`.
-2. Then waiting requests, first come first served, while fewer than `max_num_seqs` run. On
-   admission a request takes what the prefix cache holds for it. A request whose next block is
-   being computed right now by another running request waits a step and then hits it instead
-   of computing it again (in-batch prefix sharing).
-3. When blocks run out, the newest running request is preempted: its blocks go back and its
-   tokens are recomputed later (the prefix cache usually gives most of them back). If nothing
-   is left to preempt, `evict_idle` may release contexts no request is using.
+KV is a cache of tokens: only the contexts that running requests work on must keep their
+blocks. The blocks of every other context (held by a caller, waiting, finished but not freed)
+can be dropped by `evict_idle` and recomputed, exactly, when the context is next used.
 
-A request that can never fit (more blocks than the pool has) is refused at submission by the
-engine, so a lone running request always eventually gets its blocks.
+Policy (one step):
+1. Running requests in arrival order, each up to its uncomputed tokens (a decode needs 1, a
+   prefill continues with a chunk), within `max_num_batched_tokens`.
+2. Then, unless this step preempted someone, waiting requests in arrival order while fewer
+   than `max_num_seqs` run. On admission a request takes what the prefix cache holds for it.
+   A request whose next block another running request is computing right now waits a step
+   and then hits it instead of computing it again (in-batch prefix sharing). A request that
+   cannot get its blocks gives back what it took and stays at the head of the line; admission
+   never preempts a running request.
+3. When a running request needs blocks and none are free: first evict idle contexts (least
+   recently used first), then preempt the latest-arrived running request that arrived after
+   it and is not yet scheduled in this step; if there is none, the request preempts itself.
+   A preempted request gives back its blocks and returns to the waiting line in arrival order
+   (its tokens are recomputed, mostly re-hit in the prefix cache).
+
+So the earliest-arrived request is never preempted by a later one: it always progresses, and
+since the engine refuses at submission what can never fit the pool alone, every accepted
+request eventually runs.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,13 +64,13 @@ class Scheduler:
         self.tree = tree
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.evict_idle = evict_idle  # release idle contexts until n blocks are available
-        self.waiting: deque[EngineRequest] = deque()
+        self.evict_idle = evict_idle  # drop idle contexts' KV until n blocks are available; returns how many are
+        self.waiting: deque[EngineRequest] = deque()  # arrival (request id) order
         self.running: list[EngineRequest] = []
         self.num_preemptions = 0
 
     def add(self, request: EngineRequest) -> None:
-        self.waiting.append(request)
+        self._enqueue(request)
 
     def remove(self, request: EngineRequest) -> None:
         if request in self.running:
@@ -72,10 +82,14 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def running_context_ids(self) -> set[int]:
+        return {r.context.context_id for r in self.running}
+
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         budget = self.max_num_batched_tokens
         scheduled: set[int] = set()
+        self.running.sort(key=lambda r: r.request_id)
         i = 0
         while i < len(self.running):
             req = self.running[i]
@@ -88,7 +102,8 @@ class Scheduler:
                 break
             n = min(req.num_uncomputed, budget)
             if not self._allocate(req, n, plan, scheduled):
-                continue  # `req` itself was preempted; the list shifted under i
+                self._preempt(req, plan)
+                continue  # the list shifted under i
             plan.compute.append((req, n))
             scheduled.add(id(req))
             budget -= n
@@ -98,55 +113,63 @@ class Scheduler:
         deferred: list[EngineRequest] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not plan.preempted:
             req = self.waiting.popleft()
-            if not req.admitted:
-                if self._next_block_hash(req.context) in inflight:
-                    deferred.append(req)  # another request is computing this block right now
-                    continue
-                hits = self.tree.match_prefix(req.context)
-                if req.num_admissions == 0:  # a recompute after preemption is not a cache hit
-                    req.cached_tokens = hits
-                req.num_admissions += 1
-                req.admitted = True
+            if self._next_block_hash(req.context) in inflight:
+                deferred.append(req)  # another request is computing this block right now
+                continue
+            hits = self.tree.match_prefix(req.context)
+            if req.num_admissions == 0:  # a recompute after preemption is not a cache hit
+                req.cached_tokens = hits
             self.running.append(req)
             if req.num_uncomputed == 0:
+                req.num_admissions += 1
                 plan.sample_only.append(req)
                 scheduled.add(id(req))
                 continue
             n = min(req.num_uncomputed, budget)
-            if not self._allocate(req, n, plan, scheduled):
+            if not self._allocate(req, n, plan, scheduled, may_preempt=False):
+                self.running.remove(req)
+                self.tree.release(req.context)  # give back what the lookup took; stay first in line
+                self.waiting.appendleft(req)
                 break
+            req.num_admissions += 1
             plan.compute.append((req, n))
             scheduled.add(id(req))
             budget -= n
             inflight.update(self._future_block_hashes(req.context))
-        self.waiting.extendleft(reversed(deferred))
+        for req in deferred:
+            self._enqueue(req)
         return plan
 
-    def _allocate(self, req: EngineRequest, n: int, plan: StepPlan, scheduled: set[int]) -> bool:
-        """Get slots for `req`, preempting newer running requests that are not in this step.
-        Returns False if `req` had to be preempted itself."""
+    def _allocate(self, req: EngineRequest, n: int, plan: StepPlan, scheduled: set[int], may_preempt: bool = True) -> bool:
+        """Get slots for `req`: evicting idle contexts first, then (if `may_preempt`)
+        preempting later-arrived running requests not yet scheduled in this step. Returns
+        False if there is still no room (nothing changed for `req`)."""
         while True:
             try:
                 req.slots = self.tree.allocate_slots(req.context, n)
                 return True
             except OutOfBlocksError:
-                victims = [r for r in self.running if id(r) not in scheduled and r is not req]
-                if victims:
-                    self._preempt(victims[-1], plan)
-                    continue
                 needed = self.tree.blocks_needed(req.context, n)
                 if self.evict_idle is not None and self.evict_idle(needed) >= needed:
                     continue
-                self._preempt(req, plan)
-                return False
+                victims = [
+                    r for r in self.running if id(r) not in scheduled and r is not req and r.request_id > req.request_id
+                ]
+                if not may_preempt or not victims:
+                    return False
+                self._preempt(max(victims, key=lambda r: r.request_id), plan)
 
     def _preempt(self, req: EngineRequest, plan: StepPlan) -> None:
         self.running.remove(req)
         self.tree.release(req.context)
-        req.admitted = False
-        self.waiting.appendleft(req)
+        self._enqueue(req)
         plan.preempted.append(req)
         self.num_preemptions += 1
+
+    def _enqueue(self, req: EngineRequest) -> None:
+        """Into the waiting line at its arrival position."""
+        ids = [r.request_id for r in self.waiting]
+        self.waiting.insert(bisect.bisect(ids, req.request_id), req)
 
     # -- in-batch prefix sharing ---------------------------------------------------------
     def _inflight_block_hashes(self) -> set[int]:
