@@ -236,7 +236,9 @@ def test_cycle_detection_walks_a_chain_of_5000_calls_without_recursion():
     with pytest.raises(GraphCycleError):  # the cycle closes 5000 hops downstream
         p.graph.insert(closing)
     assert head.producer is None and tail.consumers == []
-    source = parse_request("make {{h}}", [Parameter("h", is_output=True, var_id=head.id)], session=p.session, constants=p.constants)
+    source = parse_request(
+        "make {{h}}", [Parameter("h", is_output=True, var_id=head.id)], session=p.session, constants=p.constants
+    )
     p.graph.insert(source)  # walks the same 5000 hops and finds no cycle
     p.graph.activate(tail)
     assert [r.chains[0].depth for r in [source, *calls]] == list(range(1, n + 2))
