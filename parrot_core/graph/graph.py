@@ -10,6 +10,9 @@ backwards, everything the producer needs, with the fetcher's criteria (LATENCY o
 THROUGHPUT: a later LATENCY fetch upgrades chains first activated for THROUGHPUT). Depth is
 the longest path from a source, 1-based. The chains that feed one consumer chain form a
 `TaskGroup` (the map stage of a map-reduce), which the scheduler places together.
+
+Every walk (activation, cycle detection) is iterative, with an explicit stack: a program of any
+depth works, whatever Python's recursion limit.
 """
 
 from __future__ import annotations
@@ -129,23 +132,30 @@ class ComputeGraph:
                 yield consumer.chain if isinstance(consumer, FillNode) else consumer
 
     def _check_acyclic(self, start: list[Producer]) -> None:
-        on_stack: set[int] = set()
+        """Raise `GraphCycleError` if a path downstream of `start` comes back to an item on it.
+
+        An iterative depth-first walk (an explicit stack of downstream iterators), so the
+        depth of the graph is not bounded by Python's recursion limit.
+        """
+        on_path: set[int] = set()
         finished: set[int] = set()
-
-        def visit(item: Producer) -> None:
-            key = id(item)
-            if key in finished:
-                return
-            if key in on_stack:
-                raise GraphCycleError("this call would make the variable graph cyclic (an output feeds its own inputs)")
-            on_stack.add(key)
-            for nxt in self.downstream(item):
-                visit(nxt)
-            on_stack.discard(key)
-            finished.add(key)
-
-        for item in start:
-            visit(item)
+        for root in start:
+            if id(root) in finished:
+                continue
+            on_path.add(id(root))
+            stack: list[tuple[Producer, Iterator[Producer]]] = [(root, self.downstream(root))]
+            while stack:
+                item, successors = stack[-1]
+                nxt = next(successors, None)
+                if nxt is None:
+                    stack.pop()
+                    on_path.discard(id(item))
+                    finished.add(id(item))
+                elif id(nxt) in on_path:
+                    raise GraphCycleError("this call would make the variable graph cyclic (an output feeds its own inputs)")
+                elif id(nxt) not in finished:
+                    on_path.add(id(nxt))
+                    stack.append((nxt, self.downstream(nxt)))
 
     # -- activation ----------------------------------------------------------------------
     def activate(self, sv: SemanticVariable, criteria: PerfCriteria | None = None) -> None:
@@ -154,24 +164,55 @@ class ComputeGraph:
         if producer is not None:
             self._activate(producer, criteria or PerfCriteria.THROUGHPUT)
 
-    def _activate(self, item: Producer, criteria: PerfCriteria) -> int:
-        if item.activated.done() and _rank(item.criteria) >= _rank(criteria):
-            return item.depth
-        item.criteria = criteria
-        ups = list(self.upstream(item))
-        depth = 1 + max((self._activate(up, criteria) for up in ups), default=0)
-        item.depth = max(item.depth, depth)
-        if isinstance(item, CompletionChain):
-            feeders = [up for up in ups if isinstance(up, CompletionChain) and up is not item.prev_chain]
-            if len(feeders) > 1:
-                group = TaskGroup(consumer=item)
-                for member in feeders:
-                    if member.group is None:
-                        member.group = group
-                        group.members.append(member)
-        if not item.activated.done():
-            item.activated.set_result(criteria)
-        return item.depth
+    def _activate(self, root: Producer, criteria: PerfCriteria) -> None:
+        """Activate `root` and, first, every upstream item not yet activated with `criteria`
+        or stronger (those are settled: their depth and criteria stand).
+
+        Post-order over the upstream DAG with an explicit stack, so any depth works: an item
+        is finished once all its upstream items are, which gives its depth (1 + the deepest
+        upstream item) and, for a chain fed by several chains, its task group.
+        """
+        if _settled(root, criteria):
+            return
+        root.criteria = criteria
+        ups = _unique(self.upstream(root))
+        stack: list[tuple[Producer, list[Producer], Iterator[Producer]]] = [(root, ups, iter(ups))]
+        while stack:
+            item, ups, pending = stack[-1]
+            up = next(pending, None)
+            if up is not None:
+                if not _settled(up, criteria):
+                    up.criteria = criteria
+                    up_ups = _unique(self.upstream(up))
+                    stack.append((up, up_ups, iter(up_ups)))
+                continue
+            stack.pop()
+            _finish(item, ups, criteria)
+
+
+def _settled(item: Producer, criteria: PerfCriteria) -> bool:
+    return item.activated.done() and _rank(item.criteria) >= _rank(criteria)
+
+
+def _unique(items: Iterator[Producer]) -> list[Producer]:
+    """`items` in order, each once (a call may read one variable twice, or two outputs of one
+    native function): a chain that reads one chain's output twice is fed by one chain, not two."""
+    return list({id(item): item for item in items}.values())
+
+
+def _finish(item: Producer, ups: list[Producer], criteria: PerfCriteria) -> None:
+    """Set `item`'s depth, task group and activation once every item in `ups` is finished."""
+    item.depth = max(item.depth, 1 + max((up.depth for up in ups), default=0))
+    if isinstance(item, CompletionChain):
+        feeders = [up for up in ups if isinstance(up, CompletionChain) and up is not item.prev_chain]
+        if len(feeders) > 1:
+            group = TaskGroup(consumer=item)
+            for member in feeders:
+                if member.group is None:
+                    member.group = group
+                    group.members.append(member)
+    if not item.activated.done():
+        item.activated.set_result(criteria)
 
 
 def _producer_of(sv: SemanticVariable) -> Producer | None:

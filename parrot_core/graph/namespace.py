@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, MutableMapping
 
 from parrot_core.errors import InvalidRequestError, UnknownVariableError
 from parrot_core.graph.variable import SemanticVariable
@@ -29,18 +30,25 @@ def content_key(text: str) -> str:
 class Namespace:
     """The variables of one scope (the global constant-prefix scope or one session).
 
-    Owns its variables: `remove` forgets one; dropping the namespace drops them all. Tracks the
-    last access time of each variable (for idle expiry of global constant prefixes) with an
-    injectable clock.
+    By default the namespace owns its variables: `remove` forgets one; dropping the namespace
+    drops them all. That is what a session reached over HTTP needs, since its client names
+    variables by id only. With `weak=True` it holds them by weak reference instead: a variable
+    leaves the namespace (and is no longer listed or found) once nothing else holds it, no
+    caller, graph node or running chain; `variable_for_content` then makes a new one for the
+    same text, under the same content id. Named ids are never recycled in either mode.
+
+    Tracks the last access time of each variable (for idle expiry of global constant
+    prefixes) with an injectable clock.
     """
 
-    def __init__(self, scope: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, scope: str, clock: Callable[[], float] = time.monotonic, *, weak: bool = False) -> None:
         if not scope or ":" in scope:
             raise InvalidRequestError(f"a namespace scope must be non-empty and contain no ':'; got {scope!r}")
         self.scope = scope
+        self.weak = weak
         self._clock = clock
         self._counter = itertools.count()
-        self._vars: dict[str, SemanticVariable] = {}
+        self._vars: MutableMapping[str, SemanticVariable] = weakref.WeakValueDictionary() if weak else {}
         self._last_access: dict[str, float] = {}
 
     def __contains__(self, var_id: str) -> bool:
@@ -77,7 +85,8 @@ class Namespace:
         return var
 
     def touch(self, var_id: str) -> None:
-        self._last_access[var_id] = self._clock()
+        if var_id in self._vars:
+            self._last_access[var_id] = self._clock()
 
     def remove(self, var_id: str) -> None:
         if self._vars.pop(var_id, None) is None:
@@ -87,8 +96,19 @@ class Namespace:
     def expired(self, idle_seconds: float) -> list[str]:
         """Ids of variables not accessed for more than `idle_seconds`."""
         deadline = self._clock() - idle_seconds
-        return [var_id for var_id, t in self._last_access.items() if t < deadline]
+        # a copy: in a weak namespace the collector may forget a variable during the loop
+        return [var_id for var_id, t in self._last_access.copy().items() if t < deadline]
 
     def _add(self, var: SemanticVariable) -> None:
         self._vars[var.id] = var
         self._last_access[var.id] = self._clock()
+        if self.weak:
+            weakref.finalize(var, _forget_access, weakref.ref(self), var.id)
+
+
+def _forget_access(namespace_ref: weakref.ref[Namespace], var_id: str) -> None:
+    """A weak namespace's variable died: drop its access time, unless a new variable with the
+    same content id took its place meanwhile."""
+    namespace = namespace_ref()
+    if namespace is not None and var_id not in namespace._vars:
+        namespace._last_access.pop(var_id, None)

@@ -1,7 +1,9 @@
+import gc
+
 import pytest
 
 from parrot_core.errors import InvalidRequestError, UnknownVariableError
-from parrot_core.graph import GLOBAL_SCOPE, Namespace
+from parrot_core.graph import GLOBAL_SCOPE, ComputeGraph, Namespace, Parameter, parse_request
 
 
 def test_same_content_same_variable_and_it_is_set():
@@ -57,3 +59,63 @@ def test_expiry_uses_the_injected_clock_and_access_refreshes():
     ns.get(b.id)  # refresh B
     now[0] = 100.5
     assert ns.expired(100.0) == [a.id]
+
+
+def _collect() -> None:
+    gc.collect()  # variables and graph nodes refer to each other: cycles need the collector
+
+
+def test_a_weak_namespace_forgets_a_variable_its_caller_dropped():
+    now = [0.0]
+    ns = Namespace("s1", clock=lambda: now[0], weak=True)
+    dropped = ns.new_variable("dropped")
+    kept = ns.new_variable("kept")
+    text = ns.variable_for_content("an input text nobody holds any more")
+    dropped_id, text_id = dropped.id, text.id
+    del dropped, text
+    _collect()
+    assert dropped_id not in ns and text_id not in ns
+    assert kept.id in ns and ns.get(kept.id) is kept and list(ns) == [kept] and len(ns) == 1
+    with pytest.raises(UnknownVariableError):
+        ns.get(dropped_id)
+    now[0] = 10.0
+    assert ns.expired(-1.0) == [kept.id]  # no access time is kept for a forgotten variable
+
+
+def test_a_weak_namespace_keeps_what_a_graph_node_holds():
+    ns, constants, graph = Namespace("s1", weak=True), Namespace(GLOBAL_SCOPE), ComputeGraph()
+    request = parse_request(
+        "Summarize {{doc}}: {{summary}}",
+        [Parameter("doc", value="a long document"), Parameter("summary", is_output=True)],
+        session=ns,
+        constants=constants,
+    )
+    graph.insert(request)
+    doc_id, summary_id = request.inputs["doc"].id, request.outputs["summary"].id
+    del request
+    _collect()
+    assert doc_id in ns and summary_id in ns  # the graph's nodes still hold them
+    graph.remove_request(graph.requests[next(iter(graph.requests))])
+    _collect()
+    assert doc_id not in ns and summary_id not in ns and len(ns) == 0
+
+
+def test_a_weak_namespace_never_reuses_an_id_and_recreates_content_on_demand():
+    ns = Namespace("s1", weak=True)
+    ids = [ns.new_variable().id for _ in range(5)]  # each one is dropped at once
+    _collect()
+    assert len(set(ids)) == 5 and len(ns) == 0
+    first_id = ns.variable_for_content("same text").id
+    _collect()
+    again = ns.variable_for_content("same text")  # a new variable, same content id, same value
+    assert again.id == first_id and again.get() == "same text" and list(ns) == [again]
+    assert ns.expired(-1.0) == [again.id]
+
+
+def test_the_default_namespace_keeps_every_variable():
+    # a remote client refers to variables by id only: the server's sessions must keep them
+    ns = Namespace("s1")
+    var_id = ns.new_variable().id
+    text_id = ns.variable_for_content("text").id
+    _collect()
+    assert var_id in ns and text_id in ns and len(ns) == 2
