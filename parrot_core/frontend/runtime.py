@@ -113,7 +113,7 @@ class Runtime:
             session_timeout=session_timeout,
         )
         self.contexts = self.core.contexts
-        self.session = self.core.create_session("local")
+        self.session = self.core.create_session("local", weak_variables=True)  # callers hold their variables
         self.session.permanent = True
         self._closed = False
         self._loop = asyncio.new_event_loop()

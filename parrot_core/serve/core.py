@@ -36,10 +36,13 @@ from parrot_core.serve.scheduler import GlobalScheduler, SchedTask
 class Session:
     """One program's scope: its variables, its DAG and the coroutines running it."""
 
-    def __init__(self, core: ServeCore, session_id: str) -> None:
+    def __init__(self, core: ServeCore, session_id: str, *, weak_variables: bool = False) -> None:
+        """`weak_variables`: the session keeps a variable only while something else holds it
+        (the in-process runtime, whose callers hold the Python objects); a session whose
+        clients name variables by id (HTTP) keeps them all."""
         self.core = core
         self.session_id = session_id
-        self.namespace = Namespace(f"s{session_id}", clock=core.clock)
+        self.namespace = Namespace(f"s{session_id}", clock=core.clock, weak=weak_variables)
         self.graph = ComputeGraph()
         self.executor = ChainExecutor(core, session_id, self._done)
         self.last_access = core.clock()
@@ -197,11 +200,11 @@ class ServeCore:
         )
 
     # -- sessions ------------------------------------------------------------------------
-    def create_session(self, session_id: str | None = None) -> Session:
+    def create_session(self, session_id: str | None = None, *, weak_variables: bool = False) -> Session:
         session_id = session_id or uuid.uuid4().hex
         if session_id in self.sessions:
             raise InvalidRequestError(f"session {session_id!r} already exists")
-        session = Session(self, session_id)
+        session = Session(self, session_id, weak_variables=weak_variables)
         self.contexts.register_session(session_id)
         self.sessions[session_id] = session
         return session
