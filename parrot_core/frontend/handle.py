@@ -46,7 +46,8 @@ class ContextHandle:
         return self._rt._run(self._fill(prompt))
 
     async def _fill(self, prompt: Prompt) -> int:
-        return await self._rt._fill_in(self._ctx, self._rt._to_ids(prompt))
+        starts = self._ctx.chain_tokens == 0  # the first tokens of the sequence (a BOS may lead them)
+        return await self._rt._fill_in(self._ctx, self._rt._to_ids(prompt, starts_sequence=starts))
 
     def fork(self) -> ContextHandle:
         """A child context that starts with everything this one holds now."""

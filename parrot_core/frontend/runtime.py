@@ -10,6 +10,7 @@ methods are the same coroutines for async callers (they hop onto the runtime's l
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Coroutine, Sequence
@@ -32,6 +33,7 @@ T = TypeVar("T")
 Prompt = str | Sequence[int]
 ENGINE_ID = "builtin-0"
 EXPIRY_PERIOD_S = 10.0
+CLOSE_GRACE_S = 5.0  # how long close() lets in-flight calls unwind before cancelling them
 _CURRENT: list[Runtime] = []  # runtimes entered with `with`, innermost last
 
 
@@ -139,17 +141,22 @@ class Runtime:
         self.close()
 
     def close(self) -> None:
-        """Stop the sessions, the engines and the loop. Idempotent; later calls raise
-        `RuntimeClosedError`."""
+        """Refuse new work, remove the sessions, close the engines (every queued or running
+        engine request fails with `RuntimeClosedError`), let the callers hear it, then stop
+        the loop. Every call still waiting raises `RuntimeClosedError`; nothing hangs.
+        Idempotent."""
         if self._closed:
             return
-        asyncio.run_coroutine_threadsafe(self.core.close(), self._loop).result(timeout=60)
         self._closed = True
-        for engine in self.core.engines.values():
-            engine.close()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=30)
-        self._loop.close()
+        try:
+            asyncio.run_coroutine_threadsafe(self.core.close(), self._loop).result(timeout=60)
+        finally:
+            for engine in self.core.engines.values():
+                engine.close()
+            asyncio.run_coroutine_threadsafe(_finish_tasks(CLOSE_GRACE_S), self._loop).result(timeout=CLOSE_GRACE_S + 30)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+            self._loop.close()
 
     @property
     def closed(self) -> bool:
@@ -162,7 +169,10 @@ class Runtime:
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("a blocking Runtime call from inside the runtime's own loop would deadlock; use the async form")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        except concurrent.futures.CancelledError:  # cancelled by close()
+            raise RuntimeClosedError("the Runtime was closed while this call was running") from None
 
     async def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the runtime's loop from any async caller."""
@@ -188,9 +198,13 @@ class Runtime:
             raise InvalidRequestError("this engine has no tokenizer: pass token ids")
         return self.engine.tokenizer
 
-    def _to_ids(self, prompt: Prompt) -> list[int]:
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """`text` as the start of a sequence: with the model's BOS if it asks for one."""
+        return self._tokenizer().encode_prompt(text)
+
+    def _to_ids(self, prompt: Prompt, *, starts_sequence: bool = True) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.tokenize(prompt)
+            ids = self.tokenize_prompt(prompt) if starts_sequence else self.tokenize(prompt)
         elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
         else:
@@ -397,6 +411,18 @@ async def _collect(stream: AsyncIterator[Any], prompt_tokens: int) -> GenerateOu
         reason = delta.finish_reason or reason
         cached = getattr(delta, "cached_tokens", cached)
     return GenerateOutput("".join(pieces), ids, reason, prompt_tokens, cached)
+
+
+async def _finish_tasks(grace_s: float) -> None:
+    """Give the loop's other tasks `grace_s` to finish (the engines have failed their work, so
+    they are unwinding), then cancel the rest."""
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    if not others:
+        return
+    _, pending = await asyncio.wait(others, timeout=grace_s)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _sampling_params(max_tokens: int, sampling: dict[str, Any]) -> SamplingParams:

@@ -91,7 +91,9 @@ class ChainExecutor:
         metadata = request.metadata
         params = sampling_params(chain.gen)
         tokenizer = core.tokenizer_for(metadata.models)
-        token_lists = [tokenizer.encode(t) for t in texts] + [[]]
+        # Each Fill is tokenized on its own; the first of a fresh sequence may start with BOS.
+        token_lists = [tokenizer.encode_prompt(t) if i == 0 and parent is None else tokenizer.encode(t) for i, t in enumerate(texts)]
+        token_lists.append([])
         self.prompt_tokens += sum(map(len, token_lists))
         nodes = [NodeSpec(n.sv.id, True, n.sv.is_constant_prefix) for n in chain.fills]
         nodes.append(NodeSpec(chain.gen.sv.id, is_fill=False))

@@ -313,3 +313,34 @@ def test_split_carves_out_prefixes_that_generate_like_fresh_contexts(make_engine
     assert from_prefix == asyncio.run(run(engine, 10, a + b, 6))[0]
     assert direct == asyncio.run(run(engine, 11, a, 6))[0]
     engine.check_invariants()
+
+
+@pytest.mark.parametrize("end", ["eos", "stop_token"])
+def test_text_held_back_for_an_incomplete_character_is_flushed_when_a_generation_ends(tiny_text_llama, real_model, end):
+    """Issue 9: the detokenizer was not flushed on EOS or a stop token, so a trailing
+    multi-byte character in progress was lost; the text must equal the decoded output ids."""
+    from parrot_core.engines.builtin.request import EngineRequest, Kind
+
+    tok = real_model.tokenizer
+    partial = next(ids[:1] for ch in "中文€😀" if len(ids := tok.encode(ch)) > 1)
+    assert tok.decode(partial).endswith("\ufffd")  # on its own it is an incomplete character
+    engine = BuiltinEngine(tiny_text_llama, tok, EngineConfig(num_kv_blocks=16))
+    try:
+        events = []
+        stop = 7
+        params = SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(stop,) if end == "stop_token" else ())
+
+        def scenario():
+            ctx = engine.tree.create(10**6)
+            req = EngineRequest(0, Kind.GENERATE, ctx, events.append, params=params, detokenizer=tok.detokenizer())
+            engine._accept_token(req, partial[0])
+            engine._accept_token(req, engine.eos_token_id if end == "eos" else stop)
+            engine.tree.free(ctx.context_id)
+            return req
+
+        req = engine.call(scenario)
+        text = "".join(e.text for e in events)
+        assert events[-1].finish_reason == FINISH_STOP
+        assert req.output_ids == partial and text == tok.decode(partial) != ""
+    finally:
+        engine.close()

@@ -35,7 +35,7 @@ def _permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def write_llama_gguf(path: str, model: LlamaModel, arch: str = "llama") -> None:
+def write_llama_gguf(path: str, model: LlamaModel, arch: str = "llama", add_bos_token: bool | None = None) -> None:
     c = model.config
     assert c.vocab_size == len(_TOKENS)
     w = gguf.GGUFWriter(path, arch)
@@ -57,6 +57,8 @@ def write_llama_gguf(path: str, model: LlamaModel, arch: str = "llama") -> None:
     w.add_array("tokenizer.ggml.token_type", [3 if t in _SPECIALS else 1 for t in _TOKENS])
     w.add_array("tokenizer.ggml.merges", _MERGES)
     w.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    if add_bos_token is not None:
+        w.add_bool("tokenizer.ggml.add_bos_token", add_bos_token)
     w.add_uint32("tokenizer.ggml.eos_token_id", 2)
     w.add_string("tokenizer.chat_template", _TEMPLATE)
     sd = {k: v.to(torch.float32).numpy() for k, v in model.state_dict_hf().items()}
@@ -259,3 +261,17 @@ def test_real_forward_matches_transformers_on_the_same_weights(real_model, real_
     ours = real_llama.compute_logits(real_llama.forward(ForwardBatch.build([prompt], [len(prompt)], [[2, 0, 3]], 16), kv))[0]
     assert (ours - ref).abs().max() < 2e-4  # measured ~1e-5 on logits of magnitude ~20
     assert int(ours.argmax()) == int(ref.argmax())
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_add_bos_token_from_the_gguf_leads_a_prompt_but_no_piece(tiny_llama, tmp_path, cache_dir, add_bos):
+    # Llama GGUFs ask for a BOS at the start of every sequence (`tokenizer.ggml.add_bos_token`).
+    model = tiny_llama(vocab_size=len(_TOKENS), dtype=torch.float32)
+    path = str(tmp_path / "tiny.gguf")
+    write_llama_gguf(path, model, add_bos_token=add_bos)
+    tok = load_gguf(path).tokenizer
+    piece = tok.encode("ab ab")
+    assert 1 not in piece  # a Fill inside a sequence never gets a BOS
+    assert tok.encode_prompt("ab ab") == ([1] + piece if add_bos else piece)
+    bos_text = _TOKENS[1]
+    assert tok.encode_prompt(bos_text + "ab") == [1] + tok.encode("ab")  # no second BOS when the text has one

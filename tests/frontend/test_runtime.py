@@ -143,3 +143,34 @@ def test_astream_from_another_loop_and_abort_frees_everything(tiny_runtime):
 def test_out_of_range_seed_is_a_typed_error_not_a_hang(tiny_runtime):
     with pytest.raises(InvalidRequestError, match="seed"):
         tiny_runtime.generate([1, 2], max_tokens=2, temperature=1.0, seed=2**70)
+
+
+def test_close_fails_every_pending_call_instead_of_hanging(tiny_llama):
+    """Issue 9 defect 9: shutdown failed no queued work, so callers could wait forever."""
+    import concurrent.futures
+    import time
+
+    import torch
+
+    from parrot_core.engines.builtin.config import EngineConfig
+    from parrot_core.engines.builtin.engine import BuiltinEngine
+
+    engine = BuiltinEngine(tiny_llama(seed=0), None, EngineConfig(block_size=4, num_kv_blocks=64, max_num_seqs=1, dtype=torch.float64))
+    rt = Runtime(engine=engine)
+    pool = concurrent.futures.ThreadPoolExecutor(6)
+    handle = rt.new_context()
+    calls = [pool.submit(rt.generate, ids(i, 8), max_tokens=240, **GREEDY) for i in range(5)]
+    calls.append(pool.submit(handle.fill, ids(9, 8)))
+    time.sleep(0.1)  # one generation runs, the rest wait in the engine
+    start = time.monotonic()
+    rt.close()
+    closed = 0
+    for call in calls:
+        try:
+            call.result(timeout=30)  # finished before the close: fine
+        except RuntimeClosedError:
+            closed += 1
+    assert closed >= 4
+    assert time.monotonic() - start < 30
+    with pytest.raises(RuntimeClosedError):
+        rt.generate(ids(1, 4), max_tokens=2)

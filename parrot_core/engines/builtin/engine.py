@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import threading
@@ -160,8 +161,10 @@ class BuiltinEngine:
         await asyncio.wrap_future(future)
 
     def free_context(self, context_id: int) -> None:
-        """Drop the context (aborting a request still working on it). Never blocks."""
-        self._post(lambda: self._free(context_id))
+        """Drop the context (aborting a request still working on it). Never blocks, never
+        raises: after `close()` there is nothing left to free."""
+        with contextlib.suppress(RuntimeClosedError):
+            self._post(lambda: self._free(context_id))
 
     def runtime_info(self) -> RuntimeInfo:
         pool, tree = self.pool, self.tree

@@ -50,9 +50,11 @@ class Tokenizer:
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         chat_template: str | None = None,
+        add_bos_token: bool = False,
     ) -> None:
         self._tok = tok
         self.bos_token_id = bos_token_id
+        self.add_bos_token = add_bos_token and bos_token_id is not None
         self.eos_token_id = eos_token_id
         self.chat_template = chat_template
         self.vocab_size: int = tok.get_vocab_size(with_added_tokens=True)
@@ -63,8 +65,16 @@ class Tokenizer:
         return self._tok
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, with no BOS/EOS added."""
+        """Token ids of `text`, with no BOS/EOS added (a piece inside a sequence)."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of `text` as the start of a sequence: with the model's BOS first if the
+        model asks for one (GGUF `tokenizer.ggml.add_bos_token`) and the text has none."""
+        ids = self.encode(text)
+        if self.add_bos_token and ids[:1] != [self.bos_token_id]:
+            ids.insert(0, self.bos_token_id)
+        return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -184,6 +194,8 @@ def load_gguf_tokenizer(
     """The tokenizer of a GGUF file, from the cache when possible. `metadata` maps GGUF keys to
     values; array values may be lazy (anything with a `decode()` returning a list)."""
     template = metadata.get("tokenizer.chat_template")
+    # llama.cpp's default when the key is absent: SentencePiece ("llama") vocabularies add a BOS.
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", metadata.get("tokenizer.ggml.model") == "llama"))
     path = tokenizer_cache_path(model_path) if use_cache else None
     tok = None
     if path is not None and os.path.isfile(path):
@@ -195,7 +207,7 @@ def load_gguf_tokenizer(
         tok = build_tokenizer_from_metadata(metadata)
         if path is not None:
             _write_atomic(path, tok.to_str())
-    return Tokenizer(tok, bos_token_id=bos_token_id, eos_token_id=eos_token_id, chat_template=template)
+    return Tokenizer(tok, bos_token_id=bos_token_id, eos_token_id=eos_token_id, chat_template=template, add_bos_token=add_bos)
 
 
 def _write_atomic(path: str, text: str) -> None:
