@@ -293,16 +293,36 @@ class ServeCoreContextManager:
 
     def fail_context(self, ctx: Context, error: BaseException) -> None:
         """R3: the fill of `ctx` failed. Waiters get the error, and neither it nor anything
-        forked from it (whose KV builds on it) can be hit by a new task."""
+        forked from it (whose KV builds on it) can be hit by a new task. Every pin in that
+        subtree is dropped too: the engine never computed that KV, so the context dies as soon
+        as its holders release it instead of lingering for the pin timeout (a ghost). Pins of
+        the same variable elsewhere (other engines, other contexts) stay."""
         ctx._mark_failed(error)
         if not ctx.alive:
             return
         cache = self.prefix_caches[ctx.engine_id]
+        pinned_ids: set[int] = set()
         stack = [ctx]
         while stack:
             node = stack.pop()
             cache.remove_context(node.context_id)
+            if node.pinned:
+                pinned_ids.add(node.context_id)
             stack.extend(self.contexts[c] for c in node.children)
+        if not pinned_ids:
+            return
+        for var_id, pinned in list(self.constant_prefix_contexts.items()):
+            unpinned = [c for c in pinned if c.context_id in pinned_ids]
+            if not unpinned:
+                continue
+            pinned[:] = [c for c in pinned if c.context_id not in pinned_ids]
+            if not pinned:
+                del self.constant_prefix_contexts[var_id]
+                del self._pin_last_used[var_id]
+            # Each pin holds its own reference, so every context here is alive at its turn.
+            for c in unpinned:
+                c.pinned = False
+                self._free_context(c)
 
     def query_prefixes_in_engines(self, task: ContextTask) -> list[PrefixMatch]:
         """For each engine, how much of the task's leading Fills it already caches; the

@@ -182,6 +182,41 @@ def test_r3_first_claim_fills_and_failure_reaches_every_waiter(env):
     assert fresh[1] is not doc and not fresh[1].is_claimed
 
 
+def test_r3_failed_constant_prefix_fill_leaves_no_ghost(env):
+    """Defect 4: a pinned constant prefix whose fill failed was never computed by the engine,
+    so the pin must not keep it alive; it dies with the last task that holds it."""
+    mgr, engines, _ = env
+    sys2 = NodeSpec("global:c:sys2", is_constant_prefix=True)
+    t1 = task("t1", [SYS, sys2, DOC, gen("a")])
+    contexts = mgr.set_task_contexts(t1)
+    sys_ctx, sys2_ctx = contexts[0], contexts[1]
+    assert sys_ctx.pinned and sys2_ctx.pinned and sys2_ctx.scope is ContextScope.GLOBAL
+    assert sys_ctx.claim()
+    mgr.fail_context(sys_ctx, RuntimeError("fill failed"))
+    # the failed context and the pinned prefix forked from it: no pin, no key, still held
+    assert not sys_ctx.pinned and not sys2_ctx.pinned and mgr.constant_prefix_contexts == {}
+    assert mgr.prefix_caches["e0"].items() == [] and sys_ctx.alive
+    mgr.check_invariants()
+    mgr.free_task_contexts(t1)
+    assert mgr.contexts == {} and mgr.constant_prefix_contexts == {}
+    assert sorted(engines["e0"].freed) == sorted(c.context_id for c in contexts)
+    assert_children_freed_first(engines["e0"].freed, contexts)
+
+
+def test_r3_failed_fill_unpins_only_its_own_subtree(env):
+    mgr, _, _ = env
+    on_e0 = mgr.set_task_contexts(task("t1", [SYS, DOC, gen("a")], engine="e0"))
+    on_e1 = mgr.set_task_contexts(task("t2", [SYS, DOC, gen("b")], engine="e1"))
+    mgr.fail_context(on_e0[1], RuntimeError("doc fill failed"))  # below SYS: SYS stays pinned
+    assert on_e0[0].pinned and {c.context_id for c in mgr.constant_prefix_contexts[SYS.var_id]} == {on_e0[0].context_id, on_e1[0].context_id}
+    mgr.fail_context(on_e0[0], RuntimeError("sys fill failed"))  # the same variable on e1 keeps its pin
+    assert not on_e0[0].pinned and on_e1[0].pinned
+    assert mgr.constant_prefix_contexts == {SYS.var_id: [on_e1[0]]}
+    mgr.free_task_contexts(task("t1", []))
+    mgr.free_task_contexts(task("t2", []))
+    assert set(mgr.contexts) == {on_e1[0].context_id}
+
+
 def test_r3_ready_context_releases_waiters(env):
     mgr, _, _ = env
     ctx = mgr.set_task_contexts(task("t1", [SYS, gen("a")]))[0]
