@@ -1,6 +1,11 @@
 """Stateful test of BlockPool + KVContextTree against a plain model: context id -> tokens and
-how many of them are computed. Refcounts, KV content and conservation are checked after
-every step from the model's view, never from the implementation against itself."""
+how many of them are computed, and every token sequence ever computed. Refcounts, KV content
+and conservation are checked after every step from the model's view, never from the
+implementation against itself; so is every block the hash map can serve (in use or
+cached-free): it must hold, in the fake KV store, the tokens of the chain its hash names, at
+the positions of that chain. How much a lookup hits is the cache's policy (LRU eviction): the
+model bounds it (whole blocks, only what was computed, never the last token) and the content
+check proves what was hit."""
 
 from collections import Counter
 
@@ -9,7 +14,7 @@ import pytest
 from hypothesis import event, note, settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, multiple, rule
 
-from parrot_core.engines.builtin.block_pool import BlockPool
+from parrot_core.engines.builtin.block_pool import BlockPool, hash_block
 from parrot_core.engines.builtin.kv_contexts import KVContextTree
 from parrot_core.errors import OutOfBlocksError
 
@@ -25,11 +30,18 @@ def lcp(a, b) -> int:
     return n
 
 
+def start_block(ctx, bs):
+    """The block a step's first write goes to, if the context already holds it."""
+    i = ctx.num_computed // bs
+    return ctx.blocks[i] if i < len(ctx.blocks) else None
+
+
 class KVMachine(RuleBasedStateMachine):
     ctxs = Bundle("ctxs")
 
-    @initialize(num_blocks=st.integers(2, 24), block_size=st.sampled_from([1, 2, 4]))
-    def setup(self, num_blocks, block_size):
+    @initialize(target=ctxs, num_blocks=st.integers(2, 24), block_size=st.sampled_from([1, 2, 4]), tokens=TOKENS)
+    def setup(self, num_blocks, block_size, tokens):
+        """A pool, a tree and a first root (so that rules on contexts can run from the start)."""
         self.bs = block_size
         self.pool = BlockPool(num_blocks, block_size)
         self.kv: list[tuple[int, int] | None] = [None] * (num_blocks * block_size)
@@ -37,7 +49,9 @@ class KVMachine(RuleBasedStateMachine):
         self.tokens: dict[int, list[int]] = {}  # the model: live context -> all its tokens
         self.computed: dict[int, int] = {}  # ... and how many have KV
         self.history: set[tuple[int, ...]] = set()  # every token sequence ever computed
+        self.chains: dict[int, tuple[int, ...]] = {}  # chained hash of each full-block prefix of them
         self.next_id = 0
+        return self.new_root(tokens)
 
     def copy_block(self, src, dst, n):
         event("copy-on-write")
@@ -65,8 +79,21 @@ class KVMachine(RuleBasedStateMachine):
         self.tokens[c], self.computed[c] = list(tokens), 0
         return c
 
-    @rule(c=ctxs, tokens=TOKENS, chunk=st.none() | st.integers(1, 12))
-    def fill(self, c, tokens, chunk):
+    def computed_now(self, c):
+        """Record that context c has its current computed prefix: it is the truth a registered
+        block is checked against."""
+        seq = tuple(self.tokens[c][: self.computed[c]])
+        if seq in self.history:
+            return
+        self.history.add(seq)
+        parent = None
+        for i in range(len(seq) // self.bs):
+            parent = hash_block(parent, seq[i * self.bs : (i + 1) * self.bs])
+            self.chains[parent] = seq[: (i + 1) * self.bs]
+
+    def step(self, c, tokens, chunk, commit=True):
+        """One engine step for context c: append, look up the cache, allocate, write KV, and
+        commit (or, for a step that fails after the forward pass wrote KV, release)."""
         ctx = self.tree.get(c)
         self.tree.append_tokens(ctx, tokens)
         self.tokens[c] += tokens
@@ -80,21 +107,41 @@ class KVMachine(RuleBasedStateMachine):
         self.computed[c] += hit
         remaining = len(toks) - self.computed[c]
         n = remaining if chunk is None else min(chunk, remaining)
+        if n and (block := start_block(ctx, self.bs)) is not None and block.block_hash is not None:
+            event("write into a registered block" + (" held alone" if block.ref_count == 1 else ""))
         before = self.snapshot()
+        held = set(self.tree.block_table(ctx))
+        needed = self.tree.blocks_needed(ctx, n)
         try:
             slots = self.tree.allocate_slots(ctx, n)
         except OutOfBlocksError:
             event("fill: out of blocks")
-            assert self.tree.blocks_needed(ctx, n) > self.pool.num_available
+            assert needed > self.pool.num_available
             assert self.snapshot() == before
             return
+        assert len(set(self.tree.block_table(ctx)) - held) == needed  # blocks_needed agrees
         assert len(set(slots)) == n
         start = self.computed[c]
         for p, s in zip(range(start, start + n), slots):
             self.kv[s] = (toks[p], p)
+        if not commit:
+            event("failed step: written, released")
+            self.tree.release(ctx)
+            self.computed[c] = 0
+            return
         self.tree.commit(ctx, n)
         self.computed[c] += n
-        self.history.add(tuple(toks[: self.computed[c]]))
+        self.computed_now(c)
+
+    @rule(c=ctxs, tokens=TOKENS, chunk=st.none() | st.integers(1, 12))
+    def fill(self, c, tokens, chunk):
+        self.step(c, tokens, chunk)
+
+    @rule(c=ctxs, tokens=TOKENS, chunk=st.none() | st.integers(1, 12))
+    def failed_step(self, c, tokens, chunk):
+        """The engine's failed step: the forward pass wrote KV, then the context is released
+        without a commit. Nothing registered may have been written."""
+        self.step(c, tokens, chunk, commit=False)
 
     @rule(target=ctxs, parent=ctxs)
     def fork(self, parent):
@@ -110,19 +157,45 @@ class KVMachine(RuleBasedStateMachine):
         self.fill(c, tokens, None)
         return c
 
+    @rule(target=ctxs, source=ctxs, keep=st.integers(1, 40))
+    def carve_prefix(self, source, keep):
+        """The engine's split: a new context holding a prefix of the source's tokens, computed
+        or not (the source may have been released or only partly filled). It shares the
+        source's blocks over the computed part, the boundary block too."""
+        if not self.tokens[source]:
+            return multiple()
+        n = 1 + (keep - 1) % len(self.tokens[source])  # any length, boundary blocks included
+        c = self.new_id()
+        computed = min(n, self.computed[source])
+        if computed < n:
+            event("carve: beyond the computed tokens")
+        event("carve: boundary block shared" if computed % self.bs else "carve: block-aligned")
+        ctx = self.tree.create_prefix(c, source, n)
+        assert ctx.last_hidden is None
+        self.tokens[c], self.computed[c] = list(self.tokens[source][:n]), computed
+        return c
+
     @rule(target=ctxs, source=ctxs, keep=st.integers(1, 40), tokens=TOKENS)
     def carve_prefix_and_fill(self, source, keep, tokens):
-        """The engine's split: a new context holding a prefix of the source's computed tokens,
-        sharing its blocks (the boundary block too), then written to: copy-on-write must keep
-        the source's slots past the prefix intact."""
-        n = min(keep, self.computed[source])
-        if n == 0:
-            return multiple()
-        c = self.new_id()
-        event("carve: boundary block shared" if n % self.bs else "carve: block-aligned")
-        self.tree.create_prefix(c, source, n)
-        self.tokens[c], self.computed[c] = list(self.tokens[source][:n]), n
-        self.fill(c, tokens, None)
+        """A carve then a write at once: copy-on-write must keep the source's slots past the
+        prefix intact."""
+        c = self.carve_prefix(source, keep)
+        if isinstance(c, int):
+            self.fill(c, tokens, None)
+        return c
+
+    @rule(
+        target=ctxs, source=consumes(ctxs), keep=st.integers(1, 40), tokens=TOKENS, chunk=st.none() | st.integers(1, 12)
+    )
+    def carve_free_source_and_fill(self, source, keep, tokens, chunk):
+        """The engine protocol of issue 9 defect 5: split, free the source, then write into the
+        carved context, which may now alone hold a boundary block registered for the source's
+        tokens: that block must be copied, not overwritten."""
+        self.fill(source, [], None)  # the split follows a fill of the source
+        c = self.carve_prefix(source, keep)
+        self.free(source)
+        if isinstance(c, int):
+            self.fill(c, tokens, chunk)
         return c
 
     @rule(c=ctxs)
@@ -148,8 +221,17 @@ class KVMachine(RuleBasedStateMachine):
 
     @rule(c=ctxs)
     def release(self, c):
+        """Idle eviction or preemption: the tokens stay, the blocks go."""
         self.tree.release(self.tree.get(c))
         self.computed[c] = 0
+
+    @rule(c=ctxs, chunk=st.none() | st.integers(1, 12))
+    def release_and_recompute(self, c, chunk):
+        had = self.computed[c]
+        self.release(c)
+        self.fill(c, [], chunk)
+        if had and self.computed[c]:
+            event("recomputed after release")
 
     @rule(k=st.integers(1, 24))
     def evict_by_pressure(self, k):
@@ -188,6 +270,25 @@ class KVMachine(RuleBasedStateMachine):
             assert [self.kv[s] for s in tree.slots(ctx, 0, n)] == [(t, i) for i, t in enumerate(toks[:n])]
         assert [b.ref_count for b in pool.blocks] == [expected[i] for i in range(pool.num_blocks)]
         assert pool.num_used == len(expected)
+        self.check_registered_blocks()
+
+    def check_registered_blocks(self):
+        """Every hashed block (the hash map's, in use or cached-free, and in-use duplicates)
+        carries the hash of a chain the model computed, and the fake KV store holds exactly
+        that chain's last block of tokens at that chain's positions: a lookup hit reads the KV of
+        exactly the tokens it asked for."""
+        bs = self.bs
+        for block in self.pool.blocks:
+            if block.block_hash is None:
+                continue
+            chain = self.chains.get(block.block_hash)
+            assert chain is not None, f"block {block.block_id} is registered under a hash nothing computed"
+            first = len(chain) - bs
+            assert block.token_ids == chain[first:]
+            stored = self.kv[block.block_id * bs : (block.block_id + 1) * bs]
+            assert stored == [(t, first + j) for j, t in enumerate(chain[first:])], (
+                f"block {block.block_id} is registered for {chain[first:]} at {first} but holds {stored}"
+            )
 
     def teardown(self):
         if not hasattr(self, "tree"):
@@ -196,7 +297,9 @@ class KVMachine(RuleBasedStateMachine):
             assert self.tree.free(c)
         assert len(self.tree) == 0 and self.pool.num_used == 0
         assert self.pool.num_free + self.pool.num_cached_free == self.pool.num_blocks
+        assert sorted(self.pool.free_queue()) == list(range(self.pool.num_blocks))
         self.tree.check_invariants()
+        self.check_registered_blocks()
 
 
 KVMachine.TestCase.settings = settings(derandomize=True, max_examples=200, stateful_step_count=50, deadline=None)

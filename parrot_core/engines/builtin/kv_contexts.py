@@ -8,9 +8,12 @@ Contract (who owns what):
 - A context's `token_ids` are ALL its tokens, root to itself; the first `num_computed` have
   KV in `blocks`. The table covers them (ceil(num_computed / block_size) blocks) and may
   hold extra room between `allocate_slots` and `commit`.
-- Full blocks are immutable: the only block a context ever writes is the one holding position
-  `num_computed`, and if that block is shared it is copied first (copy-on-write). So forks
-  never see each other's writes.
+- A block registered in the prefix-cache hash map is never written in place, nor is a shared
+  one: the only block a context ever writes is the one holding position `num_computed`, and if
+  that block is shared (ref > 1) or registered (hashed) it is copied first. So forks never see
+  each other's writes, and a cache hit always reads the KV of the tokens it is registered under
+  (a carved prefix or an uncomputed last token may leave a context's write position inside a
+  registered block, even one it alone holds).
 - The engine drives one step as: `append_tokens` -> `match_prefix` -> `allocate_slots`
   (write KV into the returned slots) -> `commit`.
 - `copy_block(src_id, dst_id, num_slots)` copies real KV data; None means there is no KV
@@ -74,19 +77,25 @@ class KVContextTree:
         return ctx
 
     def create_prefix(self, context_id: int, source_id: int, num_tokens: int) -> KVContext:
-        """A new context holding the first `num_tokens` computed tokens of `source`, sharing
-        its blocks, the boundary block too: the slots past this context's length belong to the
-        source and are never read here, and whoever writes into a shared block first copies it.
-        It keeps no hidden state: a generation from it recomputes its last token."""
+        """A new context holding the first `num_tokens` tokens of `source` (1..all of them,
+        computed or not: tokens are the truth). It shares the source's blocks covering the first
+        min(num_tokens, source.num_computed) tokens, which are its computed ones, the partial
+        boundary block too: the slots past them belong to the source and are never read here,
+        and a write into a shared block copies it first. The rest is computed on demand, so a
+        source released by eviction still works. It keeps no hidden state: a generation from it
+        recomputes its last token."""
         if context_id in self._contexts:
             raise ContextExistsError(f"context {context_id} already exists")
         source = self.get(source_id)
-        if not 0 < num_tokens <= source.num_computed:
-            raise InvalidRequestError(f"a prefix of context {source_id} must hold 1..{source.num_computed} computed tokens, not {num_tokens}")
-        shared = source.blocks[: self._num_blocks_for(num_tokens)]
+        if not 1 <= num_tokens <= len(source.token_ids):
+            raise InvalidRequestError(
+                f"a prefix of context {source_id} must hold 1..{len(source.token_ids)} tokens, not {num_tokens}"
+            )
+        computed = min(num_tokens, source.num_computed)
+        shared = source.blocks[: self._num_blocks_for(computed)]
         for block in shared:
             self.pool.incref(block)
-        ctx = KVContext(context_id, source_id, source.token_ids[:num_tokens], list(shared), num_tokens, None)
+        ctx = KVContext(context_id, source_id, source.token_ids[:num_tokens], list(shared), computed, None)
         self._contexts[context_id] = ctx
         return ctx
 
@@ -178,10 +187,7 @@ class KVContextTree:
             return 0
         start = ctx.num_computed
         need = max(0, self._num_blocks_for(start + n) - len(ctx.blocks))
-        idx = start // self.block_size
-        if idx < len(ctx.blocks) and ctx.blocks[idx].ref_count > 1:
-            need += 1
-        return need
+        return need + (self._write_block_to_copy(ctx) is not None)
 
     def allocate_slots(self, ctx: KVContext, n: int) -> list[int]:
         """Make room for the next n uncomputed tokens and return their slot ids in order.
@@ -194,13 +200,14 @@ class KVContextTree:
         if n == 0:
             return []
         new = iter(self.pool.allocate_many(self.blocks_needed(ctx, n)))
-        idx = start // bs
-        if idx < len(ctx.blocks) and ctx.blocks[idx].ref_count > 1:
-            old, fresh = ctx.blocks[idx], next(new)
+        old = self._write_block_to_copy(ctx)
+        if old is not None:
+            fresh = next(new)
             if self.copy_block is not None:
                 self.copy_block(old.block_id, fresh.block_id, start % bs)
-            self.pool.decref(old)  # ref > 1, so it stays with the other holders
-            ctx.blocks[idx] = fresh
+            # The other holders keep it; if none, a registered block goes back to the cache intact.
+            self.pool.decref(old)
+            ctx.blocks[start // bs] = fresh
         ctx.blocks.extend(new)
         table = ctx.blocks
         return [table[p // bs].block_id * bs + p % bs for p in range(start, start + n)]
@@ -226,6 +233,15 @@ class KVContextTree:
             h = self.pool.hash_block(parent, arr[j : j + bs], self.namespace)
             self.pool.register(ctx.blocks[i], h, ctx.token_ids[i * bs : (i + 1) * bs])
             parent = h
+
+    def _write_block_to_copy(self, ctx: KVContext) -> Block | None:
+        """The block holding position `num_computed` if writing into it must copy it first:
+        it is shared, or registered in the hash map (its KV must stay what its hash names)."""
+        idx = ctx.num_computed // self.block_size
+        if idx >= len(ctx.blocks):
+            return None
+        block = ctx.blocks[idx]
+        return block if block.ref_count > 1 or block.block_hash is not None else None
 
     # ---- views ----
     def block_table(self, ctx: KVContext) -> list[int]:
