@@ -344,3 +344,67 @@ def test_text_held_back_for_an_incomplete_character_is_flushed_when_a_generation
         assert req.output_ids == partial and text == tok.decode(partial) != ""
     finally:
         engine.close()
+
+
+def test_carved_prefix_of_a_freed_source_never_corrupts_the_cache(make_engine):
+    """Issue 9 defect 5 through the protocol: split, free the source, generate in the carved
+    context (it writes at a position inside a full, registered block), then a request with the
+    source's tokens hits the cache: every output equals the caching-off run."""
+    source = prompt(40, 10)
+
+    async def scenario(engine):
+        await engine.fill(0, None, source)
+        await engine.split(1, 0, 4)  # the first 6 tokens: it shares the full, registered block of tokens 4..7
+        engine.free_context(0)
+        carved = [t async for d in engine.generate(1, None, SamplingParams(max_tokens=6, **GREEDY)) for t in d.token_ids]
+        again, _, fill = await run(engine, 2, source, 6)
+        return carved, again, fill.cached_tokens
+
+    carved, again, cached = asyncio.run(scenario(make_engine()))
+    off_carved, _, _ = asyncio.run(run(make_engine(enable_prefix_caching=False), 0, source[:6], 6))
+    off_again, _, _ = asyncio.run(run(make_engine(enable_prefix_caching=False), 0, source, 6))
+    assert carved == off_carved and again == off_again
+    assert cached == 8  # the source's blocks were still in the cache, with their own KV
+
+
+def test_split_works_after_the_source_was_evicted(make_engine):
+    """Issue 9 defect 10: idle eviction may drop the just-filled source's KV before the split."""
+    source = prompt(41, 10)
+    engine = make_engine()
+
+    async def scenario():
+        await engine.fill(0, None, source)
+        engine.call(lambda: engine.tree.release(engine.tree.get(0)))  # what _evict_idle does
+        await engine.split(1, 0, 3)
+        out = [t async for d in engine.generate(1, None, SamplingParams(max_tokens=6, **GREEDY)) for t in d.token_ids]
+        engine.free_context(0)
+        return out
+
+    out = asyncio.run(scenario())
+    fresh, _, _ = asyncio.run(run(make_engine(enable_prefix_caching=False), 0, source[:7], 6))
+    assert out == fresh
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_concurrent_requests_that_fit_alone_all_finish_on_a_tiny_pool(make_engine, caching):
+    """KV pressure inside the engine (no global scheduler in front): 12 fused requests of 10
+    blocks each on a pool of 24 blocks all finish, by preemption and recompute, with the greedy
+    ids of a roomy pool; preempted requests keep their place in line."""
+    shared = prompt(50, 8)
+    prompts = [shared + prompt(60 + i, 12) for i in range(12)]
+
+    async def all_of(engine):
+        async def one(i):
+            out = []
+            async for d in engine.generate(i, None, SamplingParams(max_tokens=20, **GREEDY), prompts[i]):
+                out.extend(d.token_ids)
+            engine.free_context(i)
+            return out
+
+        return await asyncio.gather(*(one(i) for i in range(12)))
+
+    roomy = asyncio.run(all_of(make_engine(enable_prefix_caching=caching, num_kv_blocks=256)))
+    tight_engine = make_engine(enable_prefix_caching=caching, num_kv_blocks=24)
+    tight = asyncio.run(all_of(tight_engine))
+    assert tight == roomy and all(len(o) == 20 for o in tight)
+    assert tight_engine.runtime_info().num_preemptions > 0  # the pressure was real
