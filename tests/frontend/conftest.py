@@ -23,9 +23,9 @@ def tiny_runtime(tiny_llama):
     engine = BuiltinEngine(tiny_llama(seed=0), None, EngineConfig(block_size=4, num_kv_blocks=64, dtype=torch.float64))
     rt = Runtime(engine=engine)
     yield rt
-    if not rt.closed:
-        assert_no_leak(rt)
-        rt.close()
+    assert not rt.closed, "the fixture closes the runtime, after its leak check"
+    assert_no_leak(rt)
+    rt.close()
 
 
 @pytest.fixture(scope="session")

@@ -34,9 +34,8 @@ def make_runtime(tiny_llama):
 
     yield make
     for rt in runtimes:
-        if not rt.closed:
-            assert_no_leak(rt)
-            rt.close()
+        assert_no_leak(rt)
+        rt.close()
 
 
 def test_twelve_requests_that_fit_alone_all_finish_on_a_pool_that_holds_four(make_runtime):
