@@ -321,8 +321,7 @@ class ServeCoreContextManager:
                 del self._pin_last_used[var_id]
             # Each pin holds its own reference, so every context here is alive at its turn.
             for c in unpinned:
-                c.pinned = False
-                self._free_context(c)
+                self._unpin(c)
 
     def query_prefixes_in_engines(self, task: ContextTask) -> list[PrefixMatch]:
         """For each engine, how much of the task's leading Fills it already caches; the
@@ -403,8 +402,7 @@ class ServeCoreContextManager:
         pinned = self.constant_prefix_contexts.pop(var_id, [])
         self._pin_last_used.pop(var_id, None)
         for ctx in pinned:
-            ctx.pinned = False
-            self._free_context(ctx)
+            self._unpin(ctx)
         return len(pinned)
 
     def free_expired_constant_prefixes(self) -> list[str]:
@@ -427,8 +425,7 @@ class ServeCoreContextManager:
             pinned = self.constant_prefix_contexts[var_id]
             for ctx in [c for c in pinned if c.engine_id == engine_id]:
                 pinned.remove(ctx)
-                ctx.pinned = False
-                self._free_context(ctx)
+                self._unpin(ctx)
             if not pinned:
                 del self.constant_prefix_contexts[var_id]
                 del self._pin_last_used[var_id]
@@ -439,8 +436,21 @@ class ServeCoreContextManager:
             ctx.pinned = True
             ctx.ref_count += 1
             self.constant_prefix_contexts.setdefault(var_id, []).append(ctx)
+            self._tell_engine_pinned(ctx, True)
         self._pin_last_used[var_id] = self._clock()
         self._pin_last_used.move_to_end(var_id)
+
+    def _unpin(self, ctx: Context) -> None:
+        """Drop the pin's reference (the caller already took `ctx` out of the pin map)."""
+        ctx.pinned = False
+        self._tell_engine_pinned(ctx, False)
+        self._free_context(ctx)
+
+    def _tell_engine_pinned(self, ctx: Context, pinned: bool) -> None:
+        """Engines that can (optional `set_pinned`) evict a pinned prefix's KV last."""
+        engine = self._engines.get(ctx.engine_id)
+        if ctx.alive and hasattr(engine, "set_pinned"):
+            engine.set_pinned(ctx.context_id, pinned)
 
     # -- holders -------------------------------------------------------------------------
     def _hold(self, key: HolderKey, contexts: list[Context], session_id: str | None, *, already_counted: bool = False) -> None:

@@ -21,6 +21,9 @@ Primitives:
   engine has already dropped (the serve layer's bookkeeping is the source of truth).
 - `runtime_info()`: a snapshot of load and cache figures for scheduling and metrics.
 
+Optional: `set_pinned(context_id, pinned)`: the serve layer keeps this context for many
+users (a constant prefix); under memory pressure its KV is evicted after other idle contexts'.
+
 Optional: `split(context_id, source_id, drop_last)` creates a context holding the source's
 tokens except its last `drop_last`, sharing their KV. With it the serve layer fills a run of
 new contexts with one fill (one forward pass) into the last of them and carves out the rest.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 
 import pytest
@@ -386,7 +387,7 @@ def test_split_works_after_the_source_was_evicted(make_engine):
 
 
 @pytest.mark.parametrize("caching", [True, False])
-def test_concurrent_requests_that_fit_alone_all_finish_on_a_tiny_pool(make_engine, caching):
+def test_concurrent_requests_that_fit_alone_all_finish_on_a_tiny_pool(make_engine, caching, caplog):
     """KV pressure inside the engine (no global scheduler in front): 12 fused requests of 10
     blocks each on a pool of 24 blocks all finish, by preemption and recompute, with the greedy
     ids of a roomy pool; preempted requests keep their place in line."""
@@ -408,3 +409,21 @@ def test_concurrent_requests_that_fit_alone_all_finish_on_a_tiny_pool(make_engin
     tight = asyncio.run(all_of(tight_engine))
     assert tight == roomy and all(len(o) == 20 for o in tight)
     assert tight_engine.runtime_info().num_preemptions > 0  # the pressure was real
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []  # preemption is routine, not a warning
+
+
+def test_idle_contexts_are_evicted_least_recently_used_first_and_pinned_ones_last(make_engine):
+    engine = make_engine(num_kv_blocks=12)
+
+    async def scenario():
+        for cid, seed in ((0, 70), (1, 71), (2, 72)):  # 3 blocks each; 0 is the least recently used
+            await engine.fill(cid, None, prompt(seed, 12))
+        engine.set_pinned(0, True)
+        await run(engine, 3, prompt(73, 12), 4)  # needs 4 blocks: 3 free, one more evicted
+        computed = engine.call(lambda: {c: engine.tree.get(c).num_computed for c in (0, 1, 2)})
+        for cid in (0, 1, 2, 3):
+            engine.free_context(cid)
+        return computed
+
+    computed = asyncio.run(scenario())
+    assert computed == {0: 12, 1: 0, 2: 12}  # the pinned LRU context was kept; the next LRU went

@@ -96,3 +96,28 @@ def test_float64_logits_and_mixed_rows():
 def test_shape_mismatch_is_rejected():
     with pytest.raises(ValueError):
         sample(logits(2), [SamplingParams()], [None])
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(top_k=-5), "top_k"),
+        (dict(top_k=1.5), "top_k"),
+        (dict(top_p=0), "top_p"),
+        (dict(temperature=-1), "temperature"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(seed=-1), "seed"),
+        (dict(stop=[""]), "stop"),
+        (dict(stop_token_ids=[-2]), "stop_token_ids"),
+    ],
+)
+def test_bad_sampling_values_are_typed_errors_that_name_the_field(bad, match):
+    from parrot_core.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match=match):
+        SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("top_k", [-1, 0, 1, 50])
+def test_top_k_minus_one_and_zero_disable_it_and_positive_values_are_accepted(top_k):
+    assert SamplingParams(top_k=top_k).top_k == top_k

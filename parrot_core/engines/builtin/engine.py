@@ -73,6 +73,7 @@ class BuiltinEngine:
 
         self._active: dict[int, EngineRequest] = {}  # context id -> the request working on it
         self._last_used: dict[int, int] = {}  # context id -> step it was last used (idle eviction)
+        self._pinned: set[int] = set()  # context ids whose KV is evicted last (set_pinned)
         self._ids = itertools.count()
         self._step_no = 0
         self.stats = {"prompt_tokens_computed": 0, "generation_tokens": 0, "steps": 0, "forward_seconds": 0.0, "evicted_blocks": 0}
@@ -159,6 +160,19 @@ class BuiltinEngine:
 
         self._post(run)
         await asyncio.wrap_future(future)
+
+    def set_pinned(self, context_id: int, pinned: bool) -> None:
+        """Evict this context's KV after other idle contexts' (a shared constant prefix), or
+        no longer. Never blocks, never raises."""
+
+        def run() -> None:
+            if pinned:
+                self._pinned.add(context_id)
+            else:
+                self._pinned.discard(context_id)
+
+        with contextlib.suppress(RuntimeClosedError):
+            self._post(run)
 
     def free_context(self, context_id: int) -> None:
         """Drop the context (aborting a request still working on it). Never blocks, never
@@ -339,6 +353,7 @@ class BuiltinEngine:
             self._abort(req)
         self.tree.free(context_id)
         self._last_used.pop(context_id, None)
+        self._pinned.discard(context_id)
 
     def _abort(self, req: EngineRequest | None) -> None:
         if req is None or req.finished:
@@ -348,12 +363,13 @@ class BuiltinEngine:
 
     def _evict_idle(self, blocks_needed: int) -> int:
         """Drop the KV of contexts that no running request works on (held, waiting or done),
-        least recently used first, until `blocks_needed` blocks are available. Their tokens
-        stay; they are recomputed (mostly re-hit in the prefix cache) on their next use.
-        Returns the blocks available."""
+        least recently used first and pinned ones last, until `blocks_needed` blocks are
+        available. Their tokens stay; they are recomputed (mostly re-hit in the prefix cache)
+        on their next use. Returns the blocks available."""
         running = self.scheduler.running_context_ids()
         idle = [c for c in self.tree.contexts() if c.blocks and c.context_id not in running]
-        for ctx in sorted(idle, key=lambda c: self._last_used.get(c.context_id, -1)):
+        order = lambda c: (c.context_id in self._pinned, self._last_used.get(c.context_id, -1))  # noqa: E731
+        for ctx in sorted(idle, key=order):
             if self.pool.num_available >= blocks_needed:
                 break
             before = self.pool.num_available
