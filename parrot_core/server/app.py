@@ -6,6 +6,8 @@ a runtime is attached, and once it is closed), `GET /metrics` (Prometheus text),
 
 Every error is answered in OpenAI's shape. A request that fails validation is a 400 (never
 FastAPI's 422); an unexpected exception in one request is a 500 and the server keeps serving.
+A request body over `settings.max_request_body_bytes` is a 413. While the server drains for
+shutdown (`ServeState.draining`), every route that needs the runtime answers 503.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ log = logging.getLogger(__name__)
 
 
 class ServeState:
-    """What the routes share: the runtime (None while loading), settings, metrics and the
-    admission count. Only touched from the server's event loop, except `snapshot()`."""
+    """What the routes share: the runtime (None while loading), settings, metrics, the
+    admission count and the shutdown state. Only touched from the server's event loop, except
+    `snapshot()`."""
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
@@ -44,6 +47,8 @@ class ServeState:
         self.created = int(time.time())
         self.in_flight = 0  # admitted sequences not finished yet
         self.requests_started = 0  # generation requests ever admitted
+        self.draining = False  # shutting down: no new work is admitted
+        self._abort_hooks: set[Callable[[APIError], None]] = set()
         self.metrics = ServeMetrics(self.snapshot, lambda: self.served_model_name)
 
     def attach(self, runtime: Runtime) -> None:
@@ -59,9 +64,28 @@ class ServeState:
         rt = self.runtime
         if rt is None:
             raise APIError(503, "the model is still loading", headers={"Retry-After": "1"})
-        if rt.closed or rt.engine.closed:
+        if self.draining or rt.closed or rt.engine.closed:
             raise APIError(503, "the server is shutting down")
         return rt
+
+    def on_abort(self, hook: Callable[[APIError], None]) -> Callable[[], None]:
+        """Register `hook`, which `abort_all` calls with the error that ends the request
+        waiting on it; returns the unregister function (call it once the request is over)."""
+        self._abort_hooks.add(hook)
+        return lambda: self._abort_hooks.discard(hook)
+
+    def abort_all(self, error: APIError) -> int:
+        """End every request that registered with `on_abort` with `error`; how many."""
+        hooks = list(self._abort_hooks)
+        self._abort_hooks.clear()
+        for hook in hooks:
+            hook(error)
+        return len(hooks)
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is still admitted or waiting on the runtime."""
+        return self.in_flight > 0 or bool(self._abort_hooks)
 
     def check_model(self, model: str | None) -> None:
         """A request may leave `model` out; if given it must be the served name."""
@@ -211,6 +235,55 @@ class _InternalErrors:
                 await _error_response(APIError(500, "internal server error (see the server log)"))(scope, receive, send)
 
 
+class _BodyLimit:
+    """413 for a request body over `limit` bytes. A Content-Length over it is refused before
+    any of the body is read; a body without one (chunked) is read up to the limit, then
+    handed on whole."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit():  # the ASGI server holds the client to it
+            if int(declared) > self.limit:
+                await self._refuse(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        body, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            body.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # only the disconnect is left
+            replayed = True
+            return {"type": "http.request", "body": b"".join(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"the request body is larger than this server's limit of {self.limit} bytes (--max-request-body-bytes)"
+        await _error_response(APIError(413, message))(scope, receive, send)
+
+
 def create_app(runtime: Runtime | None = None, settings: ServeSettings | None = None) -> FastAPI:
     """The app over `runtime`; without one, `/health` and the API answer 503 until
     `app.state.serve.attach(runtime)`. The app never closes the runtime."""
@@ -225,6 +298,7 @@ def create_app(runtime: Runtime | None = None, settings: ServeSettings | None = 
         description="OpenAI-compatible serving over a prefix-sharing LLM core.",
     )
     app.state.serve = state
+    app.state.program_sessions = program_api.ProgramSessions()
     handlers: dict[Any, Any] = {
         APIError: _on_api_error,
         ParrotError: _on_api_error,
@@ -237,4 +311,5 @@ def create_app(runtime: Runtime | None = None, settings: ServeSettings | None = 
     app.include_router(program_api.router)
     app.include_router(ops)
     app.add_middleware(_InternalErrors)
+    app.add_middleware(_BodyLimit, limit=state.settings.max_request_body_bytes)
     return app

@@ -18,6 +18,7 @@ _ERROR_KIND = {
     401: ("authentication_error", "invalid_api_key"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", "too_many_requests"),
     500: ("server_error", None),
     503: ("service_unavailable", None),
@@ -79,8 +80,11 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": kind} for status, (kind, _) in _ERROR_KIND.items() if status != 405
 }
+# Before OpenAPI 3.2 an event stream's `schema` describes one event (what tools such as
+# schemathesis check each event against): `data:` holds a JSON chunk, an error, or `[DONE]`.
+_SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "JSON, or SSE when stream=true"}
+    200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}}, "description": "JSON, or SSE when stream=true"}
 }
 
 

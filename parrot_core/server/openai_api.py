@@ -11,6 +11,10 @@ Contracts:
   those streams, which aborts the requests and frees their KV.
 - Errors have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; after a
   stream started they are sent as one `data:` event, followed by `data: [DONE]`.
+- CPU-heavy request work (tokenizing, chat templates, detokenizing, checking token ids) runs
+  in a worker thread, never on the event loop, so one large request cannot stall the others.
+- A request still running when a shutdown's grace period ends (`ServeState.abort_all`) is
+  aborted: a 503, or in a stream an error event followed by `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -202,11 +206,15 @@ async def _run_seq(state: ServeState, rt: Runtime, seq: _Seq, t0: float) -> Asyn
         )
 
 
-async def _merge(state: ServeState, rt: Runtime, seqs: list[_Seq], t0: float) -> AsyncIterator[tuple[int, StreamDelta]]:
-    """All sequences at once, as (index, delta) in arrival order. The first error is raised;
-    closing the iterator cancels every sequence (aborting it in the engine)."""
+async def _merge(
+    state: ServeState, rt: Runtime, seqs: list[_Seq], t0: float, abortable: bool = True
+) -> AsyncIterator[tuple[int, StreamDelta]]:
+    """All sequences at once, as (index, delta) in arrival order. The first error is raised
+    (with `abortable`, also the shutdown's abort error); closing the iterator cancels every
+    sequence (aborting it in the engine)."""
     queue: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
     finished = object()
+    unregister = state.on_abort(lambda error: queue.put_nowait((-1, None, error))) if abortable else None
 
     async def pump(seq: _Seq) -> None:
         try:
@@ -228,6 +236,8 @@ async def _merge(state: ServeState, rt: Runtime, seqs: list[_Seq], t0: float) ->
             else:
                 yield index, delta
     finally:
+        if unregister is not None:
+            unregister()
         for task in tasks:
             task.cancel()
         with anyio.CancelScope(shield=True):
@@ -235,8 +245,9 @@ async def _merge(state: ServeState, rt: Runtime, seqs: list[_Seq], t0: float) ->
 
 
 async def _collect(state: ServeState, rt: Runtime, seqs: list[_Seq], t0: float) -> list[_Result]:
+    """Every sequence to its end; run under `unless_disconnected`, which handles the abort."""
     results = [_Result() for _ in seqs]
-    async with contextlib.aclosing(_merge(state, rt, seqs, t0)) as merged:
+    async with contextlib.aclosing(_merge(state, rt, seqs, t0, abortable=False)) as merged:
         async for index, delta in merged:
             r = results[index]
             r.text += delta.text
@@ -256,17 +267,24 @@ async def _wait_disconnect(request: Request) -> None:
         await asyncio.sleep(0.01)  # a server that keeps sending empty bodies must not spin us
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> tuple[bool, Any]:
-    """Run `work` until done or until the client disconnects (then cancel it). Starlette does
-    not cancel a non-streaming handler on disconnect, so this race is what aborts it."""
+async def unless_disconnected(request: Request, work: Awaitable[Any]) -> tuple[bool, Any]:
+    """Run `work` until done or until the client disconnects (then cancel it; returns
+    `(False, None)`). Starlette does not cancel a non-streaming handler on disconnect, so this
+    race is what aborts it. A shutdown's abort also cancels `work`, and raises its error."""
     job = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
+    aborted: asyncio.Future[APIError] = asyncio.get_running_loop().create_future()
+    unregister = get_state(request).on_abort(lambda error: aborted.done() or aborted.set_result(error))
     try:
-        await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({job, watcher, aborted}, return_when=asyncio.FIRST_COMPLETED)
         if job.done():
             return True, job.result()
+        if aborted.done():
+            raise aborted.result()
         return False, None
     finally:
+        unregister()
+        aborted.cancel()
         for task in (job, watcher):
             task.cancel()
         with anyio.CancelScope(shield=True):
@@ -360,7 +378,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     rt = state.require_runtime()
     state.check_model(body.model)
     body.check_supported()
-    seqs = _sequences(rt, _completion_prompts(rt, body.prompt), body.max_tokens, body, "prompt")
+    seqs = await asyncio.to_thread(lambda: _sequences(rt, _completion_prompts(rt, body.prompt), body.max_tokens, body, "prompt"))
 
     def stream_choice(index: int, text: str, finish_reason: str | None, first: bool) -> dict[str, Any] | None:
         return None if first else {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
@@ -379,8 +397,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     rt = state.require_runtime()
     state.check_model(body.model)
     body.check_supported()
-    prompt = _render_chat(rt, body.messages, body.add_generation_prompt)
-    seqs = _sequences(rt, [rt.tokenize(prompt)], body.requested_max_tokens, body, "messages")
+
+    def prepare() -> list[_Seq]:
+        prompt = _render_chat(rt, body.messages, body.add_generation_prompt)
+        return _sequences(rt, [rt.tokenize(prompt)], body.requested_max_tokens, body, "messages")
+
+    seqs = await asyncio.to_thread(prepare)
 
     def stream_choice(index: int, text: str, finish_reason: str | None, first: bool) -> dict[str, Any] | None:
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
@@ -428,7 +450,7 @@ async def _generate(
         events = _events(state, rt, seqs, t0, body.n, body.include_usage, chunk, usage_chunk, release)
         return EventStreamResponse(events, on_close=release)
     try:
-        done, results = await _unless_disconnected(request, _collect(state, rt, seqs, t0))
+        done, results = await unless_disconnected(request, _collect(state, rt, seqs, t0))
     finally:
         release()
     if not done:
@@ -443,13 +465,15 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state.check_model(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", param="prompt")
-    if body.messages is not None:
-        if not body.messages:
-            raise APIError(400, "messages must not be empty", param="messages")
-        text = _render_chat(rt, body.messages, body.add_generation_prompt)
-    else:
-        text = body.prompt or ""
-    tokens = rt.tokenize(text)
+    if body.messages is not None and not body.messages:
+        raise APIError(400, "messages must not be empty", param="messages")
+
+    def encode() -> list[int]:
+        if body.messages is not None:
+            return rt.tokenize(_render_chat(rt, body.messages, body.add_generation_prompt))
+        return rt.tokenize(body.prompt or "")
+
+    tokens = await asyncio.to_thread(encode)
     return TokenizeResponse(count=len(tokens), max_model_len=rt.engine.max_model_len, tokens=tokens)
 
 
@@ -459,7 +483,11 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     rt = state.require_runtime()
     state.check_model(body.model)
     vocab = rt.engine.model.config.vocab_size
-    bad = [t for t in body.tokens if t >= vocab]
-    if bad:
-        raise APIError(400, f"token ids must be in [0, {vocab}); got {bad[:5]}", param="tokens")
-    return DetokenizeResponse(prompt=rt.detokenize(body.tokens))
+
+    def decode() -> str:
+        bad = [t for t in body.tokens if t >= vocab]
+        if bad:
+            raise APIError(400, f"token ids must be in [0, {vocab}); got {bad[:5]}", param="tokens")
+        return rt.detokenize(body.tokens)
+
+    return DetokenizeResponse(prompt=await asyncio.to_thread(decode))

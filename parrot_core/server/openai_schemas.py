@@ -121,19 +121,20 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """One chat message. `content` is required and never null: without tools (unsupported)
+    no message can do without it."""
+
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Annotated[
-        str | list[TextPart] | None, _one_of("must be a string or a list of text parts {'type': 'text', 'text': ...}")
-    ] = None
+    content: Annotated[str | list[TextPart], _one_of("must be a string or a list of text parts {'type': 'text', 'text': ...}")]
     name: str | None = None
 
     def as_template_input(self) -> dict[str, str]:
         if isinstance(self.content, list):
             text = "".join(part.text for part in self.content)
         else:
-            text = self.content or ""
+            text = self.content
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 

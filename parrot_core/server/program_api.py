@@ -11,6 +11,10 @@ Every session call carries the session's token in the `X-Session-Token` header (
 otherwise). Variable ids are namespaced by session, so a session can never name another
 session's variables: they are 404 there. A variable whose producer failed answers 424 with
 the failure's message. The core lives on the runtime's loop; handlers hop onto it.
+
+A GET whose client goes away stops waiting (so its session can expire); a session the core
+expires loses its token with it (`forget_removed_sessions`, run periodically by the server).
+An output whose `max_tokens` can never fit the model's context is a 400 at submission.
 """
 
 from __future__ import annotations
@@ -19,17 +23,20 @@ import asyncio
 import hmac
 import secrets
 from collections.abc import Coroutine
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from parrot_core.errors import ParrotError, UnknownSessionError
-from parrot_core.errors import InvalidRequestError
+from parrot_core.errors import InvalidRequestError, ParrotError, UnknownSessionError
 from parrot_core.graph import Parameter, PerfCriteria, RequestMetadata
 from parrot_core.serve.executor import output_sampling
 from parrot_core.server.http_errors import ERROR_RESPONSES, APIError
-from parrot_core.server.openai_api import check_api_key, get_state
+from parrot_core.server.openai_api import check_api_key, get_state, unless_disconnected
+
+if TYPE_CHECKING:
+    from parrot_core.frontend.runtime import Runtime
 
 T = TypeVar("T")
 SESSION_HEADER = "x-session-token"
@@ -97,7 +104,8 @@ class OkResponse(_Strict):
 
 
 class ProgramSessions:
-    """Session tokens of the server; the sessions themselves live in the runtime's core."""
+    """Session tokens of the server; the sessions themselves live in the runtime's core. Only
+    touched from the server's event loop."""
 
     def __init__(self) -> None:
         self.tokens: dict[str, str] = {}
@@ -114,10 +122,7 @@ router = APIRouter(dependencies=[Depends(check_api_key)], responses=ERROR_RESPON
 
 
 def _sessions(request: Request) -> ProgramSessions:
-    state = request.app.state
-    if not hasattr(state, "program_sessions"):
-        state.program_sessions = ProgramSessions()
-    return state.program_sessions
+    return request.app.state.program_sessions
 
 
 async def _on_core(request: Request, coro: Coroutine[Any, Any, T]) -> T:
@@ -148,7 +153,7 @@ async def remove_session(request: Request, session_id: str) -> OkResponse:
     sessions.check(session_id, request.headers.get(SESSION_HEADER))
     rt = get_state(request).require_runtime()
     await _on_core(request, rt.core.remove_session(session_id))
-    del sessions.tokens[session_id]
+    sessions.tokens.pop(session_id, None)
     return OkResponse()
 
 
@@ -163,11 +168,11 @@ async def semantic_call(request: Request, body: SemanticCallRequest) -> Semantic
         criteria=PerfCriteria.parse(body.metadata.criteria),
         models=tuple(body.metadata.models),
     )
-    for p in body.parameters:  # validate sampling now: a 400 beats a failed variable later
-        if p.is_output:
-            _check_sampling(p)
 
     async def submit() -> SemanticCallResponse:
+        for p in body.parameters:  # validate outputs now: a 400 beats a failed variable later
+            if p.is_output:
+                _check_output(rt, p, body.metadata.models)
         session = rt.core.session(body.session_id)
         req = session.submit_call(body.template, parameters, metadata, body.literals)
         return SemanticCallResponse(request_id=req.request_id, outputs={k: v.id for k, v in req.outputs.items()})
@@ -227,12 +232,12 @@ async def get_variable(
         try:
             session.activate(sv, PerfCriteria.parse(criteria))
             return await asyncio.wait_for(sv.wait(), timeout)
-        finally:
+        finally:  # also when the client left: cancelling the hop cancels this coroutine
             session.pending_gets -= 1
             session.touch()
 
     try:
-        content = await _on_core(request, fetch())
+        done, content = await unless_disconnected(request, _on_core(request, fetch()))
     except (TimeoutError, asyncio.TimeoutError):
         raise APIError(408, f"variable {var_id!r} was not ready within {timeout} s") from None
     except APIError:
@@ -243,11 +248,49 @@ async def get_variable(
         raise APIError(424, f"variable {var_id!r} failed: {e}", code="variable_failed") from None
     except Exception as e:  # noqa: BLE001 - a producer's own error (e.g. a native function)
         raise APIError(424, f"variable {var_id!r} failed: {type(e).__name__}: {e}", code="variable_failed") from None
+    if not done:
+        return Response(status_code=499)  # nobody is listening
     return VariableResponse(var_id=var_id, content=content)
 
 
-def _check_sampling(p: ParameterSpec) -> None:
+def _check_output(rt: Runtime, p: ParameterSpec, models: list[str]) -> None:
+    """400 for bad sampling options, or a `max_tokens` that no engine able to run the call
+    could ever fit (the prompt takes at least one token). Runs on the core's loop."""
     try:
-        output_sampling(p.sampling_config or {})
+        params = output_sampling(p.sampling_config or {})
     except InvalidRequestError as e:
         raise APIError(400, f"output {p.name!r}: {e}", param="sampling_config") from None
+    lengths = [
+        getattr(engine, "max_model_len", None)
+        for engine in rt.core.engines.values()
+        if not models or engine.model_name in models
+    ]
+    limit = max((n for n in lengths if n is not None), default=None)
+    if limit is not None and params.max_tokens >= limit:
+        raise APIError(
+            400,
+            f"output {p.name!r}: This model's maximum context length is {limit} tokens. However, max_tokens is"
+            f" {params.max_tokens}, which leaves no room for the prompt. Please reduce max_tokens.",
+            param="sampling_config",
+        )
+
+
+async def forget_removed_sessions(app: FastAPI) -> list[str]:
+    """Drop the tokens of sessions the core no longer has (it expired them while idle);
+    returns their ids. Run on the server's loop."""
+    sessions: ProgramSessions = app.state.program_sessions
+    rt = app.state.serve.runtime
+    if rt is None or rt.closed or not sessions.tokens:
+        return []
+    # A token is added only once its session exists, so one known now whose session is
+    # missing from the core afterwards belongs to a removed session.
+    known = list(sessions.tokens)
+
+    async def live() -> set[str]:
+        return set(rt.core.sessions)
+
+    alive = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(live(), rt._loop))
+    gone = [sid for sid in known if sid not in alive]
+    for sid in gone:
+        sessions.tokens.pop(sid, None)
+    return gone

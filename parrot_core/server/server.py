@@ -1,6 +1,11 @@
 """Running the app: `serve(settings)` loads the model while uvicorn already answers (so
 `/health` is 503 until it is loaded), logs a stats line every `log_stats_interval` seconds and,
 while no request is in flight, checks the runtime's invariants (an ERROR log on violation).
+
+Shutdown drains (SIGTERM or SIGINT, or `Server.begin_shutdown()`): new requests get 503 at
+once, requests in flight get `shutdown_grace_seconds` to finish, then the rest are aborted
+(a 503, or in a stream an error event and `data: [DONE]`), and only then does uvicorn stop.
+A second signal ends the grace period at once. After a drained shutdown the process exits 0.
 """
 
 from __future__ import annotations
@@ -11,15 +16,21 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
 from parrot_core.frontend.runtime import Runtime
 from parrot_core.server.app import ServeState, create_app
+from parrot_core.server.http_errors import APIError
+from parrot_core.server.program_api import forget_removed_sessions
 from parrot_core.server.settings import ServeSettings
 
 log = logging.getLogger("parrot_core.server")
+
+SESSION_SWEEP_S = 10.0  # at most this long between forgetting the tokens of expired sessions
+ABORTED_WAIT_S = 10.0  # how long aborted requests get to end their responses
 
 
 def build_runtime(settings: ServeSettings) -> Runtime:
@@ -112,20 +123,41 @@ class StatsLogger:
                 log.exception("stats logging failed")
 
 
+class _DrainingUvicorn(uvicorn.Server):
+    """uvicorn whose SIGINT/SIGTERM call `on_signal` (which drains, then stops it) instead of
+    stopping at once, and which does not re-raise the signal once it has stopped. A signal
+    after the drain, while uvicorn closes its connections, forces the exit as uvicorn's does."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_signal = on_signal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            self.force_exit = True
+        else:
+            self._on_signal()
+
+
 class Server:
-    """uvicorn over `app` plus its stats logger. `run()` is a coroutine; `start_in_thread()`
-    runs it in a daemon thread and returns once the port is bound (for tests and embedding)."""
+    """uvicorn over `app` plus its stats logger and session sweeper. `run()` is a coroutine;
+    `start_in_thread()` runs it in a daemon thread and returns once the port is bound (for
+    tests and embedding). `begin_shutdown()` drains then stops; `stop()` stops at once."""
 
     def __init__(self, app: FastAPI, settings: ServeSettings, log_level: str = "info") -> None:
         self.app = app
         self.settings = settings
         self.state: ServeState = app.state.serve
         self.stats = StatsLogger(self.state)
+        # uvicorn's own graceful timeout only backs up the drain, which ends every request first
         config = uvicorn.Config(
             app, host=settings.host, port=settings.port, log_level=log_level, lifespan="off", timeout_graceful_shutdown=10
         )
-        self.uvicorn = uvicorn.Server(config)
+        self.uvicorn = _DrainingUvicorn(config, self.begin_shutdown)
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task[None] | None = None
+        self._grace_cut = False  # a second shutdown request ends the grace period
 
     @property
     def port(self) -> int:
@@ -139,7 +171,8 @@ class Server:
     async def run(self, load: Callable[[], Runtime] | None = None) -> None:
         """Serve until `stop()`. With `load`, the runtime is built in a thread meanwhile (a
         failure stops the server and is re-raised)."""
-        tasks = []
+        self._loop = asyncio.get_running_loop()
+        tasks = [asyncio.create_task(self._sweep_sessions())]
         if self.settings.log_stats_interval > 0:
             tasks.append(asyncio.create_task(self.stats.run(self.settings.log_stats_interval)))
         failure: list[BaseException] = []
@@ -158,6 +191,8 @@ class Server:
         try:
             await self.uvicorn.serve()
         finally:
+            if self._drain is not None:
+                tasks.append(self._drain)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -165,7 +200,60 @@ class Server:
             raise failure[0]
 
     def stop(self) -> None:
+        """Stop at once (requests in flight are cut off); see `begin_shutdown`."""
         self.uvicorn.should_exit = True
+
+    def begin_shutdown(self) -> None:
+        """Drain, then stop; returns at once, from any thread (or a signal handler). New
+        requests get 503, requests in flight get `shutdown_grace_seconds` to finish, then the
+        rest are aborted. Called again while draining, it ends the grace period now."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self.stop()
+            return
+        loop.call_soon_threadsafe(self._shutdown_requested)
+
+    def _shutdown_requested(self) -> None:
+        if self._drain is None:
+            self._drain = asyncio.create_task(self._drain_then_stop())
+        else:
+            self._grace_cut = True
+
+    async def _drain_then_stop(self) -> None:
+        state, grace = self.state, self.settings.shutdown_grace_seconds
+        state.draining = True
+        log.info("shutting down: new requests get 503; %d sequence(s) in flight get up to %g s to finish", state.in_flight, grace)
+        try:
+            if not await self._until_idle(grace):
+                error = APIError(503, "the server is shutting down: this request was aborted when the shutdown grace period ended")
+                aborted = state.abort_all(error)
+                log.warning("shutting down: aborted %d request(s) still running when the grace period ended", aborted)
+                if not await self._until_idle(ABORTED_WAIT_S, stoppable=False):
+                    log.error("shutting down: %d sequence(s) still in flight after being aborted", state.in_flight)
+        finally:
+            self.uvicorn.should_exit = True
+
+    async def _until_idle(self, timeout: float, stoppable: bool = True) -> bool:
+        """Wait until no request is in flight (True), or `timeout` or, if `stoppable`, a
+        second shutdown request (False)."""
+        deadline = time.monotonic() + timeout
+        while self.state.busy:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (stoppable and self._grace_cut):
+                return False
+            await asyncio.sleep(min(0.05, remaining))
+        return True
+
+    async def _sweep_sessions(self) -> None:
+        """Forget the tokens of program sessions the core expired, until cancelled."""
+        while True:
+            rt = self.state.runtime
+            timeout = rt.core.session_timeout if rt is not None else None
+            await asyncio.sleep(max(0.1, min(SESSION_SWEEP_S, timeout / 2)) if timeout else SESSION_SWEEP_S)
+            try:
+                await forget_removed_sessions(self.app)
+            except Exception:  # the sweeper must never take the server down
+                log.exception("forgetting expired sessions failed")
 
     def start_in_thread(self, timeout: float = 30) -> Server:
         self._thread = threading.Thread(target=lambda: asyncio.run(self.run()), name="parrot-serve", daemon=True)

@@ -21,6 +21,7 @@ import typer
 from parrot_core.errors import InvalidRequestError
 
 ENV_PREFIX = "PARROT_CORE_"
+DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 1024 * 1024
 
 
 def _doc(text: str, *, argument: bool = False) -> dict[str, Any]:
@@ -48,6 +49,13 @@ class ServeSettings:
     )
     log_stats_interval: float = field(default=10.0, metadata=_doc("Seconds between stats log lines and idle self-checks; 0 disables."))
     session_timeout: float = field(default=600.0, metadata=_doc("Seconds after which an idle program session (no call, no pending get) is removed."))
+    max_request_body_bytes: int = field(
+        default=DEFAULT_MAX_REQUEST_BODY_BYTES, metadata=_doc("Largest request body in bytes (default 8 MiB); a bigger one gets HTTP 413.")
+    )
+    shutdown_grace_seconds: float = field(
+        default=30.0,
+        metadata=_doc("On SIGTERM/SIGINT: seconds requests in flight get to finish (new ones get 503) before the rest are aborted."),
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -58,6 +66,10 @@ class ServeSettings:
             raise InvalidRequestError(f"session_timeout must be > 0, got {self.session_timeout}")
         if self.log_stats_interval < 0:
             raise InvalidRequestError(f"log_stats_interval must be >= 0, got {self.log_stats_interval}")
+        if self.max_request_body_bytes < 1:
+            raise InvalidRequestError(f"max_request_body_bytes must be >= 1, got {self.max_request_body_bytes}")
+        if self.shutdown_grace_seconds < 0:
+            raise InvalidRequestError(f"shutdown_grace_seconds must be >= 0, got {self.shutdown_grace_seconds}")
         self.engine_config()  # validates the engine fields now, not when the model is loaded
 
     def engine_config(self) -> Any:

@@ -65,15 +65,16 @@ def settle(rt: Runtime, timeout: float = 10.0) -> dict[str, float]:
 
 @pytest.fixture
 def make_runtime(real_model, tiny_text_llama) -> Iterator[Callable[..., Runtime]]:
-    """Factory: `make_runtime(delay=0.0, **engine_config)` -> a Runtime over the tiny model
-    (max_model_len 256, 128 blocks of 16). Every runtime is checked for leaks, then closed."""
+    """Factory: `make_runtime(delay=0.0, session_timeout=None, **engine_config)` -> a Runtime
+    over the tiny model (max_model_len 256, 128 blocks of 16). Every runtime is checked for
+    leaks, then closed."""
     made: list[Runtime] = []
 
-    def make(delay: float = 0.0, **overrides: Any) -> Runtime:
+    def make(delay: float = 0.0, session_timeout: float | None = None, **overrides: Any) -> Runtime:
         config = dict(block_size=16, num_kv_blocks=128, max_model_len=TINY_MAX_LEN, max_num_seqs=8, max_num_batched_tokens=256)
         model = SlowModel(tiny_text_llama, delay) if delay else tiny_text_llama
         engine = BuiltinEngine(model, real_model.tokenizer, EngineConfig(**{**config, **overrides}), "tiny")  # type: ignore[arg-type]
-        rt = Runtime(engine=engine)
+        rt = Runtime(engine=engine, session_timeout=session_timeout)
         made.append(rt)
         return rt
 

@@ -44,6 +44,13 @@ def test_env_then_overrides():
         ServeSettings(block_size=0)
     with pytest.raises(InvalidRequestError, match="unknown settings"):
         ServeSettings.from_env({}, gpu_memory_utilization=0.9)
+    s = ServeSettings.from_env({"PARROT_CORE_MAX_REQUEST_BODY_BYTES": "1000", "PARROT_CORE_SHUTDOWN_GRACE_SECONDS": "2.5"})
+    assert s.max_request_body_bytes == 1000 and s.shutdown_grace_seconds == 2.5
+    assert ServeSettings().max_request_body_bytes == 8 * 1024 * 1024 and ServeSettings().shutdown_grace_seconds == 30
+    with pytest.raises(InvalidRequestError, match="max_request_body_bytes"):
+        ServeSettings(max_request_body_bytes=0)
+    with pytest.raises(InvalidRequestError, match="shutdown_grace_seconds"):
+        ServeSettings(shutdown_grace_seconds=-1)
 
 
 def test_cli_flags_beat_env(monkeypatch):
@@ -53,13 +60,15 @@ def test_cli_flags_beat_env(monkeypatch):
     monkeypatch.setenv("PARROT_CORE_API_KEY", "from-env")
     args = ["serve", "model.gguf", "--port", "9", "--no-enable-prefix-caching", "--max-num-seqs", "3",
             "--max-model-len", "1024", "--served-model-name", "m", "--block-size", "32", "--num-kv-blocks", "100",
-            "--max-num-batched-tokens", "512", "--host", "127.0.0.1"]
+            "--max-num-batched-tokens", "512", "--host", "127.0.0.1", "--max-request-body-bytes", "4096",
+            "--shutdown-grace-seconds", "5"]
     result = CliRunner().invoke(cli_app, args)
     assert result.exit_code == 0, result.output
     (s,) = got
     assert s.model == "model.gguf" and s.port == 9 and s.enable_prefix_caching is False
     assert s.max_num_seqs == 3 and s.api_key == "from-env" and s.max_model_len == 1024
     assert (s.served_model_name, s.block_size, s.num_kv_blocks, s.max_num_batched_tokens) == ("m", 32, 100, 512)
+    assert (s.max_request_body_bytes, s.shutdown_grace_seconds) == (4096, 5.0)
 
     got.clear()
     result = CliRunner().invoke(cli_app, ["serve", "--api-key", "flag"])
