@@ -153,7 +153,7 @@ def _completion_prompts(rt: Runtime, prompt: Any) -> list[list[int]]:
         raise APIError(400, "prompt must not be an empty list", param="prompt")
     if all(isinstance(t, int) for t in prompt):
         return [list(prompt)]
-    return [rt.tokenize(p) if isinstance(p, str) else list(p) for p in prompt]
+    return [rt.tokenize_prompt(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
 def _render_chat(rt: Runtime, messages: list[ChatMessage], add_generation_prompt: bool) -> str:

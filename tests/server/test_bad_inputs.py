@@ -175,7 +175,7 @@ def test_server_stays_healthy_after_every_bad_request(client):
 
 
 def test_unexpected_exception_is_a_500_and_the_server_keeps_serving(client, tiny_runtime, monkeypatch):
-    real = tiny_runtime.tokenize
+    real = tiny_runtime.tokenize_prompt
     calls = {"n": 0}
 
     def flaky(text: str) -> list[int]:
@@ -184,7 +184,7 @@ def test_unexpected_exception_is_a_500_and_the_server_keeps_serving(client, tiny
             raise RuntimeError("boom")
         return real(text)
 
-    monkeypatch.setattr(tiny_runtime, "tokenize", flaky)
+    monkeypatch.setattr(tiny_runtime, "tokenize_prompt", flaky)
     err = assert_error(client.post("/v1/completions", json=GOOD_COMPLETION), 500)
     assert err["type"] == "server_error" and "boom" not in err["message"]
     assert_healthy(client)

@@ -82,7 +82,7 @@ def test_the_default_limit_refuses_a_10_mb_prompt_at_once(tiny_runtime, start_se
 
 
 GATED = [
-    ("tokenize", "/v1/completions", {"prompt": "Hello there", "max_tokens": 2}),
+    ("tokenize_prompt", "/v1/completions", {"prompt": "Hello there", "max_tokens": 2}),
     ("apply_chat_template", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
     ("tokenize", "/tokenize", {"prompt": "Hello there"}),
     ("apply_chat_template", "/tokenize", {"messages": [{"role": "user", "content": "Hi"}]}),

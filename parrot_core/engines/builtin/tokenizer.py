@@ -66,7 +66,9 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, with no BOS/EOS added (a piece inside a sequence)."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        # The batch call releases the GIL while it works, so a server's event loop keeps
+        # answering while a worker thread tokenizes a huge prompt (`encode` holds the GIL).
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of `text` as the start of a sequence: with the model's BOS first if the
@@ -77,7 +79,7 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._tok.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
