@@ -9,6 +9,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from parrot_core.errors import ContextFailedError
+from parrot_core.graph.variable import shielded
 
 
 class ContextScope(str, enum.Enum):
@@ -108,4 +109,4 @@ class Context:
     async def wait_ready(self) -> bool:
         """True once filled; False if the claimer gave up (claim it then); raises
         `ContextFailedError` if the fill failed."""
-        return await asyncio.shield(asyncio.wrap_future(self._ready))
+        return await shielded(self._ready)

@@ -309,13 +309,27 @@ class ServeCoreContextManager:
             if node.pinned:
                 pinned_ids.add(node.context_id)
             stack.extend(self.contexts[c] for c in node.children)
-        if not pinned_ids:
+        self._drop_pins(pinned_ids)
+
+    def abandon_fill(self, ctx: Context, num_tokens: int) -> None:
+        """R3: the claimer of `ctx` gave up without a verdict (it was cancelled, or its fill
+        ran together with other contexts and failed). Takes back the `num_tokens` it recorded
+        and drops the pin (a context nobody filled is not kept; the next hit pins it again);
+        the context is not failed: the next task that needs it claims it and fills it alone."""
+        self.record_fill(ctx, -num_tokens)
+        if ctx.pinned:
+            self._drop_pins({ctx.context_id})
+        ctx.unclaim()
+
+    def _drop_pins(self, context_ids: set[int]) -> None:
+        """Unpin these contexts (every variable they are pinned for)."""
+        if not context_ids:
             return
         for var_id, pinned in list(self.constant_prefix_contexts.items()):
-            unpinned = [c for c in pinned if c.context_id in pinned_ids]
+            unpinned = [c for c in pinned if c.context_id in context_ids]
             if not unpinned:
                 continue
-            pinned[:] = [c for c in pinned if c.context_id not in pinned_ids]
+            pinned[:] = [c for c in pinned if c.context_id not in context_ids]
             if not pinned:
                 del self.constant_prefix_contexts[var_id]
                 del self._pin_last_used[var_id]

@@ -7,7 +7,7 @@ import concurrent.futures
 import enum
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from parrot_core.errors import VariableAlreadySetError
 
@@ -32,6 +32,19 @@ class PerfCriteria(str, enum.Enum):
 
             choices = ", ".join(c.value for c in cls)
             raise InvalidRequestError(f"unknown criteria {value!r}; expected one of: {choices}") from None
+
+
+T = TypeVar("T")
+
+
+async def shielded(future: concurrent.futures.Future[T]) -> T:
+    """Await a thread-safe future from a loop; cancelling the awaiting task leaves the future
+    alone (a bare `wrap_future` would cancel it). The loop-side copy's outcome is always
+    retrieved, so a waiter that was cancelled leaves no 'exception was never retrieved' error
+    behind when the future later fails."""
+    inner = asyncio.wrap_future(future)
+    inner.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return await asyncio.shield(inner)
 
 
 class SemanticVariable:
@@ -110,8 +123,9 @@ class SemanticVariable:
         return await asyncio.wait_for(self.wait(), timeout)
 
     async def wait(self) -> str:
-        """Await the value without activating anything (used inside the graph executor)."""
-        return await asyncio.shield(asyncio.wrap_future(self._future))
+        """Await the value without activating anything (used inside the graph executor).
+        Cancelling the wait never cancels the variable."""
+        return await shielded(self._future)
 
     def add_done_callback(self, fn: Callable[[SemanticVariable], None]) -> None:
         self._future.add_done_callback(lambda _f: fn(self))

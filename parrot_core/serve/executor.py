@@ -197,8 +197,7 @@ class ChainExecutor:
                 engine.free_context(last.context_id)  # drop whatever the engine computed: refilled from scratch
             for ctx, toks in run:
                 if not ctx.is_ready:
-                    core.contexts.record_fill(ctx, -len(toks))
-                    ctx.unclaim()
+                    core.contexts.abandon_fill(ctx, len(toks))
             raise
 
     # -- native functions ----------------------------------------------------------------

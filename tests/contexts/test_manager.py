@@ -203,6 +203,38 @@ def test_r3_failed_constant_prefix_fill_leaves_no_ghost(env):
     assert_children_freed_first(engines["e0"].freed, contexts)
 
 
+def test_r3_an_abandoned_fill_hands_the_context_to_the_next_waiter(env):
+    """A claimer that gives up without a verdict (cancelled, or its fused run failed) does not
+    fail the context: its tokens are taken back, the pin goes (nothing was computed), the key
+    stays, and a waiter claims the context and fills it alone."""
+    mgr, engines, _ = env
+    t1 = task("t1", [SYS, DOC, gen("a")])
+    a = mgr.set_task_contexts(t1)
+    b = mgr.set_task_contexts(task("t2", [SYS, gen("b")]))
+    sys_ctx = a[0]
+    assert b[0] is sys_ctx and sys_ctx.claim()
+    mgr.record_fill(sys_ctx, 30)
+
+    async def main():
+        waiter = asyncio.create_task(sys_ctx.wait_ready())
+        await asyncio.sleep(0)
+        mgr.abandon_fill(sys_ctx, 30)
+        assert await asyncio.wait_for(waiter, 5) is False  # not failed: claim it now
+        assert sys_ctx.claim()
+        mgr.record_fill(sys_ctx, 30)
+        sys_ctx.mark_ready()
+        assert await sys_ctx.wait_ready() is True
+
+    asyncio.run(main())
+    assert sys_ctx.tokens_num == 30 and not sys_ctx.pinned and not sys_ctx.is_failed
+    assert sys_ctx.context_id in {cid for _, cid in mgr.prefix_caches["e0"].items()}
+    mgr.check_invariants()
+    mgr.free_task_contexts(t1)
+    mgr.free_task_contexts(task("t2", []))
+    assert mgr.contexts == {}  # no pin kept the never-pinned-again context alive
+    mgr.check_invariants()
+
+
 def test_r3_failed_fill_unpins_only_its_own_subtree(env):
     mgr, _, _ = env
     on_e0 = mgr.set_task_contexts(task("t1", [SYS, DOC, gen("a")], engine="e0"))

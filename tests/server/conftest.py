@@ -81,8 +81,8 @@ def make_runtime(real_model, tiny_text_llama) -> Iterator[Callable[..., Runtime]
     yield make
     try:
         for rt in made:
-            if not rt.closed:
-                settle(rt)
+            assert not rt.closed, "the fixture closes its runtimes, after the leak check"
+            settle(rt)
     finally:
         for rt in made:
             rt.close()
