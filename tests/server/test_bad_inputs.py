@@ -68,6 +68,7 @@ COMPLETION_CASES = [
     ({"top_p": 0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
     ({"top_k": "ten"}, "top_k"),
+    ({"top_k": -5}, "top_k"),
     ({"seed": 2**70}, "seed"),
     ({"seed": "s"}, "seed"),
     ({"stream_options": {"include_usage": "yes"}, "stream": True}, "include_usage"),
