@@ -11,9 +11,12 @@
         out = rt.generate("The capital of France is", max_tokens=8, temperature=0.0)
         root = rt.new_context(); root.fill("shared prompt")
         a = root.fork(); a.fill(" question"); a.generate(max_tokens=16)
+        with rt.chat(system="You are terse.") as chat:   # keeps its KV across turns
+            chat.send("Hi!", max_tokens=32); chat.send("Again?", max_tokens=32)
 """
 
 from parrot_core import errors, graph
+from parrot_core.chat import ChatSession, ChatSessionConfig, ChatSessionManager
 from parrot_core.engines.base import SamplingParams
 from parrot_core.frontend.function import Input, Output, native_function, semantic_function, variable
 from parrot_core.frontend.remote import connect
@@ -28,6 +31,9 @@ __version__ = "0.1.0"
 __all__ = [
     "LATENCY",
     "THROUGHPUT",
+    "ChatSession",
+    "ChatSessionConfig",
+    "ChatSessionManager",
     "ContextHandle",
     "GenerateOutput",
     "Input",

@@ -15,6 +15,7 @@ ALLOWED = {
     "engines": set(),  # engines/builtin knows nothing above the engine protocol (engines/base)
     "serve": {"graph", "contexts", "engines.base"},
     "frontend": {"graph", "contexts", "engines", "serve"},
+    "chat": {"graph", "contexts", "engines.base", "serve", "frontend"},  # beside frontend, above it
     "server": {"graph", "contexts", "engines", "serve", "frontend", "parrot_core"},  # the top layer
 }
 

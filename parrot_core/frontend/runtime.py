@@ -13,9 +13,9 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -69,6 +69,10 @@ class GenerateOutput:
 
 
 class Runtime:
+    # Chat sessions live in `parrot_core.chat`, a layer above this one; importing it (as
+    # `import parrot_core` does) sets this to its `ChatSessionManager`.
+    _chat_manager_factory: ClassVar[Callable[[Runtime], Any] | None] = None
+
     def __init__(
         self,
         model: str | None = None,
@@ -118,6 +122,8 @@ class Runtime:
         self.session = self.core.create_session("local", weak_variables=True)  # callers hold their variables
         self.session.permanent = True
         self._closed = False
+        self._chat_sessions: Any = None
+        self._chat_lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self.core.bind_loop(self._loop)
         self._thread = threading.Thread(target=self._loop.run_forever, name="parrot-runtime", daemon=True)
@@ -147,6 +153,8 @@ class Runtime:
         Idempotent."""
         if self._closed:
             return
+        if self._chat_sessions is not None:
+            self._chat_sessions.close()  # frees their KV while the loop still runs
         self._closed = True
         try:
             asyncio.run_coroutine_threadsafe(self.core.close(), self._loop).result(timeout=60)
@@ -358,6 +366,24 @@ class Runtime:
             self.contexts.free_context(ctx)
             raise
         return ContextHandle(self, ctx)
+
+    # -- chat sessions (parrot_core.chat) -----------------------------------------------------
+    @property
+    def chat_sessions(self) -> Any:
+        """This runtime's chat sessions: a `P.ChatSessionManager`, made on first use."""
+        with self._chat_lock:
+            if self._chat_sessions is None:
+                if self._closed:
+                    raise RuntimeClosedError("this Runtime is closed")
+                if Runtime._chat_manager_factory is None:
+                    raise InvalidRequestError("chat sessions need parrot_core.chat: `import parrot_core` loads it")
+                self._chat_sessions = Runtime._chat_manager_factory(self)
+            return self._chat_sessions
+
+    def chat(self, system: str | None = None, session_id: str | None = None, config: Any = None) -> Any:
+        """A new `P.ChatSession` (with `system` as its system prompt, `session_id` or a new
+        id, a `P.ChatSessionConfig`): a conversation that keeps its KV across turns."""
+        return self.chat_sessions.create_session(system=system, session_id=session_id, config=config)
 
     # -- introspection -----------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
