@@ -27,6 +27,17 @@ users (a constant prefix); under memory pressure its KV is evicted after other i
 Optional: `split(context_id, source_id, drop_last)` creates a context holding the source's
 tokens except its last `drop_last`, sharing their KV. With it the serve layer fills a run of
 new contexts with one fill (one forward pass) into the last of them and carves out the rest.
+
+Optional, saving and restoring contexts (the builtin engine: `engines/builtin/kv_io.py` holds
+the file format and the `ContextKV` / `KVSpec` types):
+- `kv_spec`: what a saved context must match to be imported (model fingerprint, KV dtype and
+  shape). KV travels per token, so the block size need not match.
+- `export_context(context_id) -> ContextKV`: the context's whole token sequence (ancestors
+  included), its KV and the hidden state its next token is sampled from. Evicted KV is
+  recomputed first; a context a request is running on is refused (`InvalidRequestError`).
+- `import_context(context_id, kv)`: create a root context holding those tokens with that KV,
+  nothing computed, its full blocks registered in the prefix cache like computed ones. Atomic.
+- `reset_prefix_cache() -> int`: forget the cached prefixes of blocks nothing holds.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from parrot_core.contexts import Context
@@ -11,7 +12,8 @@ if TYPE_CHECKING:
 
 
 class ContextHandle:
-    """A forkable KV context. Blocking methods; `with` frees it on exit."""
+    """A forkable KV context. Blocking methods; `with` frees it on exit. After the runtime's
+    `reset()` the context is gone: methods raise `UnknownContextError`, `with` exits quietly."""
 
     def __init__(self, runtime: Runtime, ctx: Context) -> None:
         self._rt = runtime
@@ -25,7 +27,7 @@ class ContextHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._open and not self._rt.closed:
+        if self._open and not self._rt.closed and self._ctx.alive:
             self.free()
 
     @property
@@ -59,6 +61,12 @@ class ContextHandle:
 
         params = _sampling_params(max_tokens, sampling)
         return self._rt._run(self._rt._generate_in(self._ctx, params))
+
+    def save(self, path: str | os.PathLike[str]) -> int:
+        """Write this context's tokens (its whole sequence, ancestors included) and their KV to
+        `path` (safetensors); `Runtime.load_context(path)` brings them back in this or any
+        runtime on the same model. Returns the tokens saved."""
+        return self._rt.save_context(self, path)
 
     def free(self) -> None:
         """Release this handle; the KV goes once no child context needs it."""

@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
+import os
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -23,12 +26,14 @@ from parrot_core.contexts import Context
 from parrot_core.engines.base import SamplingParams
 from parrot_core.engines.builtin.config import EngineConfig
 from parrot_core.engines.builtin.engine import BuiltinEngine
-from parrot_core.errors import InvalidRequestError, RuntimeClosedError
+from parrot_core.errors import InvalidRequestError, InvariantError, RuntimeClosedError, UnknownContextError
 from parrot_core.graph import NativeFuncNode, Parameter, PerfCriteria, RequestMetadata, SemanticVariable
+from parrot_core.frontend import saved_contexts
 from parrot_core.frontend.handle import ContextHandle
 from parrot_core.serve.core import ServeCore
 from parrot_core.serve.scheduler import SchedTask
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Prompt = str | Sequence[int]
 ENGINE_ID = "builtin-0"
@@ -69,6 +74,29 @@ class GenerateOutput:
 
 
 class Runtime:
+    """The in-process core: one engine's KV pool, the serve layer's contexts and the local
+    program session, behind blocking methods (and `a`-prefixed async forms).
+
+    Lifecycle (cyllama's context lifecycle, for a runtime that serves many contexts):
+    - The KV pool is allocated once, when the engine is built, and reused for the runtime's
+      whole life: contexts take and give back blocks; nothing is ever reallocated.
+    - `flush_cache()` forgets the cached KV that nothing holds (the analogue of
+      `kv_cache_clear()`); `reset()` drops every context, session and cached prefix while the
+      model and the pool stay (the analogue of `reset_context()`).
+    - `close()` is idempotent and `with` closes. A runtime dropped without `close()` is closed
+      when it is garbage collected, and one still open at interpreter exit is closed before
+      the interpreter shuts down; neither raises nor prints.
+    - A closed runtime refuses work: every method that needs its engine or loop (generate,
+      streams, the context API and handles, programs, stats, check_invariants, flush_cache,
+      reset, save and load, a new `with` block) raises `RuntimeClosedError`; `close()` is a
+      no-op. The pure tokenizer helpers (tokenize, detokenize, tokenize_prompt,
+      apply_chat_template) hold no resource and keep working; attributes (`closed`, `engine`,
+      `core`, `contexts`) stay readable.
+
+    Contexts saved with `ContextHandle.save(path)` / `save_context` come back, in this or any
+    runtime on the same model, with `load_context(path)` (engines/builtin/kv_io.py).
+    """
+
     # Chat sessions live in `parrot_core.chat`, a layer above this one; importing it (as
     # `import parrot_core` does) sets this to its `ChatSessionManager`.
     _chat_manager_factory: ClassVar[Callable[[Runtime], Any] | None] = None
@@ -128,16 +156,14 @@ class Runtime:
         self.core.bind_loop(self._loop)
         self._thread = threading.Thread(target=self._loop.run_forever, name="parrot-runtime", daemon=True)
         self._thread.start()
-        self._loop.call_soon_threadsafe(self._tick)
-
-    def _tick(self) -> None:
-        """Expire idle constant prefixes now and then (on the loop; no busy loop)."""
-        if not self._closed:
-            self._loop.create_task(self.core.expire())
-            self._loop.call_later(EXPIRY_PERIOD_S, self._tick)
+        # Only a weak reference lives on the loop, so a runtime nobody holds is collected.
+        self._finalizer = weakref.finalize(self, _release, self._loop, self.core, self._thread)
+        self._loop.call_soon_threadsafe(_tick, weakref.ref(self))
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> Runtime:
+        if self._closed:
+            raise RuntimeClosedError("this Runtime is closed")
         _CURRENT.append(self)
         return self
 
@@ -156,15 +182,51 @@ class Runtime:
         if self._chat_sessions is not None:
             self._chat_sessions.close()  # frees their KV while the loop still runs
         self._closed = True
-        try:
-            asyncio.run_coroutine_threadsafe(self.core.close(), self._loop).result(timeout=60)
-        finally:
-            for engine in self.core.engines.values():
-                engine.close()
-            asyncio.run_coroutine_threadsafe(_finish_tasks(CLOSE_GRACE_S), self._loop).result(timeout=CLOSE_GRACE_S + 30)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=30)
-            self._loop.close()
+        if self._finalizer.detach() is not None:  # closing now: garbage collection has nothing left to do
+            _shutdown(self._loop, self.core, self._thread)
+
+    def flush_cache(self) -> int:
+        """Forget the cached KV that nothing holds (free blocks keep no prefix for later hits),
+        the analogue of `kv_cache_clear()`. Contexts, handles and pinned prefixes keep theirs.
+        Returns how many blocks were forgotten."""
+        return self._run(self._flush_cache())
+
+    async def _flush_cache(self) -> int:
+        return sum([await asyncio.to_thread(e.reset_prefix_cache) for e in self.core.engines.values()])
+
+    def reset(self) -> None:
+        """Drop every context, session and cached prefix while the model and the KV pool stay
+        (the analogue of `reset_context()`): chat sessions are closed, program sessions removed
+        (their pending outputs fail), constant-prefix pins dropped, every held context released
+        (handles from before are dead: their methods raise `UnknownContextError`, `with`
+        exits quietly), and the prefix cache forgotten. The local program session starts
+        afresh (variables from before belong to the removed one). Work in flight is aborted:
+        a generation ends with finish_reason "abort", a fill fails. Afterwards no context is
+        live, every block is free, and the runtime works as new (counters keep counting)."""
+        if self._closed:
+            raise RuntimeClosedError("this Runtime is closed")
+        if self._chat_sessions is not None:
+            self._chat_sessions.close()  # the manager stays usable
+        self._run(self._reset())
+
+    async def _reset(self) -> None:
+        for sid in list(self.core.sessions):
+            await self.core.remove_session(sid)
+        self.session = self.core.create_session("local", weak_variables=True)
+        self.session.permanent = True
+        for var_id in list(self.contexts.constant_prefix_contexts):
+            self.contexts.free_constant_prefix_contexts(var_id)
+            if var_id in self.core.constants:
+                self.core.constants.remove(var_id)
+        # What is left is held by handles (the context API, plain generations in flight);
+        # children have larger ids than their parents, so they are released first.
+        for ctx in sorted(self.contexts.contexts.values(), key=lambda c: -c.context_id):
+            if ctx.alive:
+                with contextlib.suppress(UnknownContextError):  # held by no handle: its children's
+                    self.contexts.free_context(ctx)
+        if self.contexts.contexts:
+            raise InvariantError(f"reset() left contexts held by something else: {sorted(self.contexts.contexts)}")
+        await self._flush_cache()  # after the engines' frees, which were posted before it
 
     @property
     def closed(self) -> bool:
@@ -288,7 +350,8 @@ class Runtime:
                     async for delta in deltas:
                         yield StreamDelta(delta.token_ids, delta.text, delta.finish_reason, len(prompt_ids), delta.cached_tokens)
             finally:
-                self.contexts.free_context(ctx)
+                if ctx.alive:  # reset() may have released it already
+                    self.contexts.free_context(ctx)
 
     async def _stream_in(self, ctx: Context, params: SamplingParams, prompt_ids: Sequence[int] = ()) -> AsyncIterator[Any]:
         """Generate in `ctx` itself, after `prompt_ids` (already recorded): the sampled tokens
@@ -317,6 +380,8 @@ class Runtime:
         work); returns how many came from the prefix cache."""
         work = SchedTask(None, [len(prompt_ids)], 0, required_engine=ctx.engine_id, prior_tokens=ctx.chain_tokens)
         async with self.core.scheduler.admit(work):
+            if not ctx.alive:  # freed, or dropped by reset(): the engine must not create it anew
+                raise UnknownContextError(f"context {ctx.context_id} is not alive (freed, or dropped by reset())")
             result = await self.engine.fill(ctx.context_id, ctx.parent_context_id, prompt_ids)
             self.contexts.record_fill(ctx, len(prompt_ids))
             return result.cached_tokens
@@ -385,6 +450,33 @@ class Runtime:
         id, a `P.ChatSessionConfig`): a conversation that keeps its KV across turns."""
         return self.chat_sessions.create_session(system=system, session_id=session_id, config=config)
 
+    # -- saving and restoring contexts ----------------------------------------------------------
+    def save_context(self, context: ContextHandle | Context, path: str | os.PathLike[str]) -> int:
+        """Write a context's tokens (its whole sequence, ancestors included) and their KV to
+        `path` as a safetensors file (format: engines/builtin/kv_io.py); KV that was evicted is
+        recomputed first. The context must not be generating. Returns the tokens saved."""
+        ctx = context.context if isinstance(context, ContextHandle) else context
+        return self._run(saved_contexts.save_context(self, ctx, path))
+
+    async def asave_context(self, context: ContextHandle | Context, path: str | os.PathLike[str]) -> int:
+        ctx = context.context if isinstance(context, ContextHandle) else context
+        return await self._on_loop(saved_contexts.save_context(self, ctx, path))
+
+    def load_context(self, path: str | os.PathLike[str]) -> ContextHandle:
+        """A new root context holding the tokens saved at `path` (by this or any runtime on the
+        same model, any block size), their KV written into fresh blocks without computing
+        anything and registered in the prefix cache; generating from it gives what generating
+        from the saved context would have. A file saved from another model or dtype, damaged,
+        truncated or of another format raises `kv_io.ContextFileError` (an
+        `InvalidRequestError`) and changes nothing."""
+        return self._run(self._load_handle(path))
+
+    async def aload_context(self, path: str | os.PathLike[str]) -> ContextHandle:
+        return await self._on_loop(self._load_handle(path))
+
+    async def _load_handle(self, path: str | os.PathLike[str]) -> ContextHandle:
+        return ContextHandle(self, await saved_contexts.load_context(self, path))
+
     # -- introspection -----------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
         info = self.engine.runtime_info()
@@ -437,6 +529,44 @@ async def _collect(stream: AsyncIterator[Any], prompt_tokens: int) -> GenerateOu
         reason = delta.finish_reason or reason
         cached = getattr(delta, "cached_tokens", cached)
     return GenerateOutput("".join(pieces), ids, reason, prompt_tokens, cached)
+
+
+def _tick(ref: weakref.ref[Runtime]) -> None:
+    """Expire idle constant prefixes now and then (on the loop; no busy loop)."""
+    rt = ref()
+    if rt is not None and not rt._closed:
+        rt._loop.create_task(rt.core.expire())
+        rt._loop.call_later(EXPIRY_PERIOD_S, _tick, ref)
+
+
+def _shutdown(loop: asyncio.AbstractEventLoop, core: ServeCore, thread: threading.Thread) -> None:
+    """Close a runtime: remove the sessions, close the engines (every queued or running
+    engine request fails with `RuntimeClosedError`), let the callers hear it, stop the loop."""
+    try:
+        asyncio.run_coroutine_threadsafe(core.close(), loop).result(timeout=60)
+    finally:
+        for engine in core.engines.values():
+            engine.close()
+        asyncio.run_coroutine_threadsafe(_finish_tasks(CLOSE_GRACE_S), loop).result(timeout=CLOSE_GRACE_S + 30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        loop.close()
+
+
+def _release(loop: asyncio.AbstractEventLoop, core: ServeCore, thread: threading.Thread) -> None:
+    """A runtime nobody closed was collected, or the interpreter is exiting: shut it down,
+    quietly. Collected on its own loop's thread, it cannot wait for that loop there: another
+    thread does it."""
+    def run() -> None:
+        try:
+            _shutdown(loop, core, thread)
+        except BaseException:  # noqa: BLE001 - nobody is left to hear it
+            log.debug("closing an abandoned Runtime failed", exc_info=True)
+
+    if threading.current_thread() is thread:
+        threading.Thread(target=run, name="parrot-runtime-release", daemon=True).start()
+    else:
+        run()
 
 
 async def _finish_tasks(grace_s: float) -> None:

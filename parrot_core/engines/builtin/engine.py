@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import logging
 import threading
@@ -35,7 +36,8 @@ from parrot_core.engines.base import (
 )
 from parrot_core.engines.builtin.block_pool import BlockPool
 from parrot_core.engines.builtin.config import EngineConfig
-from parrot_core.engines.builtin.kv_contexts import KVContext, KVContextTree
+from parrot_core.engines.builtin.kv_contexts import ContextExistsError, KVContext, KVContextTree
+from parrot_core.engines.builtin.kv_io import ContextKV, KVSpec, model_fingerprint
 from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel
 from parrot_core.engines.builtin.request import EngineRequest, Kind
 from parrot_core.engines.builtin.sampler import sample
@@ -48,10 +50,12 @@ from parrot_core.errors import (
     ParrotError,
     RequestTooLargeError,
     RuntimeClosedError,
+    UnknownContextError,
 )
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_EXPORT_ATTEMPTS = 4  # recomputes of an evicted context before export gives up (pressure evicts it again)
 
 
 class BuiltinEngine:
@@ -76,7 +80,7 @@ class BuiltinEngine:
         self._pinned: set[int] = set()  # context ids whose KV is evicted last (set_pinned)
         self._ids = itertools.count()
         self._step_no = 0
-        self.stats = {"prompt_tokens_computed": 0, "generation_tokens": 0, "steps": 0, "forward_seconds": 0.0, "evicted_blocks": 0}
+        self.stats = {"prompt_tokens_computed": 0, "generation_tokens": 0, "steps": 0, "forward_seconds": 0.0, "evicted_blocks": 0, "restored_tokens": 0}
 
         self._commands: list[Callable[[], None]] = []
         self._wakeup = threading.Condition()
@@ -200,8 +204,130 @@ class BuiltinEngine:
                 "steps": self.stats["steps"],
                 "forward_seconds": self.stats["forward_seconds"],
                 "evicted_blocks": self.stats["evicted_blocks"],
+                "restored_tokens": self.stats["restored_tokens"],
             },
         )
+
+    # -- saving and restoring contexts (optional protocol methods) ------------------------
+    @functools.cached_property
+    def kv_spec(self) -> KVSpec:
+        """What a saved context must match to be imported here (model fingerprint, KV dtype
+        and shape); the block size is informational: KV travels per token."""
+        mc = self.model.config
+        return KVSpec(
+            fingerprint=model_fingerprint(self.model),
+            model_name=self.model_name,
+            dtype=self.kv.k[0].dtype,
+            hidden_dtype=self.model.dtype,
+            num_layers=mc.num_layers,
+            num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim,
+            hidden_size=mc.hidden_size,
+            vocab_size=mc.vocab_size,
+            block_size=self.pool.block_size,
+        )
+
+    async def export_context(self, context_id: int) -> ContextKV:
+        """The context's tokens (its whole sequence, ancestors' tokens included), their KV and
+        the hidden state its next token is sampled from, copied to the CPU. KV that was evicted
+        (or a last token whose hidden state was not kept) is computed first, exactly as a fill
+        computes it. Raises `UnknownContextError` for an unknown context, `InvalidRequestError`
+        for an empty one or one a request is running on. Changes no token of the context."""
+        for _ in range(_EXPORT_ATTEMPTS):
+            exported = await self._on_thread(lambda: self._export_now(context_id))
+            if exported is not None:
+                return exported
+            await self._compute_context(context_id)
+        raise OutOfBlocksError(f"context {context_id}: its KV was evicted again each time it was recomputed; retry when the pool is less busy")
+
+    async def import_context(self, context_id: int, kv: ContextKV) -> None:
+        """Create root context `context_id` holding `kv.token_ids`, their KV written from `kv`
+        (nothing computed; blocks the prefix cache already holds for the same tokens are shared
+        instead) and full blocks registered in the prefix cache like computed ones. With
+        `kv.last_hidden` the next generate samples at once; without it, it recomputes the last
+        token. Atomic: on any error (a taken id, bad shapes or ids, too long, no room even after
+        evicting idle contexts: `OutOfBlocksError`) nothing changes."""
+        await self._on_thread(lambda: self._import_now(context_id, kv))
+
+    async def _on_thread(self, fn: Callable[[], T]) -> T:
+        """`call` for async callers: run `fn` on the engine thread without blocking the loop."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                future.set_exception(e)
+
+        self._post(run)
+        return await asyncio.wrap_future(future)
+
+    async def _compute_context(self, context_id: int) -> None:
+        """Compute the uncomputed tokens of an existing context (a fill of no new tokens)."""
+        future: concurrent.futures.Future[FillResult] = concurrent.futures.Future()
+        sink = _future_sink(future)
+
+        def start() -> None:
+            if context_id not in self.tree:  # freed meanwhile: never create it anew
+                sink(UnknownContextError(f"unknown context {context_id}"))
+            else:
+                self._start(Kind.FILL, context_id, None, [], None, sink)
+
+        self._post(start)
+        await asyncio.wrap_future(future)
+
+    def _export_now(self, context_id: int) -> ContextKV | None:
+        """On the engine thread: the export if every token's KV and the last hidden state are
+        there, else None (after forgetting the last token's KV if only its hidden state is
+        missing, so that computing the context yields it)."""
+        if context_id in self._active:
+            raise InvalidRequestError(f"context {context_id} is busy with another request")
+        ctx = self.tree.get(context_id)
+        n = len(ctx.token_ids)
+        if n == 0:
+            raise InvalidRequestError(f"context {context_id} is empty: nothing to save")
+        if ctx.num_computed == n and ctx.last_hidden is None:
+            self.tree.uncompute_last(ctx)
+        if ctx.num_computed < n:
+            return None
+        idx = torch.tensor(self.tree.slots(ctx, 0, n), dtype=torch.long, device=self.kv.k[0].device)
+        k = torch.stack([layer.index_select(0, idx) for layer in self.kv.k]).cpu()
+        v = torch.stack([layer.index_select(0, idx) for layer in self.kv.v]).cpu()
+        hidden = ctx.last_hidden
+        assert isinstance(hidden, torch.Tensor)
+        self._last_used[context_id] = self._step_no
+        return ContextKV(list(ctx.token_ids), k, v, hidden.detach().to("cpu", copy=True))
+
+    def _import_now(self, context_id: int, kv: ContextKV) -> None:
+        mc, n = self.model.config, len(kv.token_ids)
+        shape = (mc.num_layers, n, mc.num_kv_heads, mc.head_dim)
+        if n == 0 or tuple(kv.k.shape) != shape or tuple(kv.v.shape) != shape:
+            raise InvalidRequestError(f"KV of shape {tuple(kv.k.shape)} / {tuple(kv.v.shape)} for {n} tokens; expected {shape}")
+        if kv.last_hidden is not None and tuple(kv.last_hidden.shape) != (mc.hidden_size,):
+            raise InvalidRequestError(f"last_hidden of shape {tuple(kv.last_hidden.shape)}; expected ({mc.hidden_size},)")
+        if context_id in self.tree:
+            raise ContextExistsError(f"context {context_id} already exists")
+        need = -(-n // self.pool.block_size)
+        ctx = self.tree.create(context_id, None)
+        try:
+            self._validate(ctx, kv.token_ids, None)
+            if self.pool.num_available < need:
+                self._evict_idle(need)  # before the lookup below, so it cannot evict this context's hits
+            self.tree.append_tokens(ctx, kv.token_ids)
+            self.tree.match_prefix(ctx)
+            start = ctx.num_computed
+            idx = torch.tensor(self.tree.allocate_slots(ctx, n - start), dtype=torch.long, device=self.kv.k[0].device)
+            for layer, (k_pool, v_pool) in enumerate(zip(self.kv.k, self.kv.v, strict=True)):
+                k_pool.index_copy_(0, idx, kv.k[layer, start:].to(k_pool.device, k_pool.dtype))
+                v_pool.index_copy_(0, idx, kv.v[layer, start:].to(v_pool.device, v_pool.dtype))
+            self.tree.commit(ctx, n - start)
+        except BaseException:
+            self.tree.free(context_id)
+            raise
+        if kv.last_hidden is not None:
+            ctx.last_hidden = kv.last_hidden.to(self.model.device, self.model.dtype)
+        self._last_used[context_id] = self._step_no
+        self.stats["restored_tokens"] += n - start
 
     # -- helpers for the runtime and tests -------------------------------------------------
     def call(self, fn: Callable[[], T], timeout: float | None = 60) -> T:

@@ -1,0 +1,64 @@
+"""Contexts saved to disk and loaded back (llama.cpp's slot save/restore, for the serve
+layer's contexts). The file format and its checks are the builtin engine's
+(`engines/builtin/kv_io.py`); here a serve-layer `Context` is saved, or a new one is made from
+a file, placed through the global scheduler like every other piece of work.
+
+Both run on the runtime's loop. They are the building blocks of `ContextHandle.save`,
+`Runtime.save_context` / `load_context` and of anything else that holds contexts (a chat
+session saves its context with `save_context(rt, ctx, path)` and restores it with
+`load_context(rt, path, session_id)`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING
+
+from parrot_core.contexts import Context
+from parrot_core.engines.builtin import kv_io
+from parrot_core.errors import UnknownContextError
+from parrot_core.serve.scheduler import SchedTask
+
+if TYPE_CHECKING:
+    from parrot_core.frontend.runtime import Runtime
+
+PathLike = str | os.PathLike[str]
+
+
+async def save_context(rt: Runtime, ctx: Context, path: PathLike) -> int:
+    """Write `ctx`'s tokens (its whole sequence, ancestors included), their KV and the hidden
+    state its next token is sampled from to `path`; KV the engine evicted is recomputed first.
+    Refused while a request runs on `ctx` (`InvalidRequestError`); `UnknownContextError` for a
+    dead context; `kv_io.ContextFileError` if `path` cannot be written. Returns the tokens saved."""
+    if not ctx.alive:
+        raise UnknownContextError(f"context {ctx.context_id} is not alive (freed, or dropped by reset())")
+    engine = rt.core.engines[ctx.engine_id]
+    work = SchedTask(None, [0], 0, required_engine=ctx.engine_id, prior_tokens=ctx.chain_tokens)
+    async with rt.core.scheduler.admit(work):
+        kv = await engine.export_context(ctx.context_id)
+    await asyncio.to_thread(kv_io.write_context_file, path, kv, engine.kv_spec)
+    return len(kv.token_ids)
+
+
+async def load_context(rt: Runtime, path: PathLike, session_id: str | None = None) -> Context:
+    """A new root context on the runtime's engine holding the tokens saved at `path`, their KV
+    written without computing anything, held by one handle reference (release it with
+    `rt.contexts.free_context(ctx)`; it belongs to `session_id` if given). The file is read and
+    checked first: another model or dtype, damage, truncation or another format raise
+    `kv_io.ContextFileError` and change nothing."""
+    from parrot_core.frontend.runtime import ENGINE_ID
+
+    engine = rt.core.engines[ENGINE_ID]
+    kv = await asyncio.to_thread(kv_io.read_context_file, path, engine.kv_spec)
+    work = SchedTask(None, [len(kv.token_ids)], 0, required_engine=ENGINE_ID)
+    async with rt.core.scheduler.admit(work):
+        ctx = rt.contexts.new_context(ENGINE_ID, session_id)
+        try:
+            await engine.import_context(ctx.context_id, kv)
+            rt.contexts.record_fill(ctx, len(kv.token_ids))
+        except BaseException:
+            if ctx.alive:  # reset() may have released it already
+                rt.contexts.free_context(ctx)
+            raise
+    return ctx
