@@ -18,6 +18,7 @@
 from parrot_core import errors, graph
 from parrot_core.chat import ChatSession, ChatSessionConfig, ChatSessionManager
 from parrot_core.engines.base import SamplingParams
+from parrot_core.engines.builtin.kv_io import ContextFileError
 from parrot_core.frontend.function import Input, Output, native_function, semantic_function, variable
 from parrot_core.frontend.remote import connect
 from parrot_core.frontend.runtime import ContextHandle, GenerateOutput, Runtime, StreamDelta, current_runtime
@@ -34,6 +35,7 @@ __all__ = [
     "ChatSession",
     "ChatSessionConfig",
     "ChatSessionManager",
+    "ContextFileError",
     "ContextHandle",
     "GenerateOutput",
     "Input",

@@ -4,6 +4,7 @@
         with rt.chat(system="You are terse.") as chat:
             print(chat.send("Hi!", max_tokens=32).text)
             print(chat.send("And again?", max_tokens=32).cached_tokens)   # the whole first turn
+            chat.save("chat.safetensors")       # with its KV; back with rt.chat(restore=...)
 
 This package sits above `frontend`: it plugs its manager into `Runtime` (`rt.chat_sessions`,
 `rt.chat(...)`) when imported, so the runtime never imports it.

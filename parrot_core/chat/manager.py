@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from parrot_core.chat.saved import parse_saved_chat
 from parrot_core.chat.session import ChatSession, ChatSessionConfig, _checked_messages
 from parrot_core.chat.shared import SharedPrefixes
 from parrot_core.errors import InvalidRequestError, UnknownSessionError
+from parrot_core.frontend import saved_contexts
 from parrot_core.frontend.runtime import Runtime
+from parrot_core.frontend.saved_contexts import ContextFileError, PathLike
 
 CLOSE_TIMEOUT_S = 30.0
 
@@ -39,10 +43,19 @@ class ChatSessionManager:
             return len(self._sessions)
 
     def create_session(
-        self, system: str | None = None, session_id: str | None = None, config: ChatSessionConfig | None = None
+        self,
+        system: str | None = None,
+        session_id: str | None = None,
+        config: ChatSessionConfig | None = None,
+        restore: PathLike | None = None,
     ) -> ChatSession:
         """A new session (`rt.chat(...)`): an id is made up if none is given; an id in use is
-        an `InvalidRequestError`. With `config.cache_warmup`, the system prompt is filled now."""
+        an `InvalidRequestError`. With `config.cache_warmup`, the system prompt is filled now.
+        With `restore`, the session saved there (`restore_session`; `system` must be None)."""
+        if restore is not None:
+            if system is not None:
+                raise InvalidRequestError("a restored chat session takes its system prompt from its file: pass system=None")
+            return self.restore_session(restore, session_id=session_id, config=config)
         if system is not None and not isinstance(system, str):
             raise InvalidRequestError(f"the system prompt is a string, got {type(system).__name__}")
         messages = [{"role": "system", "content": system}] if system is not None else []
@@ -60,6 +73,25 @@ class ChatSessionManager:
             _check_same_config(session, config)
             return session
         return self.runtime._run(self._create(sid, config or ChatSessionConfig(), [], exists_ok=True))
+
+    def restore_session(
+        self, path: PathLike, session_id: str | None = None, config: ChatSessionConfig | None = None
+    ) -> ChatSession:
+        """A new session holding the conversation `ChatSession.save` wrote to `path` (in this or
+        any runtime on the same model, any block size): its messages, transcript (token ids
+        included), system prompt, dropped-turn count and config (unless `config` is given),
+        its KV written without computing anything, so the next turn computes only its new
+        tokens. Its id is `session_id`, or the saved session's (an id in use is an
+        `InvalidRequestError`). A file from another model, damaged or truncated, or holding a
+        plain saved context rather than a chat session is a `P.ContextFileError`; every error
+        leaves the runtime as it was. The system prompt is shared with this runtime's sessions
+        that have the same one (its KV taken from the file if none has)."""
+        return self.runtime._run(self._restore(path, session_id, config))
+
+    async def arestore_session(
+        self, path: PathLike, session_id: str | None = None, config: ChatSessionConfig | None = None
+    ) -> ChatSession:
+        return await self.runtime._on_loop(self._restore(path, session_id, config))
 
     def clear_session(self, session_id: str | None = None) -> None:
         """Clear a session's conversation (its system prompt stays)."""
@@ -109,6 +141,26 @@ class ChatSessionManager:
             except BaseException:
                 session._close_now()
                 raise
+        return session
+
+    async def _restore(self, path: PathLike, session_id: str | None, config: ChatSessionConfig | None) -> ChatSession:
+        sid = _checked_id(session_id) if session_id is not None else None
+        config = _checked_config(config) if config is not None else None
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidRequestError(f"restore is a path, got {type(path).__name__}")
+        kv = await saved_contexts.read_context(self.runtime, path)
+        saved = parse_saved_chat(os.fspath(path), kv)
+        if config is None:
+            try:
+                config = ChatSessionConfig(**saved.config)
+            except InvalidRequestError as e:
+                raise ContextFileError(f"{os.fspath(path)!r} holds a chat session with a bad config: {e}") from None
+        session = self._register(sid or saved.session_id, config, saved.messages)
+        try:
+            await session._restore(saved, kv, os.fspath(path))
+        except BaseException:
+            session._close_now()
+            raise
         return session
 
     def _register(self, session_id: str | None, config: ChatSessionConfig, messages: Sequence[Mapping[str, Any]]) -> ChatSession:

@@ -30,12 +30,15 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from parrot_core.chat.saved import SavedChat, chat_extra
 from parrot_core.chat.shared import SharedPrefix, SharedPrefixes
 from parrot_core.chat.transcript import Segment, common_prefix_len, match_segments, token_ids_of
 from parrot_core.contexts import Context
 from parrot_core.engines.base import FINISH_ABORT, SamplingParams
 from parrot_core.errors import InvalidRequestError, RequestTooLargeError, RuntimeClosedError, UnknownSessionError
+from parrot_core.frontend import saved_contexts
 from parrot_core.frontend.runtime import ENGINE_ID, GenerateOutput, Runtime, StreamDelta, _sampling_params
+from parrot_core.frontend.saved_contexts import ContextFileError, ContextKV, PathLike
 from parrot_core.serve.scheduler import SchedTask
 
 if TYPE_CHECKING:
@@ -395,6 +398,64 @@ class ChatSession:
                 self._state = change(self._state)
 
         self._rt._run(run())
+
+    # -- save and restore ------------------------------------------------------------------------
+    def save(self, path: PathLike) -> int:
+        """Write the conversation to `path`, one safetensors file (a saved context: the tokens
+        the session's context holds, their KV, the model's fingerprint; and, covered by its
+        checksum, the messages, the transcript's segments, the system prompt and the config).
+        `rt.chat(restore=path)` brings it back in any runtime on the same model without
+        computing anything. Waits for a turn in progress. Returns the tokens saved. A session
+        holding no KV (no system prompt and no turn yet, or after `invalidate_cache()`) is an
+        `InvalidRequestError`; a path that cannot be written, a `P.ContextFileError`."""
+        return self._rt._run(self._save(path))
+
+    async def asave(self, path: PathLike) -> int:
+        return await self._rt._on_loop(self._save(path))
+
+    async def _save(self, path: PathLike) -> int:
+        async with self._lock:
+            self._require_open()
+            state = self._state
+            ctx = state.own or (state.root.context if state.root else None)
+            if ctx is None:
+                raise InvalidRequestError(f"chat session {self.session_id!r} holds no KV to save (no system prompt and no turn yet)")
+            config = {"max_context_length": self.config.max_context_length, "cache_warmup": self.config.cache_warmup}
+            root_text, root_ids = (state.root.text, state.root.token_ids) if state.root else (None, ())
+            extra = chat_extra(self.session_id, config, state.messages, root_text, root_ids, state.segments, state.turns_dropped)
+            return await saved_contexts.save_context(self._rt, ctx, path, extra)
+
+    async def _restore(self, saved: SavedChat, kv: ContextKV, name: str) -> None:
+        """Take the state of a fresh session from a saved file: its tokens become a root
+        context (KV written, nothing computed); with a system prompt, that prompt's tokens are
+        re-linked to the runtime's shared context for it (taken from the file's KV if there is
+        none yet) and the session's context is carved from the rest, as a turn would leave it."""
+        async with self._lock:
+            self._require_open()
+            if saved.system_text is not None and list(saved.root_ids) != self._tok.encode_prompt(saved.system_text):
+                raise ContextFileError(f"{name!r} holds a chat session tokenized with another tokenizer than this model's")
+            rt = self._rt
+            loaded: Context | None = await saved_contexts.import_context(rt, kv)
+            root: SharedPrefix | None = None
+            own: Context | None = None
+            try:
+                if saved.system_text is None:
+                    own, loaded = loaded, None
+                else:
+                    root, _ = await self._prefixes.acquire(saved.system_text, saved.root_ids, (loaded, kv.token_ids))
+                    held = _State(root=root, own=loaded, segments=saved.segments)
+                    own = await self._carve(root, held, len(kv.token_ids)) if saved.segments else None
+                self._require_open()  # closed meanwhile (Runtime.close or reset): keep nothing
+            except BaseException:
+                if own is not None and own.alive:
+                    rt.contexts.free_context(own)
+                if root is not None:
+                    self._prefixes.release(root)
+                raise
+            finally:
+                if loaded is not None and loaded.alive:  # its KV lives on in `root` and `own` (shared, not copied)
+                    rt.contexts.free_context(loaded)
+            self._state = _State(messages=saved.messages, root=root, own=own, segments=saved.segments, turns_dropped=saved.turns_dropped)
 
     # -- fork and close ------------------------------------------------------------------------
     def fork(self, session_id: str | None = None) -> ChatSession:

@@ -445,10 +445,14 @@ class Runtime:
                 self._chat_sessions = Runtime._chat_manager_factory(self)
             return self._chat_sessions
 
-    def chat(self, system: str | None = None, session_id: str | None = None, config: Any = None) -> Any:
+    def chat(
+        self, system: str | None = None, session_id: str | None = None, config: Any = None, restore: str | os.PathLike[str] | None = None
+    ) -> Any:
         """A new `P.ChatSession` (with `system` as its system prompt, `session_id` or a new
-        id, a `P.ChatSessionConfig`): a conversation that keeps its KV across turns."""
-        return self.chat_sessions.create_session(system=system, session_id=session_id, config=config)
+        id, a `P.ChatSessionConfig`): a conversation that keeps its KV across turns. With
+        `restore`, the session `ChatSession.save` wrote there, KV included (see
+        `ChatSessionManager.restore_session`)."""
+        return self.chat_sessions.create_session(system=system, session_id=session_id, config=config, restore=restore)
 
     # -- saving and restoring contexts ----------------------------------------------------------
     def save_context(self, context: ContextHandle | Context, path: str | os.PathLike[str]) -> int:

@@ -10,7 +10,10 @@ Format (version 1), one safetensors file:
 - metadata: `format`, `format_version`, `model_fingerprint` (see `model_fingerprint`),
   `model_name`, `dtype`, `num_tokens`, `num_layers`, `num_kv_heads`, `head_dim`,
   `block_size` (of the engine that saved it; informational) and `checksum` (xxh3-128 over the
-  tensors' bytes, so a damaged file is refused instead of loaded).
+  tensors' bytes and `extra`, so a damaged file is refused instead of loaded); optionally
+  `extra`: a JSON object of strings to strings that a layer above stores with the context
+  (a chat session's conversation, for one). A file without `extra` has the same checksum as
+  before `extra` existed.
 
 `read_context_file` checks everything against the loading engine's `KVSpec` before anything
 is touched; every problem is a `ContextFileError` whose message says what is wrong.
@@ -23,7 +26,8 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,12 +69,14 @@ class KVSpec:
 class ContextKV:
     """A context's tokens and their KV, on the CPU: `k`/`v` are [num_layers, n, kv_heads,
     head_dim]; `last_hidden` ([hidden]) is the state the next token is sampled from, or None
-    (the loader then recomputes the last token before sampling)."""
+    (the loader then recomputes the last token before sampling). `extra`: strings stored with
+    the context in its file (not the engine's: it ignores them)."""
 
     token_ids: list[int]
     k: Tensor
     v: Tensor
     last_hidden: Tensor | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
 
 
 def model_fingerprint(model: LlamaModel) -> str:
@@ -87,8 +93,10 @@ def model_fingerprint(model: LlamaModel) -> str:
 
 
 def write_context_file(path: str | os.PathLike[str], kv: ContextKV, spec: KVSpec) -> None:
-    """Write `kv` to `path` atomically (a temporary file in the same folder, then a rename):
-    a crash never leaves a half-written file under `path`."""
+    """Write `kv` (its `extra` too) to `path` atomically (a temporary file in the same folder,
+    then a rename): a crash never leaves a half-written file under `path`. `extra` must map
+    strings to strings (`InvalidRequestError` otherwise, before anything is written)."""
+    extra = _extra_json(kv.extra)
     tensors = {
         "token_ids": torch.tensor(kv.token_ids, dtype=torch.int64),
         "k": kv.k.contiguous(),
@@ -107,8 +115,10 @@ def write_context_file(path: str | os.PathLike[str], kv: ContextKV, spec: KVSpec
         "num_kv_heads": str(spec.num_kv_heads),
         "head_dim": str(spec.head_dim),
         "block_size": str(spec.block_size),
-        "checksum": _checksum(tensors),
+        "checksum": _checksum(tensors, extra),
     }
+    if extra is not None:
+        metadata["extra"] = extra
     target = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -176,19 +186,39 @@ def _check_tensors(name: str, meta: dict[str, str], tensors: dict[str, Tensor], 
             raise bad(f"{label} is {t.dtype} {list(t.shape)}, expected {spec.dtype} {shape}")
     if hidden is not None and (hidden.dtype != spec.hidden_dtype or list(hidden.shape) != [spec.hidden_size]):
         raise bad(f"last_hidden is {hidden.dtype} {list(hidden.shape)}, expected {spec.hidden_dtype} [{spec.hidden_size}]")
-    if meta.get("checksum") != _checksum(tensors):
+    if meta.get("checksum") != _checksum(tensors, meta.get("extra")):
         raise bad("its checksum does not match its contents")
     token_ids = ids.tolist()
     if min(token_ids) < 0 or max(token_ids) >= spec.vocab_size:
         raise bad(f"token ids outside [0, {spec.vocab_size})")
-    return ContextKV(token_ids, k, v, hidden)
+    try:
+        extra = json.loads(meta["extra"]) if "extra" in meta else {}
+    except ValueError:
+        extra = None
+    if not _is_str_map(extra):
+        raise bad("its extra metadata is not an object of strings")
+    return ContextKV(token_ids, k, v, hidden, extra)
 
 
-def _checksum(tensors: dict[str, Tensor]) -> str:
+def _extra_json(extra: Mapping[str, str]) -> str | None:
+    """`extra` as stored (None when empty: the file is then as before `extra` existed)."""
+    if not isinstance(extra, Mapping) or not _is_str_map(extra):
+        raise InvalidRequestError("the extra metadata of a saved context maps strings to strings")
+    return json.dumps(dict(extra), sort_keys=True) if extra else None
+
+
+def _is_str_map(value: object) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+def _checksum(tensors: dict[str, Tensor], extra: str | None = None) -> str:
     h = xxhash.xxh3_128()
     for key in sorted(tensors):
         h.update(key.encode())
         h.update(_bytes(tensors[key]))
+    if extra is not None:
+        h.update(b"extra")
+        h.update(extra.encode())
     return h.hexdigest()
 
 
