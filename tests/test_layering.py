@@ -16,7 +16,7 @@ ALLOWED = {
     "serve": {"graph", "contexts", "engines.base"},
     "frontend": {"graph", "contexts", "engines", "serve"},
     "chat": {"graph", "contexts", "engines.base", "serve", "frontend"},  # beside frontend, above it
-    "server": {"graph", "contexts", "engines", "serve", "frontend", "parrot_core"},  # the top layer
+    "server": {"graph", "contexts", "engines", "serve", "frontend", "chat", "parrot_core"},  # the top layer
 }
 
 

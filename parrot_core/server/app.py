@@ -1,6 +1,7 @@
 """`create_app(runtime, settings)`: the FastAPI app of `parrot-core serve`.
 
-Routes: the OpenAI-compatible ones (`openai_api.py`) plus operations: `GET /health` (503 until
+Routes: the OpenAI-compatible ones (`openai_api.py`), chat sessions (`chat_api.py`), Parrot's
+program API (`program_api.py`) plus operations: `GET /health` (503 until
 a runtime is attached, and once it is closed), `GET /metrics` (Prometheus text),
 `POST /flush_cache` (forget cached, unreferenced prefixes) and `GET /version`.
 
@@ -27,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from parrot_core.errors import ParrotError, RuntimeClosedError
 from parrot_core.frontend.runtime import Runtime
-from parrot_core.server import openai_api, program_api
+from parrot_core.server import chat_api, openai_api, program_api
 from parrot_core.server.metrics import CONTENT_TYPE, ServeMetrics, runtime_snapshot
 from parrot_core.server.http_errors import ERROR_RESPONSES, APIError, api_error_from
 from parrot_core.server.openai_api import check_api_key, get_state
@@ -299,6 +300,7 @@ def create_app(runtime: Runtime | None = None, settings: ServeSettings | None = 
     )
     app.state.serve = state
     app.state.program_sessions = program_api.ProgramSessions()
+    app.state.chat_sessions = chat_api.ChatSessions(state.settings.max_prompt_cache_keys)
     handlers: dict[Any, Any] = {
         APIError: _on_api_error,
         ParrotError: _on_api_error,
@@ -308,6 +310,7 @@ def create_app(runtime: Runtime | None = None, settings: ServeSettings | None = 
     for exc_type, handler in handlers.items():
         app.add_exception_handler(exc_type, handler)
     app.include_router(openai_api.router)
+    app.include_router(chat_api.router)
     app.include_router(program_api.router)
     app.include_router(ops)
     app.add_middleware(_InternalErrors)

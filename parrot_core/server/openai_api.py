@@ -15,6 +15,8 @@ Contracts:
   in a worker thread, never on the event loop, so one large request cannot stall the others.
 - A request still running when a shutdown's grace period ends (`ServeState.abort_all`) is
   aborted: a 503, or in a stream an error event followed by `data: [DONE]`.
+- `/v1/chat/completions` with `prompt_cache_key` runs as a turn of that key's chat session
+  (`chat_api.ChatSessions.keyed_turn`); the chat-session routes reuse `generate_chat`.
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ class _Seq:
     prompt_ids: list[int]
     max_tokens: int
     sampling: dict[str, Any]
+    # Where the deltas come from instead of a plain generation of `prompt_ids` (e.g. a chat
+    # session's turn); called once, closing its iterator must abort the work.
+    source: Callable[[], AsyncIterator[StreamDelta]] | None = None
 
 
 @dataclass
@@ -138,12 +143,17 @@ def _sequences(
             # samples of one prompt must differ, yet stay reproducible for a given seed
             params = {**sampling, "seed": seed if seed is None or j == 0 else (seed + j) % 2**64}
             seqs.append(_Seq(p * body.n + j, ids, max_tokens, params))
-    try:  # bad values: a 400 before anything runs
-        SamplingParams(max_tokens=seqs[0].max_tokens, **seqs[0].sampling)
+    check_sampling(seqs[0].max_tokens, seqs[0].sampling, body)
+    return seqs
+
+
+def check_sampling(max_tokens: int, sampling: dict[str, Any], body: _SamplingRequest) -> None:
+    """Bad sampling values: a 400 (naming the field) before anything runs."""
+    try:
+        SamplingParams(max_tokens=max_tokens, **sampling)
     except InvalidRequestError as e:
         name = str(e).split(" ", 1)[0]  # its messages start with the field's name
         raise APIError(400, str(e), param=name if name in type(body).model_fields else None) from e
-    return seqs
 
 
 def _completion_prompts(rt: Runtime, prompt: Any) -> list[list[int]]:
@@ -184,13 +194,16 @@ async def _run_seq(state: ServeState, rt: Runtime, seq: _Seq, t0: float) -> Asyn
     """Stream one sequence; closing this iterator aborts it and frees its KV."""
     ttft: float | None = None
     tokens = 0
+    prompt_tokens = len(seq.prompt_ids)
     reason = "abort"
+    source = seq.source() if seq.source is not None else rt.astream(seq.prompt_ids, seq.max_tokens, **seq.sampling)
     try:
-        async with contextlib.aclosing(rt.astream(seq.prompt_ids, seq.max_tokens, **seq.sampling)) as stream:
+        async with contextlib.aclosing(source) as stream:
             async for delta in stream:
                 if ttft is None:
                     ttft = time.perf_counter() - t0
                 tokens += len(delta.token_ids)
+                prompt_tokens = delta.prompt_tokens
                 reason = delta.finish_reason or reason
                 yield delta
     except Exception:
@@ -200,7 +213,7 @@ async def _run_seq(state: ServeState, rt: Runtime, seq: _Seq, t0: float) -> Asyn
         state.metrics.observe_sequence(
             ttft=ttft,
             e2e=time.perf_counter() - t0,
-            prompt_tokens=len(seq.prompt_ids),
+            prompt_tokens=prompt_tokens,
             generation_tokens=tokens,
             finish_reason=reason,
         )
@@ -298,13 +311,16 @@ def _sse(payload: Any) -> str:
 class EventStreamResponse(StreamingResponse):
     """SSE that always watches for the client going away, whatever the ASGI spec version
     (Starlette only notices it at the next write on 2.4+, which is too late for a request
-    still waiting in the queue). `on_close` runs once, however the response ends."""
+    still waiting in the queue). `on_close` runs once, however the response ends, after
+    `content` and then `inner` (what `content` reads from, which may already be running even if
+    `content` never started) are closed."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], inner: AsyncIterator[Any] | None = None) -> None:
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
+        self._inner = inner
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -320,17 +336,36 @@ class EventStreamResponse(StreamingResponse):
                 group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                aclose = getattr(self.body_iterator, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+                for iterator in (self.body_iterator, self._inner):
+                    aclose = getattr(iterator, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
             self._on_close()
 
 
+async def _first(merged: AsyncIterator[tuple[int, StreamDelta]]) -> tuple[int, StreamDelta] | None:
+    """The first item of `merged` (None if it has none); an error or a cancellation here ends
+    `merged` too."""
+    try:
+        return await merged.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _primed(
+    first: tuple[int, StreamDelta] | None, merged: AsyncIterator[tuple[int, StreamDelta]]
+) -> AsyncIterator[tuple[int, StreamDelta]]:
+    """`first` (already taken from `merged`), then the rest of `merged`; closes `merged`."""
+    async with contextlib.aclosing(merged):  # type: ignore[type-var]
+        if first is not None:
+            yield first
+        async for item in merged:
+            yield item
+
+
 async def _events(
-    state: ServeState,
-    rt: Runtime,
     seqs: list[_Seq],
-    t0: float,
+    merged: AsyncIterator[tuple[int, StreamDelta]],
     n: int,
     include_usage: bool,
     chunk: Callable[[int, str, str | None, bool], dict[str, Any]],
@@ -345,7 +380,7 @@ async def _events(
                 first = chunk(seq.index, "", None, True)
                 if first:
                     yield _sse(first)
-            async with contextlib.aclosing(_merge(state, rt, seqs, t0)) as merged:
+            async with contextlib.aclosing(merged):  # type: ignore[type-var]
                 async for index, delta in merged:
                     r = results[index]
                     r.completion_tokens += len(delta.token_ids)
@@ -392,6 +427,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAM_RESPONSE)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
+    """With `prompt_cache_key` (and one choice, a last message from the user, a generation
+    prompt, and `--max-prompt-cache-keys` > 0), the request runs as a turn of the key's chat
+    session (`chat_api.ChatSessions.keyed_turn`), whose context stays pinned between requests;
+    otherwise as a plain generation (which still reuses cached blocks)."""
     t0 = time.perf_counter()
     state = get_state(request)
     rt = state.require_runtime()
@@ -403,10 +442,25 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         return _sequences(rt, [rt.tokenize(prompt)], body.requested_max_tokens, body, "messages")
 
     seqs = await asyncio.to_thread(prepare)
+    keyed = request.app.state.chat_sessions
+    key = body.prompt_cache_key
+    if key is not None and keyed.max_keys and body.n == 1 and body.add_generation_prompt and body.messages[-1].role == "user":
+        messages = [m.as_template_input() for m in body.messages]
+        seqs[0].source = keyed.keyed_turn(rt, key, messages, body.requested_max_tokens, seqs[0].sampling)
+    return await generate_chat(request, state, rt, seqs, t0, body)
 
-    def stream_choice(index: int, text: str, finish_reason: str | None, first: bool) -> dict[str, Any] | None:
-        delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+def _chat_stream_choice(index: int, text: str, finish_reason: str | None, first: bool) -> dict[str, Any] | None:
+    delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+async def generate_chat(
+    request: Request, state: ServeState, rt: Runtime, seqs: list[_Seq], t0: float, body: _SamplingRequest, prime: bool = False
+) -> Any:
+    """Run `seqs` and answer as `/v1/chat/completions` does (`chat.completion`, or its chunks
+    as SSE when `body.stream`). `prime`: wait for the first delta before the stream's status
+    line, so that an error before it (e.g. a turn that can never fit) is a plain HTTP error."""
 
     def response(request_id: str, created: int, model: str, results: list[Any]) -> ChatCompletionResponse:
         choices = [
@@ -415,7 +469,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         ]
         return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=_usage(results, body.n))
 
-    return await _generate(request, state, rt, seqs, t0, body, "chatcmpl", "chat.completion.chunk", stream_choice, response)
+    return await _generate(
+        request, state, rt, seqs, t0, body, "chatcmpl", "chat.completion.chunk", _chat_stream_choice, response, prime
+    )
 
 
 async def _generate(
@@ -429,10 +485,11 @@ async def _generate(
     chunk_object: str,
     stream_choice: Callable[[int, str, str | None, bool], dict[str, Any] | None],
     response: Callable[[str, int, str, list[Any]], Any],
+    prime: bool = False,
 ) -> Any:
-    """What both generation routes share: admission, then an SSE stream of chunks (built by
+    """What the generation routes share: admission, then an SSE stream of chunks (built by
     `stream_choice`; None skips one) or one response once every sequence is done (a client
-    that left gets nothing: its generation was aborted)."""
+    that left gets nothing: its generation was aborted). `prime`: see `generate_chat`."""
     request_id, created, model = f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), state.served_model_name
     release = state.admit(len(seqs))
     if body.stream:
@@ -447,8 +504,19 @@ async def _generate(
         def usage_chunk(usage: Usage) -> dict[str, Any]:
             return {"id": request_id, "object": chunk_object, "created": created, "model": model, "choices": [], "usage": usage.model_dump()}
 
-        events = _events(state, rt, seqs, t0, body.n, body.include_usage, chunk, usage_chunk, release)
-        return EventStreamResponse(events, on_close=release)
+        raw = merged = _merge(state, rt, seqs, t0)
+        if prime:
+            try:
+                done, first = await unless_disconnected(request, _first(raw))
+            except BaseException:
+                release()
+                raise
+            if not done:
+                release()
+                return Response(status_code=499)  # nobody is listening
+            merged = _primed(first, raw)
+        events = _events(seqs, merged, body.n, body.include_usage, chunk, usage_chunk, release)
+        return EventStreamResponse(events, on_close=release, inner=raw)
     try:
         done, results = await unless_disconnected(request, _collect(state, rt, seqs, t0))
     finally:

@@ -148,6 +148,8 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM's
+    # OpenAI's: requests with the same key keep their conversation's context pinned (openai_api)
+    prompt_cache_key: str | None = Field(None, min_length=1, max_length=1024)
 
     def check_supported(self) -> None:
         super().check_supported()

@@ -140,7 +140,8 @@ class _DrainingUvicorn(uvicorn.Server):
 
 
 class Server:
-    """uvicorn over `app` plus its stats logger and session sweeper. `run()` is a coroutine;
+    """uvicorn over `app` plus its stats logger and session sweeper; once uvicorn has stopped,
+    the chat sessions the app holds are closed (their KV freed). `run()` is a coroutine;
     `start_in_thread()` runs it in a daemon thread and returns once the port is bound (for
     tests and embedding). `begin_shutdown()` drains then stops; `stop()` stops at once."""
 
@@ -196,6 +197,10 @@ class Server:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            try:  # the runtime outlives the server (its owner closes it): free the KV we hold
+                await self.app.state.chat_sessions.close_all()
+            except Exception:
+                log.exception("closing the chat sessions failed")
         if failure:
             raise failure[0]
 
@@ -245,15 +250,18 @@ class Server:
         return True
 
     async def _sweep_sessions(self) -> None:
-        """Forget the tokens of program sessions the core expired, until cancelled."""
+        """Until cancelled: forget the tokens of program sessions the core expired, and close
+        the chat sessions (and prompt_cache_key sessions) idle for `session_timeout`."""
         while True:
             rt = self.state.runtime
-            timeout = rt.core.session_timeout if rt is not None else None
-            await asyncio.sleep(max(0.1, min(SESSION_SWEEP_S, timeout / 2)) if timeout else SESSION_SWEEP_S)
+            timeouts = [t for t in (rt.core.session_timeout if rt is not None else None, self.settings.session_timeout) if t]
+            await asyncio.sleep(max(0.1, min(SESSION_SWEEP_S, min(timeouts) / 2)) if timeouts else SESSION_SWEEP_S)
             try:
                 await forget_removed_sessions(self.app)
+                if rt is not None and not rt.closed:
+                    self.app.state.chat_sessions.expire_idle(self.settings.session_timeout)
             except Exception:  # the sweeper must never take the server down
-                log.exception("forgetting expired sessions failed")
+                log.exception("expiring idle sessions failed")
 
     def start_in_thread(self, timeout: float = 30) -> Server:
         self._thread = threading.Thread(target=lambda: asyncio.run(self.run()), name="parrot-serve", daemon=True)

@@ -48,7 +48,20 @@ class ServeSettings:
         default=256, metadata=_doc("Sequences that may wait beyond the engine's --max-num-seqs; more get HTTP 429.")
     )
     log_stats_interval: float = field(default=10.0, metadata=_doc("Seconds between stats log lines and idle self-checks; 0 disables."))
-    session_timeout: float = field(default=600.0, metadata=_doc("Seconds after which an idle program session (no call, no pending get) is removed."))
+    session_timeout: float = field(
+        default=600.0,
+        metadata=_doc(
+            "Seconds after which an idle session is removed: a program session (no call, no pending get), a chat session,"
+            " a prompt_cache_key conversation."
+        ),
+    )
+    max_prompt_cache_keys: int = field(
+        default=64,
+        metadata=_doc("Most prompt_cache_key conversations kept pinned at once (least recently used dropped first); 0 ignores the key."),
+    )
+    chat_save_dir: str | None = field(
+        default=None, metadata=_doc("Directory where chat sessions are saved and restored from; default: saving is disabled.")
+    )
     max_request_body_bytes: int = field(
         default=DEFAULT_MAX_REQUEST_BODY_BYTES, metadata=_doc("Largest request body in bytes (default 8 MiB); a bigger one gets HTTP 413.")
     )
@@ -64,6 +77,10 @@ class ServeSettings:
             raise InvalidRequestError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
         if self.session_timeout <= 0:
             raise InvalidRequestError(f"session_timeout must be > 0, got {self.session_timeout}")
+        if self.max_prompt_cache_keys < 0:
+            raise InvalidRequestError(f"max_prompt_cache_keys must be >= 0, got {self.max_prompt_cache_keys}")
+        if self.chat_save_dir is not None and not os.path.isdir(self.chat_save_dir):
+            raise InvalidRequestError(f"chat_save_dir {self.chat_save_dir!r} is not an existing directory")
         if self.log_stats_interval < 0:
             raise InvalidRequestError(f"log_stats_interval must be >= 0, got {self.log_stats_interval}")
         if self.max_request_body_bytes < 1:
