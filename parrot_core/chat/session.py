@@ -158,6 +158,12 @@ class ChatSession:
     def closed(self) -> bool:
         return self._closed
 
+    def prompt_tokens(self, text: str) -> int:
+        """The tokens a turn with the user message `text` would hold before generating (the
+        whole conversation, system prompt included), without dropping any turn."""
+        state = self._state
+        return self._match(state, (*state.messages, {"role": "user", "content": text})).prompt_tokens
+
     def cache_info(self) -> dict[str, Any]:
         """`context_length`: tokens the session's KV holds; `turns_dropped`: oldest turns
         dropped so far to stay within `max_context`; `shared_prefix_tokens`: of the context's

@@ -4,6 +4,13 @@
     POST   /v1/chat/sessions/{id}/messages   -> chat.completion (or its chunks as SSE)
     GET    /v1/chat/sessions/{id}            -> cache_info() and the messages
     DELETE /v1/chat/sessions/{id}            -> frees the session's KV
+    POST   /v1/chat/sessions/{id}/save       -> {name}: the conversation and its KV to a file
+    POST   /v1/chat/sessions/{id}/restore    -> {name}: the session becomes the saved one
+
+Save and restore use files named `<name>.safetensors` in the server's `--chat-save-dir`
+(never a path the client chooses; without the flag both answer 400). A restore brings the
+conversation back with its KV, nothing recomputed; the session keeps its id and token. A
+missing file is a 404; a file from another model or a damaged one is a 400 and changes nothing.
 
 Every call of a session carries its token in the `X-Session-Token` header: 401 without it or
 with another one, 404 for an id the server does not hold (never created, deleted, expired).
@@ -27,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -98,6 +106,20 @@ class ChatSessionInfo(BaseModel):
     message_count: int
     max_context: int
     messages: list[SessionMessage]
+
+
+class SavedChatRequest(BaseModel):
+    """A file in the server's `--chat-save-dir`: `name` becomes `<name>.safetensors`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ChatSessionSaved(BaseModel):
+    id: str
+    object: Literal["chat.session.saved"] = "chat.session.saved"
+    name: str
+    tokens: int
 
 
 class ChatSessionDeleted(BaseModel):
@@ -180,6 +202,17 @@ class ChatSessions:
             raise APIError(401, f"missing or wrong session token; send the `{SESSION_HEADER}` header")
         held.last_used = time.monotonic()
         return held
+
+    async def restore(self, rt: Runtime, session_id: str, path: str) -> None:
+        """Replace the session's conversation by the one saved at `path`, keeping its id and
+        token: the old one is closed only once the restore succeeded (a bad file changes
+        nothing)."""
+        held = self.by_id[session_id]
+        with held.in_use():
+            restored = await asyncio.to_thread(rt.chat, None, None, None, path)
+            old, held.session = held.session, restored
+        if old is not None:
+            await asyncio.to_thread(old.close)
 
     async def remove(self, session_id: str) -> None:
         """Forget the session and close it (after a turn in progress), freeing its KV."""
@@ -279,11 +312,7 @@ def _set_history(rt: Runtime, session: ChatSession, history: list[Mapping[str, s
     own tokens (the model's replies as generated), so the session never drops a turn to fit.
     Blocking."""
     session.set_messages(history)
-    # ChatSession has no public count of a turn's prompt tokens yet: `_match` is the pure
-    # planning step its turn runs on these very messages.
-    messages = (*session.messages, {"role": "user", "content": text})
-    prompt_tokens = session._match(session._state, messages).prompt_tokens
-    return _max_tokens_for(rt, prompt_tokens, requested, "messages")
+    return _max_tokens_for(rt, session.prompt_tokens(text), requested, "messages")
 
 
 # -- routes -----------------------------------------------------------------------------------
@@ -350,3 +379,34 @@ async def delete_chat_session(request: Request, session_id: str) -> ChatSessionD
     _held(request, session_id)
     await chat_sessions(request).remove(session_id)
     return ChatSessionDeleted(id=session_id)
+
+
+def _save_path(request: Request, name: str) -> str:
+    directory = get_state(request).settings.chat_save_dir
+    if directory is None:
+        raise APIError(400, "saving chat sessions is disabled: start the server with --chat-save-dir", param="name")
+    return os.path.join(directory, f"{name}.safetensors")
+
+
+@router.post("/v1/chat/sessions/{session_id}/save", response_model=ChatSessionSaved)
+async def save_chat_session(request: Request, session_id: str, body: SavedChatRequest) -> ChatSessionSaved:
+    """Write the conversation and its KV to `<name>.safetensors` in `--chat-save-dir`."""
+    held = _held(request, session_id)
+    path = _save_path(request, body.name)
+    session = held.session
+    assert session is not None
+    with held.in_use():
+        tokens = await asyncio.to_thread(session.save, path)
+    return ChatSessionSaved(id=session_id, name=body.name, tokens=tokens)
+
+
+@router.post("/v1/chat/sessions/{session_id}/restore", response_model=ChatSessionInfo)
+async def restore_chat_session(request: Request, session_id: str, body: SavedChatRequest) -> ChatSessionInfo:
+    """Make the session the one saved as `<name>` (its KV loaded, nothing recomputed)."""
+    rt = get_state(request).require_runtime()
+    _held(request, session_id)
+    path = _save_path(request, body.name)
+    if not os.path.isfile(path):
+        raise APIError(404, f"no saved chat session named {body.name!r}", param="name")
+    await chat_sessions(request).restore(rt, session_id, path)
+    return await get_chat_session(request, session_id)

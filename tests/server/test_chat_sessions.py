@@ -434,3 +434,52 @@ def test_chat_settings(tmp_path):
         ServeSettings(chat_save_dir=str(tmp_path / "missing"))
     with pytest.raises(InvalidRequestError, match="max_prompt_cache_keys"):
         ServeSettings(max_prompt_cache_keys=-1)
+
+
+def test_save_and_restore_in_the_server_directory(tiny_runtime, start_server, make_runtime, tmp_path):
+    """`.../save` writes `<name>.safetensors` in `--chat-save-dir` (never a client path);
+    `.../restore` makes a session (here: in another server) the saved conversation with its KV,
+    keeping the session's id and token; the next turn equals the never-saved one and computes
+    only the new tokens."""
+    server = start_server(tiny_runtime, chat_save_dir=str(tmp_path))
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        sid, token = create(http, system=SYSTEM)
+        turn(server, sid, token, "Say hello.", max_tokens=6)
+        headers = {"X-Session-Token": token}
+        for bad in ("../escape", "/etc/passwd", "", "a/b", ".hidden"):
+            assert_error(http.post(f"/v1/chat/sessions/{sid}/save", json={"name": bad}, headers=headers), 400)
+        saved = http.post(f"/v1/chat/sessions/{sid}/save", json={"name": "talk-1"}, headers=headers)
+        assert saved.status_code == 200, saved.text
+        assert saved.json()["tokens"] == info(http, sid, token)["context_length"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["talk-1.safetensors"]
+        reference = turn(server, sid, token, "Again, please.", max_tokens=5)
+        assert_error(http.post(f"/v1/chat/sessions/{sid}/save", json={"name": "x"}), 401)
+
+    other_rt = make_runtime()
+    other = start_server(other_rt, chat_save_dir=str(tmp_path))
+    with httpx.Client(base_url=other.url, timeout=60) as http:
+        sid2, token2 = create(http)
+        headers = {"X-Session-Token": token2}
+        assert_error(http.post(f"/v1/chat/sessions/{sid2}/restore", json={"name": "nope"}, headers=headers), 404, "name")
+        (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+        assert_error(http.post(f"/v1/chat/sessions/{sid2}/restore", json={"name": "broken"}, headers=headers), 400)
+        assert info(http, sid2, token2)["message_count"] == 0  # a bad file changed nothing
+        restored = http.post(f"/v1/chat/sessions/{sid2}/restore", json={"name": "talk-1"}, headers=headers)
+        assert restored.status_code == 200, restored.text
+        state = restored.json()
+        assert state["id"] == sid2 and [m["role"] for m in state["messages"]] == ["system", "user", "assistant"]
+        computed = other_rt.stats()["prompt_tokens_computed"]
+        again = turn(other, sid2, token2, "Again, please.", max_tokens=5)
+        assert again.choices[0].message.content == reference.choices[0].message.content
+        assert again.usage.prompt_tokens_details.cached_tokens == state["context_length"]  # nothing recomputed
+        assert other_rt.stats()["prompt_tokens_computed"] - computed == again.usage.prompt_tokens - state["context_length"]
+        delete(http, sid2, token2)
+
+
+def test_save_and_restore_are_refused_without_a_save_directory(served):
+    _, _, http = served
+    sid, token = create(http, system=SYSTEM)
+    headers = {"X-Session-Token": token}
+    for route in ("save", "restore"):
+        error = assert_error(http.post(f"/v1/chat/sessions/{sid}/{route}", json={"name": "a"}, headers=headers), 400)
+        assert "--chat-save-dir" in error["message"]

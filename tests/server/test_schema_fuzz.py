@@ -52,6 +52,8 @@ def test_api_fuzz(make_runtime, path, method, mode):
         assert response.status_code < 500, response.text
 
     run()
+    for session_id in rt.chat_sessions.all_sessions():  # chat sessions it created hold KV until removed
+        rt.chat_sessions.remove_session(session_id)
     assert statuses
     if mode is NEGATIVE:
         assert all(400 <= s < 500 for s in statuses), statuses
