@@ -271,7 +271,8 @@ def test_add_bos_token_from_the_gguf_leads_a_prompt_but_no_piece(tiny_llama, tmp
     write_llama_gguf(path, model, add_bos_token=add_bos)
     tok = load_gguf(path).tokenizer
     piece = tok.encode("ab ab")
-    assert 1 not in piece  # a Fill inside a sequence never gets a BOS
+    bos = 1
+    assert bos not in piece  # a Fill inside a sequence never gets a BOS
     assert tok.encode_prompt("ab ab") == ([1] + piece if add_bos else piece)
     bos_text = _TOKENS[1]
     assert tok.encode_prompt(bos_text + "ab") == [1] + tok.encode("ab")  # no second BOS when the text has one

@@ -18,6 +18,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from parrot_core.errors import InvalidRequestError
 from parrot_core.server.settings import ServeSettings
 from tests.server.conftest import TINY_MAX_LEN, settle, wait_for
+from tests.server.test_disconnect import read_events, send
 
 SYSTEM = "You are a parrot that repeats things."
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -367,26 +368,6 @@ def test_prompt_cache_key_sessions_expire_when_idle(make_runtime, start_server):
     settle(rt)
 
 
-def _send_raw(server, path: str, body: dict[str, Any], token: str) -> socket.socket:
-    data = json.dumps(body).encode()
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"X-Session-Token: {token}\r\nContent-Length: {len(data)}\r\n\r\n"
-    )
-    sock.sendall(head.encode() + data)
-    return sock
-
-
-def _read_events(sock: socket.socket, count: int) -> bytes:
-    buf = b""
-    while buf.count(b"data: ") < count:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed early: {buf!r}"
-        buf += chunk
-    return buf
-
-
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_disconnect_mid_turn_leaves_the_session_as_it_was(make_runtime, start_server, stream):
     rt = make_runtime(delay=0.02)
@@ -396,9 +377,9 @@ def test_disconnect_mid_turn_leaves_the_session_as_it_was(make_runtime, start_se
         first = turn(server, sid, token, "First.", max_tokens=3)
         before = info(http, sid, token)
         body = {"content": "Long one.", "max_tokens": 150, "stream": stream, **GREEDY}
-        sock = _send_raw(server, f"/v1/chat/sessions/{sid}/messages", body, token)
+        sock = send(server, f"/v1/chat/sessions/{sid}/messages", body, {"X-Session-Token": token})
         if stream:
-            _read_events(sock, 3)  # decoding now
+            read_events(sock, 3)  # decoding now
         else:
             wait_for(lambda: rt.stats()["contexts_live"] > 2, what="the turn to start")  # system prompt, session, turn
         sock.shutdown(socket.SHUT_RDWR)

@@ -17,10 +17,12 @@ import pytest
 from tests.server.conftest import settle, wait_for
 
 
-def send(server, path: str, body: dict[str, Any]) -> socket.socket:
+def send(server, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> socket.socket:
+    """POST `body` on a raw socket (so the test can drop the connection at any point)."""
     data = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{extra}Content-Length: {len(data)}\r\n\r\n"
     sock.sendall(head.encode() + data)
     return sock
 

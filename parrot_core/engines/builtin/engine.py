@@ -251,16 +251,7 @@ class BuiltinEngine:
 
     async def _on_thread(self, fn: Callable[[], T]) -> T:
         """`call` for async callers: run `fn` on the engine thread without blocking the loop."""
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                future.set_result(fn())
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
-                future.set_exception(e)
-
-        self._post(run)
-        return await asyncio.wrap_future(future)
+        return await asyncio.wrap_future(self._submit(fn))
 
     async def _compute_context(self, context_id: int) -> None:
         """Compute the uncomputed tokens of an existing context (a fill of no new tokens)."""
@@ -334,6 +325,10 @@ class BuiltinEngine:
         """Run `fn` on the engine thread and return its result (state is only safe there)."""
         if threading.current_thread() is self._thread:
             return fn()
+        return self._submit(fn).result(timeout)
+
+    def _submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run `fn` on the engine thread; its result or exception lands in the future."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def run() -> None:
@@ -343,7 +338,7 @@ class BuiltinEngine:
                 future.set_exception(e)
 
         self._post(run)
-        return future.result(timeout)
+        return future
 
     def check_invariants(self) -> None:
         self.call(self.tree.check_invariants)
