@@ -52,6 +52,20 @@ from parrot_core.errors import InvalidRequestError
 FINISH_LENGTH = "length"  # max_tokens reached
 FINISH_STOP = "stop"  # EOS, a stop token id or a stop string
 FINISH_ABORT = "abort"  # the caller went away
+MAX_LOGPROBS = 20  # the most alternatives a request may ask for per token (vLLM's default cap)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model's raw distribution (log_softmax of the
+    logits, before any sampling transform). `rank`: 1 + how many tokens have a strictly larger
+    logprob. `top`: the most likely tokens as (token id, logprob), most likely first (ties in
+    any order), as many as the request asked for."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,13 @@ class SamplingParams:
     makes a sampled generation reproducible independently of what else runs in the batch.
     Stop strings are matched on the detokenized output and are not included in it; stop token
     ids (and EOS unless `ignore_eos`) end the generation and are not included either.
+
+    `logprobs` (0..MAX_LOGPROBS): each sampled token comes with its logprob and the `logprobs`
+    most likely alternatives. `prompt_logprobs` (0..MAX_LOGPROBS): the same for each prompt
+    token the generate carries, computed in the same forward (a request asking for them does
+    not take prompt tokens from the prefix cache, whose KV has no logits). Logprobs are of the
+    distribution the model produced: log_softmax of the raw logits, before temperature, top-k
+    and top-p (vLLM's default, "raw_logprobs"). Neither changes which token is sampled.
     """
 
     max_tokens: int = 16
@@ -72,6 +93,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -92,6 +115,10 @@ class SamplingParams:
             raise InvalidRequestError(f"stop must hold non-empty strings, got {self.stop!r}")
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
+                raise InvalidRequestError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {k!r}")
 
     @property
     def greedy(self) -> bool:
@@ -116,12 +143,17 @@ class FillResult:
 class GenerationDelta:
     """New token ids of one generation. The last delta has `finish_reason` set; `text` is the
     detokenized text of these tokens (stop strings already cut). `cached_tokens`: of the prompt
-    tokens the generate carried, how many the prefix cache supplied."""
+    tokens the generate carried, how many the prefix cache supplied. `logprobs` (when the
+    params ask for them): one entry per token of `token_ids`. `prompt_logprobs` (when asked,
+    on the first delta only): one entry per prompt token the generate carried, None for a
+    token with nothing before it in the context."""
 
     token_ids: list[int]
     text: str = ""
     finish_reason: str | None = None
     cached_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(frozen=True)

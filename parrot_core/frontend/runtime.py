@@ -23,7 +23,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from parrot_core.contexts import Context
-from parrot_core.engines.base import SamplingParams
+from parrot_core.engines.base import SamplingParams, TokenLogprob
 from parrot_core.engines.builtin.config import EngineConfig
 from parrot_core.engines.builtin.engine import BuiltinEngine
 from parrot_core.errors import InvalidRequestError, InvariantError, RuntimeClosedError, UnknownContextError
@@ -51,26 +51,34 @@ def current_runtime() -> Runtime:
 
 @dataclass(frozen=True)
 class StreamDelta:
-    """Part of a streamed generation; the last one has `finish_reason` set."""
+    """Part of a streamed generation; the last one has `finish_reason` set. With `logprobs=k`,
+    `logprobs` has one entry per token of `token_ids`; with `prompt_logprobs=k`, the first delta
+    carries one entry per prompt token (the first None: nothing precedes it)."""
 
     token_ids: list[int]
     text: str
     finish_reason: str | None
     prompt_tokens: int
     cached_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(frozen=True)
 class GenerateOutput:
     """One generation. `token_ids` are what the context gained (a final EOS / stop token id
     is not included); `text` is cut before a stop string; `cached_tokens` of the prompt's
-    tokens came from the prefix cache instead of being computed."""
+    tokens came from the prefix cache instead of being computed. `logprobs` (with
+    `logprobs=k`): one `TokenLogprob` per token of `token_ids`; `prompt_logprobs` (with
+    `prompt_logprobs=k`): one per prompt token, the first None."""
 
     text: str
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
     cached_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class Runtime:
@@ -287,7 +295,8 @@ class Runtime:
     def generate(self, prompts: Prompt | Sequence[Prompt], max_tokens: int = 16, **sampling: Any) -> Any:
         """Generate for one prompt (text or token ids) or, given a list of prompts, for all of
         them as one concurrent batch (returns a list, in order). Sampling options: temperature,
-        top_p, top_k, seed, stop, stop_token_ids, ignore_eos."""
+        top_p, top_k, seed, stop, stop_token_ids, ignore_eos, logprobs and prompt_logprobs
+        (0-20 alternatives per token; see `SamplingParams`)."""
         return self._run(self._generate_any(prompts, max_tokens, sampling))
 
     async def agenerate(self, prompts: Prompt | Sequence[Prompt], max_tokens: int = 16, **sampling: Any) -> Any:
@@ -348,7 +357,15 @@ class Runtime:
                 self.contexts.record_fill(ctx, len(prompt_ids))
                 async with contextlib.aclosing(self._stream_in(ctx, params, prompt_ids)) as deltas:  # reconciled before the free
                     async for delta in deltas:
-                        yield StreamDelta(delta.token_ids, delta.text, delta.finish_reason, len(prompt_ids), delta.cached_tokens)
+                        yield StreamDelta(
+                            delta.token_ids,
+                            delta.text,
+                            delta.finish_reason,
+                            len(prompt_ids),
+                            delta.cached_tokens,
+                            delta.logprobs,
+                            delta.prompt_logprobs,
+                        )
             finally:
                 if ctx.alive:  # reset() may have released it already
                     self.contexts.free_context(ctx)
@@ -527,12 +544,18 @@ async def _collect(stream: AsyncIterator[Any], prompt_tokens: int) -> GenerateOu
     ids: list[int] = []
     pieces: list[str] = []
     reason, cached = "abort", 0
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     async for delta in stream:
         ids.extend(delta.token_ids)
         pieces.append(delta.text)
         reason = delta.finish_reason or reason
         cached = getattr(delta, "cached_tokens", cached)
-    return GenerateOutput("".join(pieces), ids, reason, prompt_tokens, cached)
+        if delta.logprobs is not None:
+            logprobs = (logprobs or []) + delta.logprobs
+        if delta.prompt_logprobs is not None:
+            prompt_logprobs = delta.prompt_logprobs
+    return GenerateOutput("".join(pieces), ids, reason, prompt_tokens, cached, logprobs, prompt_logprobs)
 
 
 def _tick(ref: weakref.ref[Runtime]) -> None:
@@ -586,7 +609,7 @@ async def _finish_tasks(grace_s: float) -> None:
 
 
 def _sampling_params(max_tokens: int, sampling: dict[str, Any]) -> SamplingParams:
-    allowed = {"temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos"}
+    allowed = {"temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs", "prompt_logprobs"}
     unknown = sorted(set(sampling) - allowed)
     if unknown:
         raise InvalidRequestError(f"unknown sampling options: {', '.join(unknown)}")

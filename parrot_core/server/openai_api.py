@@ -5,7 +5,10 @@ Contracts:
 - Every request is checked (model name, sampling values, prompt length against the model's
   context, token ids against the vocabulary) before any KV is allocated; what can never run
   is answered 400 before a stream starts. Unknown extra fields are accepted and ignored, like
-  vLLM; known knobs this engine cannot honour (logprobs, echo, penalties, tools) are a 400.
+  vLLM; known knobs this engine cannot honour (suffix, penalties, tools) are a 400.
+- Logprobs are the model's raw distribution (log_softmax of the logits, before temperature,
+  top-k and top-p); -inf is sent as -9999.0 (JSON has no infinity), as vLLM does. Tokens are
+  shown as their own text (`Tokenizer.token_text`); in chat, `bytes` are that text's UTF-8.
 - Each prompt x `n` is one sequence, generated as one `Runtime.astream`. A client that goes
   away (non-streaming: its connection closes; streaming: the response is cancelled) closes
   those streams, which aborts the requests and frees their KV.
@@ -28,7 +31,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -36,7 +39,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from parrot_core.engines.base import SamplingParams
+from parrot_core.engines.base import SamplingParams, TokenLogprob
 from parrot_core.errors import InvalidRequestError
 from parrot_core.server.http_errors import ERROR_RESPONSES, STREAM_RESPONSE, APIError, api_error_from
 from parrot_core.server.openai_schemas import (
@@ -44,8 +47,11 @@ from parrot_core.server.openai_schemas import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     ChatMessage,
+    ChatTokenLogprob,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
@@ -55,6 +61,7 @@ from parrot_core.server.openai_schemas import (
     PromptTokensDetails,
     TokenizeRequest,
     TokenizeResponse,
+    TopLogprob,
     Usage,
     _SamplingRequest,
 )
@@ -90,6 +97,8 @@ class _Seq:
     # Where the deltas come from instead of a plain generation of `prompt_ids` (e.g. a chat
     # session's turn); called once, closing its iterator must abort the work.
     source: Callable[[], AsyncIterator[StreamDelta]] | None = None
+    # `max_tokens=0` with echo: one token is sampled (the engine always samples one) and dropped
+    score_only: bool = False
 
 
 @dataclass
@@ -99,6 +108,68 @@ class _Result:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+_MIN_LOGPROB = -9999.0  # what -inf is sent as
+
+
+def _lp(x: float) -> float:
+    return max(x, _MIN_LOGPROB)
+
+
+def _token_text(rt: Runtime, token_id: int) -> str:
+    tok = rt.engine.tokenizer
+    return tok.token_text(token_id) if tok is not None else str(token_id)
+
+
+def completion_logprobs(
+    rt: Runtime, token_ids: Sequence[int], entries: Sequence[TokenLogprob | None], offset: int
+) -> CompletionLogprobs:
+    """OpenAI's legacy shape for `token_ids` (their logprobs `entries`, None where a token has
+    nothing before it), text offsets counted from `offset`. `top_logprobs` holds the most likely
+    tokens plus the token itself, as vLLM's does."""
+    out = CompletionLogprobs()
+    for token_id, entry in zip(token_ids, entries, strict=True):
+        text = _token_text(rt, token_id)
+        out.tokens.append(text)
+        out.text_offset.append(offset)
+        offset += len(text)
+        if entry is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
+        out.token_logprobs.append(_lp(entry.logprob))
+        top = {_token_text(rt, t): _lp(v) for t, v in entry.top}
+        top.setdefault(text, _lp(entry.logprob))
+        out.top_logprobs.append(top)
+    return out
+
+
+def chat_logprobs(rt: Runtime, entries: Sequence[TokenLogprob]) -> ChatLogprobs:
+    """OpenAI's chat shape: per generated token its text, logprob, UTF-8 bytes and the
+    `top_logprobs` most likely tokens."""
+
+    def top(token_id: int, logprob: float) -> TopLogprob:
+        text = _token_text(rt, token_id)
+        return TopLogprob(token=text, logprob=_lp(logprob), bytes=list(text.encode("utf-8")))
+
+    content = []
+    for entry in entries:
+        head = top(entry.token_id, entry.logprob)
+        content.append(ChatTokenLogprob(**head.model_dump(), top_logprobs=[top(t, v) for t, v in entry.top]))
+    return ChatLogprobs(content=content)
+
+
+async def _score_only(deltas: AsyncIterator[StreamDelta]) -> AsyncIterator[StreamDelta]:
+    """The deltas of a one-token generation as a generation of none (echo with max_tokens=0):
+    the prompt's logprobs are kept, the sampled token dropped."""
+    async with contextlib.aclosing(deltas):  # type: ignore[type-var]
+        async for delta in deltas:
+            logprobs = [] if delta.logprobs is not None else None
+            yield replace(delta, token_ids=[], text="", logprobs=logprobs, finish_reason="length" if delta.finish_reason else None)
 
 
 def _check_ids(rt: Runtime, ids: Sequence[int], param: str) -> None:
@@ -137,12 +208,13 @@ def _sequences(
     seqs = []
     for p, ids in enumerate(prompts):
         _check_ids(rt, ids, param)
-        max_tokens = _max_tokens_for(rt, len(ids), requested, param)
+        score_only = requested == 0
+        max_tokens = _max_tokens_for(rt, len(ids), 1 if score_only else requested, param)
         for j in range(body.n):
             seed = sampling["seed"]
             # samples of one prompt must differ, yet stay reproducible for a given seed
             params = {**sampling, "seed": seed if seed is None or j == 0 else (seed + j) % 2**64}
-            seqs.append(_Seq(p * body.n + j, ids, max_tokens, params))
+            seqs.append(_Seq(p * body.n + j, ids, max_tokens, params, score_only=score_only))
     check_sampling(seqs[0].max_tokens, seqs[0].sampling, body)
     return seqs
 
@@ -197,6 +269,8 @@ async def _run_seq(state: ServeState, rt: Runtime, seq: _Seq, t0: float) -> Asyn
     prompt_tokens = len(seq.prompt_ids)
     reason = "abort"
     source = seq.source() if seq.source is not None else rt.astream(seq.prompt_ids, seq.max_tokens, **seq.sampling)
+    if seq.score_only:
+        source = _score_only(source)
     try:
         async with contextlib.aclosing(source) as stream:
             async for delta in stream:
@@ -267,6 +341,10 @@ async def _collect(state: ServeState, rt: Runtime, seqs: list[_Seq], t0: float) 
             r.completion_tokens += len(delta.token_ids)
             r.prompt_tokens, r.cached_tokens = delta.prompt_tokens, delta.cached_tokens
             r.finish_reason = delta.finish_reason or r.finish_reason
+            r.token_ids.extend(delta.token_ids)
+            r.logprobs.extend(delta.logprobs or [])
+            if delta.prompt_logprobs is not None:
+                r.prompt_logprobs = delta.prompt_logprobs
     return results
 
 
@@ -368,11 +446,12 @@ async def _events(
     merged: AsyncIterator[tuple[int, StreamDelta]],
     n: int,
     include_usage: bool,
-    chunk: Callable[[int, str, str | None, bool], dict[str, Any]],
+    chunk: Callable[..., dict[str, Any]],
     usage_chunk: Callable[[Usage], dict[str, Any]],
     release: Callable[[], None],
 ) -> AsyncIterator[str]:
-    """The SSE events of a streamed generation. `chunk(index, text, finish_reason, first)`."""
+    """The SSE events of a streamed generation. `chunk(index, text, finish_reason, first,
+    delta)`: `delta` is the engine's (None for the first, empty chunk of each choice)."""
     results = [_Result() for _ in seqs]
     try:
         try:
@@ -385,8 +464,10 @@ async def _events(
                     r = results[index]
                     r.completion_tokens += len(delta.token_ids)
                     r.prompt_tokens, r.cached_tokens = delta.prompt_tokens, delta.cached_tokens
-                    if delta.text or delta.finish_reason:
-                        yield _sse(chunk(index, delta.text, delta.finish_reason, False))
+                    if delta.text or delta.finish_reason or delta.logprobs or delta.prompt_logprobs is not None:
+                        event = chunk(index, delta.text, delta.finish_reason, False, delta)
+                        if event:
+                            yield _sse(event)
             if include_usage:
                 yield _sse(usage_chunk(_usage(results, n)))
         except Exception as e:  # noqa: BLE001 - the status line is sent: report it in the stream
@@ -413,13 +494,50 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     rt = state.require_runtime()
     state.check_model(body.model)
     body.check_supported()
-    seqs = await asyncio.to_thread(lambda: _sequences(rt, _completion_prompts(rt, body.prompt), body.max_tokens, body, "prompt"))
 
-    def stream_choice(index: int, text: str, finish_reason: str | None, first: bool) -> dict[str, Any] | None:
-        return None if first else {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def prepare() -> tuple[list[_Seq], list[str]]:
+        prompts = _completion_prompts(rt, body.prompt)
+        seqs = _sequences(rt, prompts, body.max_tokens, body, "prompt")
+        texts = body.prompt if isinstance(body.prompt, list) and len(body.prompt) == len(prompts) else [body.prompt]
+        # echo gives back the prompt as sent; a prompt of token ids as their text
+        echoes = [t if isinstance(t, str) else rt.detokenize(ids) for t, ids in zip(texts, prompts)] if body.echo else []
+        return seqs, echoes
+
+    seqs, echoes = await asyncio.to_thread(prepare)
+    offsets: dict[int, int] = {}  # text offset of each choice's next token
+    echoed: set[int] = set()  # streaming: the choices whose first chunk was sent
+
+    def echo_of(index: int) -> str:
+        return echoes[index // body.n] if body.echo else ""
+
+    def choice_logprobs(index: int, prompt: list[TokenLogprob | None] | None, ids: list[int], entries: list[TokenLogprob]) -> CompletionLogprobs:
+        if body.echo and prompt is not None:
+            out = completion_logprobs(rt, seqs[index].prompt_ids, prompt, offsets.get(index, 0))
+            offsets[index] = len(echo_of(index))
+        else:
+            out = CompletionLogprobs()
+        more = completion_logprobs(rt, ids, entries, offsets.get(index, 0))
+        offsets[index] = offsets.get(index, 0) + sum(len(t) for t in more.tokens)
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            getattr(out, name).extend(getattr(more, name))
+        return out
+
+    def stream_choice(index: int, text: str, finish_reason: str | None, first: bool, delta: Any = None) -> dict[str, Any] | None:
+        if first:
+            return None
+        logprobs = None
+        if index not in echoed:  # the choice's first chunk: the prompt (with echo) leads it
+            echoed.add(index)
+            text = echo_of(index) + text
+        if body.logprobs is not None and delta is not None:
+            logprobs = choice_logprobs(index, delta.prompt_logprobs, delta.token_ids, delta.logprobs or []).model_dump()
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def response(request_id: str, created: int, model: str, results: list[Any]) -> CompletionResponse:
-        choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)]
+        choices = []
+        for i, r in enumerate(results):
+            logprobs = choice_logprobs(i, r.prompt_logprobs, r.token_ids, r.logprobs) if body.logprobs is not None else None
+            choices.append(CompletionChoice(index=i, text=echo_of(i) + r.text, logprobs=logprobs, finish_reason=r.finish_reason))
         return CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=_usage(results, body.n))
 
     return await _generate(request, state, rt, seqs, t0, body, "cmpl", "text_completion", stream_choice, response)
@@ -444,15 +562,22 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     seqs = await asyncio.to_thread(prepare)
     keyed = request.app.state.chat_sessions
     key = body.prompt_cache_key
-    if key is not None and keyed.max_keys and body.n == 1 and body.add_generation_prompt and body.messages[-1].role == "user":
+    # a chat session's turn carries no logprobs: a request asking for them runs as a plain generation
+    if key is not None and keyed.max_keys and body.n == 1 and body.add_generation_prompt and body.messages[-1].role == "user" and not body.logprobs:
         messages = [m.as_template_input() for m in body.messages]
         seqs[0].source = keyed.keyed_turn(rt, key, messages, body.requested_max_tokens, seqs[0].sampling)
     return await generate_chat(request, state, rt, seqs, t0, body)
 
 
-def _chat_stream_choice(index: int, text: str, finish_reason: str | None, first: bool) -> dict[str, Any] | None:
-    delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def _chat_stream_choice(
+    index: int, text: str, finish_reason: str | None, first: bool, delta: Any = None, rt: Runtime | None = None
+) -> dict[str, Any] | None:
+    """One choice of a chat chunk; with `rt`, the delta's logprobs in the chat shape."""
+    message: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+    logprobs = None
+    if rt is not None and delta is not None and delta.logprobs is not None:
+        logprobs = chat_logprobs(rt, delta.logprobs).model_dump()
+    return {"index": index, "delta": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 async def generate_chat(
@@ -462,15 +587,25 @@ async def generate_chat(
     as SSE when `body.stream`). `prime`: wait for the first delta before the stream's status
     line, so that an error before it (e.g. a turn that can never fit) is a plain HTTP error."""
 
+    with_logprobs = bool(getattr(body, "logprobs", False))
+
     def response(request_id: str, created: int, model: str, results: list[Any]) -> ChatCompletionResponse:
         choices = [
-            ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=r.text),
+                logprobs=chat_logprobs(rt, r.logprobs) if with_logprobs else None,
+                finish_reason=r.finish_reason,
+            )
             for i, r in enumerate(results)
         ]
         return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=_usage(results, body.n))
 
+    def stream_choice(index: int, text: str, finish_reason: str | None, first: bool, delta: Any = None) -> dict[str, Any] | None:
+        return _chat_stream_choice(index, text, finish_reason, first, delta, rt if with_logprobs else None)
+
     return await _generate(
-        request, state, rt, seqs, t0, body, "chatcmpl", "chat.completion.chunk", _chat_stream_choice, response, prime
+        request, state, rt, seqs, t0, body, "chatcmpl", "chat.completion.chunk", stream_choice, response, prime
     )
 
 
@@ -483,7 +618,7 @@ async def _generate(
     body: Any,
     id_prefix: str,
     chunk_object: str,
-    stream_choice: Callable[[int, str, str | None, bool], dict[str, Any] | None],
+    stream_choice: Callable[..., dict[str, Any] | None],
     response: Callable[[str, int, str, list[Any]], Any],
     prime: bool = False,
 ) -> Any:
@@ -494,8 +629,8 @@ async def _generate(
     release = state.admit(len(seqs))
     if body.stream:
 
-        def chunk(index: int, text: str, finish_reason: str | None, first: bool) -> dict[str, Any]:
-            choice = stream_choice(index, text, finish_reason, first)
+        def chunk(index: int, text: str, finish_reason: str | None, first: bool, delta: Any = None) -> dict[str, Any]:
+            choice = stream_choice(index, text, finish_reason, first, delta)
             if choice is None:
                 return {}
             out = {"id": request_id, "object": chunk_object, "created": created, "model": model, "choices": [choice]}

@@ -12,6 +12,7 @@ from parrot_core.server.http_errors import APIError
 
 MAX_STOP = 64
 MAX_N = 128
+MAX_LOGPROBS = 20  # vLLM's cap on logprobs / top_logprobs (OpenAI's: 5 for completions, 20 for chat)
 GREEDY_BELOW = 1e-5  # temperatures this small are greedy (dividing logits by them overflows)
 TokenId = Annotated[int, Field(strict=True, ge=0)]
 
@@ -96,23 +97,32 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
+    """`echo`: the prompt's text leads each choice's text (and, with `logprobs`, the prompt's
+    tokens lead its logprobs, the first one null); `max_tokens=0` is allowed with `echo`
+    (scoring a prompt, as lm-evaluation-harness does): nothing is generated."""
+
     prompt: Prompt
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        if self.logprobs is not None:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens must be at least 1 (0 is only allowed with echo)", param="max_tokens")
         if self.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of is not supported (leave it out or equal to n)", param="best_of")
+
+    def sampling(self) -> dict[str, Any]:
+        return {
+            **super().sampling(),
+            "logprobs": self.logprobs,
+            "prompt_logprobs": self.logprobs if self.echo and self.logprobs is not None else None,
+        }
 
 
 class TextPart(BaseModel):
@@ -143,7 +153,7 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -153,8 +163,8 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs to be true", param="top_logprobs")
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -163,6 +173,9 @@ class ChatCompletionRequest(_SamplingRequest):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def sampling(self) -> dict[str, Any]:
+        return {**super().sampling(), "logprobs": (self.top_logprobs or 0) if self.logprobs else None}
 
 
 class TokenizeRequest(BaseModel):
@@ -193,10 +206,21 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions logprobs: per token its text, logprob, the most likely
+    alternatives (token text -> logprob; the token itself included) and its character offset in
+    the choice's text. A token with nothing before it (the prompt's first, with echo) has null."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -214,10 +238,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 

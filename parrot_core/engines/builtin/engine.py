@@ -33,6 +33,7 @@ from parrot_core.engines.base import (
     GenerationDelta,
     RuntimeInfo,
     SamplingParams,
+    TokenLogprob,
 )
 from parrot_core.engines.builtin.block_pool import BlockPool
 from parrot_core.engines.builtin.config import EngineConfig
@@ -40,7 +41,7 @@ from parrot_core.engines.builtin.kv_contexts import ContextExistsError, KVContex
 from parrot_core.engines.builtin.kv_io import ContextKV, KVSpec, model_fingerprint
 from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel
 from parrot_core.engines.builtin.request import EngineRequest, Kind
-from parrot_core.engines.builtin.sampler import sample
+from parrot_core.engines.builtin.sampler import sample, token_logprobs
 from parrot_core.engines.builtin.scheduler import Scheduler
 from parrot_core.engines.builtin.tokenizer import Tokenizer
 from parrot_core.errors import (
@@ -56,6 +57,7 @@ from parrot_core.errors import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _EXPORT_ATTEMPTS = 4  # recomputes of an evicted context before export gives up (pressure evicts it again)
+_LOGPROB_ROWS = 256  # prompt logprobs: logits computed this many rows at a time (bounds memory)
 
 
 class BuiltinEngine:
@@ -423,10 +425,15 @@ class BuiltinEngine:
         except Exception as e:  # the caller must always hear back, whatever went wrong
             emit(e if isinstance(e, ParrotError) else EngineError(f"{type(e).__name__}: {e}"))
             return None
+        prompt_lp: list[TokenLogprob | None] | None = None
+        if params is not None and params.prompt_logprobs is not None:
+            prompt_lp = self._prepare_prompt_logprobs(ctx, tokens, params.prompt_logprobs)
+        prompt_start = len(ctx.token_ids)
         self.tree.append_tokens(ctx, tokens)
         if kind is Kind.GENERATE and ctx.last_hidden is None and ctx.num_computed == len(ctx.token_ids):
             self.tree.uncompute_last(ctx)  # no hidden state kept (a carved-out prefix): recompute one token
         req = EngineRequest(next(self._ids), kind, ctx, emit, params=params, new_tokens=len(tokens), generator=generator)
+        req.prompt_logprobs, req.prompt_start = prompt_lp, prompt_start
         if kind is Kind.GENERATE:
             req.detokenizer = self.tokenizer.detokenizer() if self.tokenizer is not None else None
         if kind is Kind.FILL and req.num_uncomputed == 0:
@@ -436,6 +443,24 @@ class BuiltinEngine:
         self._last_used[context_id] = self._step_no
         self.scheduler.add(req)
         return req
+
+    def _prepare_prompt_logprobs(self, ctx: KVContext, tokens: list[int], k: int) -> list[TokenLogprob | None]:
+        """Before `tokens` join `ctx`: the prompt-logprob list to fill as the prompt is computed.
+        Its first entry needs the hidden state of the token before the prompt: taken at once
+        when the context keeps it, else that token is recomputed with the prompt (the request
+        then skips the prefix cache, so every later row is computed too). A prompt starting
+        the sequence has nothing before its first token: that entry stays None."""
+        entries: list[TokenLogprob | None] = [None] * len(tokens)
+        n = len(ctx.token_ids)
+        if n == 0 or not tokens or ctx.num_computed < n:
+            return entries  # nothing before, or the token before is still to be computed
+        if ctx.last_hidden is None:
+            self.tree.uncompute_last(ctx)
+            return entries
+        assert isinstance(ctx.last_hidden, torch.Tensor)
+        logits = self.model.compute_logits(ctx.last_hidden[None])
+        entries[0] = token_logprobs(logits, tokens[:1], [k])[0]
+        return entries
 
     def _context_for(self, context_id: int, parent_id: int | None) -> KVContext:
         if context_id in self._active:
@@ -515,17 +540,19 @@ class BuiltinEngine:
             self._fail(req, OutOfBlocksError(f"no progress possible for request {req.request_id} ({self.pool.num_available} blocks available)"))
             return
         try:
-            hidden = self._forward(plan.compute) if plan.compute else None
+            hidden, rows = self._forward(plan.compute) if plan.compute else (None, [])
             ready: list[tuple[EngineRequest, torch.Tensor]] = []
-            for i, (req, n) in enumerate(plan.compute):
+            for (req, n), (first, last) in zip(plan.compute, rows, strict=True):
                 ctx = req.context
                 if not req.sampling:
                     self.stats["prompt_tokens_computed"] += n
+                assert hidden is not None
+                if req.prompt_logprobs is not None:
+                    self._record_prompt_logprobs(req, hidden[first : last + 1], ctx.num_computed)
                 self.tree.commit(ctx, n)
                 if req.num_uncomputed == 0:
-                    assert hidden is not None
-                    ctx.last_hidden = hidden[i]
-                    ready.append((req, hidden[i]))
+                    ctx.last_hidden = hidden[last]
+                    ready.append((req, hidden[last]))
             ready.extend((req, req.context.last_hidden) for req in plan.sample_only)
             self._postprocess(ready)
         except Exception as e:  # noqa: BLE001 - a bad step fails its requests, not the engine
@@ -536,7 +563,10 @@ class BuiltinEngine:
                 self.tree.release(req.context)
                 self._fail(req, error)
 
-    def _forward(self, compute: list[tuple[EngineRequest, int]]) -> torch.Tensor:
+    def _forward(self, compute: list[tuple[EngineRequest, int]]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Run the model over the scheduled tokens. Returns the hidden states it kept and, per
+        request, the (first, last) row of its own in them: only its last token's row, or every
+        computed token's row for a request owed prompt logprobs."""
         new_tokens, context_lens, tables = [], [], []
         for req, n in compute:
             ctx = req.context
@@ -544,10 +574,38 @@ class BuiltinEngine:
             context_lens.append(ctx.num_computed + n)
             tables.append(self.tree.block_table(ctx))
         batch = ForwardBatch.build(new_tokens, context_lens, tables, self.pool.block_size, self.config.device)
+        output_rows: torch.Tensor | None = None
+        if any(req.wants_all_rows for req, _ in compute):
+            kept: list[int] = []
+            start_row = 0
+            for req, n in compute:
+                kept.extend(range(start_row, start_row + n) if req.wants_all_rows else [start_row + n - 1])
+                start_row += n
+            output_rows = torch.tensor(kept, dtype=torch.long, device=batch.token_ids.device)
+        rows, at = [], 0
+        for req, n in compute:
+            width = n if output_rows is not None and req.wants_all_rows else 1
+            rows.append((at, at + width - 1))
+            at += width
         start = time.perf_counter()
-        hidden = self.model.forward(batch, self.kv)
+        hidden = self.model.forward(batch, self.kv) if output_rows is None else self.model.forward(batch, self.kv, output_rows)
         self.stats["forward_seconds"] += time.perf_counter() - start
-        return hidden
+        return hidden, rows
+
+    def _record_prompt_logprobs(self, req: EngineRequest, hidden: torch.Tensor, first_position: int) -> None:
+        """`hidden` holds the rows of context positions first_position.. just computed; the row at
+        position p gives the logprob of the token at p + 1 when that token is in the prompt."""
+        entries = req.prompt_logprobs
+        assert entries is not None and req.params is not None and req.params.prompt_logprobs is not None
+        tokens = req.context.token_ids
+        lo = max(first_position, req.prompt_start - 1)
+        hi = min(first_position + hidden.shape[0], req.prompt_start + len(entries) - 1)  # rows [lo, hi)
+        for a in range(lo, hi, _LOGPROB_ROWS):
+            b = min(a + _LOGPROB_ROWS, hi)
+            logits = self.model.compute_logits(hidden[a - first_position : b - first_position])
+            targets = tokens[a + 1 : b + 1]
+            for p, entry in zip(range(a, b), token_logprobs(logits, targets, [req.params.prompt_logprobs] * len(targets))):
+                entries[p + 1 - req.prompt_start] = entry
 
     def _postprocess(self, ready: list[tuple[EngineRequest, Any]]) -> None:
         for req, _ in ready:
@@ -563,10 +621,25 @@ class BuiltinEngine:
             return
         logits = self.model.compute_logits(torch.stack([h for _, h in gens]))
         tokens = sample(logits, [r.params for r, _ in gens], [r.generator for r, _ in gens])
-        for (req, _), token in zip(gens, tokens, strict=True):
-            self._accept_token(req, token)
+        wanted = [i for i, (r, _) in enumerate(gens) if r.params is not None and r.params.logprobs is not None]
+        lps: list[TokenLogprob | None] = [None] * len(gens)
+        if wanted:
+            ks = [gens[i][0].params.logprobs for i in wanted]  # type: ignore[union-attr]
+            for i, lp in zip(wanted, token_logprobs(logits[wanted], [tokens[i] for i in wanted], ks)):  # type: ignore[arg-type]
+                lps[i] = lp
+        for (req, _), token, lp in zip(gens, tokens, lps, strict=True):
+            self._accept_token(req, token, lp)
 
-    def _accept_token(self, req: EngineRequest, token: int) -> None:
+    def _delta(self, req: EngineRequest, token_ids: list[int], text: str, reason: str | None = None, lp: TokenLogprob | None = None) -> GenerationDelta:
+        """A delta of `req`, with the logprobs its params ask for (the prompt's on the first)."""
+        assert req.params is not None
+        logprobs = None
+        if req.params.logprobs is not None:
+            logprobs = [lp] if token_ids and lp is not None else []
+        prompt, req.prompt_logprobs = req.prompt_logprobs, None
+        return GenerationDelta(token_ids, text, reason, req.cached_tokens, logprobs, prompt)
+
+    def _accept_token(self, req: EngineRequest, token: int, lp: TokenLogprob | None = None) -> None:
         params = req.params
         assert params is not None
         if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
@@ -579,16 +652,16 @@ class BuiltinEngine:
         if req.detokenizer is not None:
             req.text += req.detokenizer.push([token])
         if params.stop and self._cut_at_stop(req):
-            self._finish(req, FINISH_STOP, token_ids=[token])
+            self._finish(req, FINISH_STOP, token_ids=[token], lp=lp)
         elif len(req.output_ids) >= params.max_tokens:
             stopped = self._flush_text(req)
-            self._finish(req, FINISH_STOP if stopped else FINISH_LENGTH, token_ids=[token])
+            self._finish(req, FINISH_STOP if stopped else FINISH_LENGTH, token_ids=[token], lp=lp)
         else:
             hold = max((len(s) - 1 for s in params.stop), default=0)  # a stop string may be starting
             safe = max(req.sent_chars, len(req.text) - hold)
             piece = req.text[req.sent_chars : safe]
             req.sent_chars = safe
-            _emit(req, GenerationDelta([token], piece, cached_tokens=req.cached_tokens))
+            _emit(req, self._delta(req, [token], piece, lp=lp))
 
     def _flush_text(self, req: EngineRequest) -> bool:
         """The generation ends: add what the detokenizer held back (a multi-byte character
@@ -607,7 +680,7 @@ class BuiltinEngine:
         req.text = req.text[: min(hits)]
         return True
 
-    def _finish(self, req: EngineRequest, reason: str, token_ids: list[int] | None = None) -> None:
+    def _finish(self, req: EngineRequest, reason: str, token_ids: list[int] | None = None, lp: TokenLogprob | None = None) -> None:
         self.scheduler.remove(req)
         self._active.pop(req.context.context_id, None)
         req.finished = True
@@ -616,7 +689,7 @@ class BuiltinEngine:
             return
         piece = req.text[req.sent_chars :]
         req.sent_chars = len(req.text)
-        _emit(req, GenerationDelta(token_ids or [], piece, reason, req.cached_tokens))
+        _emit(req, self._delta(req, token_ids or [], piece, reason, lp))
 
     def _fail(self, req: EngineRequest, error: BaseException) -> None:
         self._active.pop(req.context.context_id, None)

@@ -341,9 +341,10 @@ class LlamaModel:
     # -- forward ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv: KVCache) -> Tensor:
+    def forward(self, batch: ForwardBatch, kv: KVCache, output_rows: Tensor | None = None) -> Tensor:
         """Run one step. Writes the new tokens' K/V into `kv` at `batch.slot_mapping` and returns
-        the final-normed hidden state of each sequence's last new token: [num_seqs, hidden]."""
+        the final-normed hidden state of each sequence's last new token: [num_seqs, hidden]; or,
+        given `output_rows` (indices into the batch's new tokens), of those tokens instead."""
         c = self.config
         n_q, n_kv, d = c.num_heads, c.num_kv_heads, c.head_dim
         plan = self._plan(batch, kv.block_size)
@@ -364,7 +365,9 @@ class LlamaModel:
             kv.v[i].index_copy_(0, batch.slot_mapping, v)
             o = self._attention(q, k, v, kv.k[i], kv.v[i], plan)  # [T, n_q, d]
             o = o.reshape(o.shape[0], n_q * d)
-            if i == last_layer and not plan.all_last:  # only the last tokens' outputs are needed
+            if i == last_layer and output_rows is not None:
+                o, x = o[output_rows], x[output_rows]
+            elif i == last_layer and not plan.all_last:  # only the last tokens' outputs are needed
                 o, x = o[plan.last_rows], x[plan.last_rows]
             x = x + F.linear(o, layer.wo)
             h = _rms_norm(x, layer.mlp_norm, c.rms_norm_eps)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from parrot_core.engines.base import SamplingParams
+from parrot_core.engines.base import SamplingParams, TokenLogprob
 from parrot_core.engines.builtin.kv_contexts import KVContext
 from parrot_core.engines.builtin.tokenizer import IncrementalDetokenizer
 
@@ -44,10 +44,26 @@ class EngineRequest:
     text: str = ""  # detokenized output, stop strings not yet cut
     sent_chars: int = 0
     finished: bool = False
+    # Prompt logprobs still to be delivered (with the first delta): the prompt's tokens are
+    # context positions [prompt_start, prompt_start + len(prompt_logprobs)); None when not asked
+    # for or already sent.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_start: int = 0
 
     @property
     def num_uncomputed(self) -> int:
         return len(self.context.token_ids) - self.context.num_computed
+
+    @property
+    def uses_prefix_cache(self) -> bool:
+        """False while prompt logprobs are owed: cached KV has no logits, so every prompt token
+        must be computed by this request."""
+        return self.prompt_logprobs is None
+
+    @property
+    def wants_all_rows(self) -> bool:
+        """This step's computed tokens all need their hidden states (for prompt logprobs)."""
+        return self.prompt_logprobs is not None
 
     @property
     def sampling(self) -> bool:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from parrot_core.engines.base import SamplingParams
+from parrot_core.engines.base import SamplingParams, TokenLogprob
 
 
 @torch.inference_mode()
@@ -56,6 +56,29 @@ def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequenc
     for i, tok in zip(rows, picks.tolist()):
         out[i] = tok
     return out
+
+
+@torch.inference_mode()
+def token_logprobs(logits: Tensor, token_ids: Sequence[int], num_top: Sequence[int]) -> list[TokenLogprob]:
+    """For each row of `logits` [N, V]: the logprob of `token_ids[i]` under log_softmax of the
+    raw row (float64 for float64 logits, else float32), its rank (1 + the number of tokens with a
+    strictly larger logprob) and the `num_top[i]` most likely tokens."""
+    if logits.dim() != 2 or logits.shape[0] != len(token_ids) or len(token_ids) != len(num_top):
+        raise ValueError("token_logprobs() needs logits [N, V] with one token id and one top count per row")
+    if not token_ids:
+        return []
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lp = torch.log_softmax(logits.to(dtype), dim=-1)
+    ids = torch.tensor(list(token_ids), dtype=torch.long, device=lp.device)
+    chosen = lp.gather(1, ids[:, None])
+    ranks = (lp > chosen).sum(dim=-1) + 1
+    k = max(num_top)
+    top_vals, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], ids[:, None][:, :0])
+    chosen_l, ranks_l, vals_l, tids_l = chosen[:, 0].tolist(), ranks.tolist(), top_vals.tolist(), top_ids.tolist()
+    return [
+        TokenLogprob(t, chosen_l[i], ranks_l[i], tuple(zip(tids_l[i][: num_top[i]], vals_l[i][: num_top[i]])))
+        for i, t in enumerate(token_ids)
+    ]
 
 
 def _uniform(generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:

@@ -116,7 +116,7 @@ class Scheduler:
             if self._next_block_hash(req.context) in inflight:
                 deferred.append(req)  # another request is computing this block right now
                 continue
-            hits = self.tree.match_prefix(req.context)
+            hits = self.tree.match_prefix(req.context) if req.uses_prefix_cache else 0
             if req.num_admissions == 0:  # a recompute after preemption is not a cache hit
                 req.cached_tokens = hits
             self.running.append(req)
