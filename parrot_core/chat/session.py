@@ -37,7 +37,7 @@ from parrot_core.contexts import Context
 from parrot_core.engines.base import FINISH_ABORT, SamplingParams
 from parrot_core.errors import InvalidRequestError, RequestTooLargeError, RuntimeClosedError, UnknownSessionError
 from parrot_core.frontend import saved_contexts
-from parrot_core.frontend.runtime import ENGINE_ID, GenerateOutput, Runtime, StreamDelta, _sampling_params
+from parrot_core.frontend.runtime import ENGINE_ID, GenerateOutput, Runtime, StreamDelta, _sampling_params, collect
 from parrot_core.frontend.saved_contexts import ContextFileError, ContextKV, PathLike
 from parrot_core.serve.scheduler import SchedTask
 
@@ -198,37 +198,29 @@ class ChatSession:
         ones not sent to the engine again (what the session's context already held, model
         replies included, and what the prefix cache supplied; their KV is reused unless memory
         pressure evicted it). Sampling options as for `Runtime.generate`."""
-        params = _sampling_params(max_tokens, sampling)
+        params = _turn_params(max_tokens, sampling)
         return self._rt._run(self._collect(_checked_text(text), params))
 
     async def asend(self, text: str, max_tokens: int = DEFAULT_MAX_TOKENS, **sampling: Any) -> GenerateOutput:
-        params = _sampling_params(max_tokens, sampling)
+        params = _turn_params(max_tokens, sampling)
         return await self._rt._on_loop(self._collect(_checked_text(text), params))
 
     def stream(self, text: str, max_tokens: int = DEFAULT_MAX_TOKENS, **sampling: Any) -> Iterator[StreamDelta]:
         """`send`, yielding `StreamDelta`s as they come. The reply joins the conversation just
         before the last delta (the one with `finish_reason`) is yielded; leaving the loop
         earlier abandons the turn and leaves the session as it was."""
-        params = _sampling_params(max_tokens, sampling)
+        params = _turn_params(max_tokens, sampling)
         text = _checked_text(text)
         return _iterate(self._rt, lambda: self._turn(text, params))
 
     def astream(self, text: str, max_tokens: int = DEFAULT_MAX_TOKENS, **sampling: Any) -> AsyncIterator[StreamDelta]:
-        params = _sampling_params(max_tokens, sampling)
+        params = _turn_params(max_tokens, sampling)
         text = _checked_text(text)
         return _aiterate(self._rt, lambda: self._turn(text, params))
 
     async def _collect(self, text: str, params: SamplingParams) -> GenerateOutput:
-        ids: list[int] = []
-        pieces: list[str] = []
-        reason, prompt, cached = FINISH_ABORT, 0, 0
         async with contextlib.aclosing(self._turn(text, params)) as deltas:
-            async for d in deltas:
-                ids.extend(d.token_ids)
-                pieces.append(d.text)
-                reason = d.finish_reason or reason
-                prompt, cached = d.prompt_tokens, d.cached_tokens
-        return GenerateOutput("".join(pieces), ids, reason, prompt, cached)
+            return await collect(deltas)
 
     async def _turn(self, text: str, params: SamplingParams) -> AsyncIterator[StreamDelta]:
         rt = self._rt
@@ -258,7 +250,7 @@ class ChatSession:
                                 self._commit(before, plan, root, work, ids, "".join(pieces))
                                 committed = True
                             cached = plan.keep - root_computed + d.cached_tokens
-                            yield StreamDelta(list(d.token_ids), d.text, d.finish_reason, plan.prompt_tokens, cached)
+                            yield StreamDelta(list(d.token_ids), d.text, d.finish_reason, plan.prompt_tokens, cached, d.logprobs)
             finally:
                 if not committed:
                     if work is not None and work.alive:
@@ -531,6 +523,15 @@ class ChatSession:
 
 
 # -------------------------------------------------------------------------------- helpers
+
+
+def _turn_params(max_tokens: int, sampling: dict[str, Any]) -> SamplingParams:
+    """A turn's sampling. Its prompt is only the new tokens, so per-prompt-token logprobs
+    would describe a fragment: refused (`rt.generate(..., prompt_logprobs=k)` has them)."""
+    params = _sampling_params(max_tokens, sampling)
+    if params.prompt_logprobs is not None:
+        raise InvalidRequestError("prompt_logprobs is not supported on a chat session turn (use rt.generate)")
+    return params
 
 
 def _checked_text(text: object) -> str:

@@ -384,13 +384,13 @@ class Runtime:
             self.contexts.reconcile_generate(ctx, produced)
 
     async def _generate_one(self, prompt_ids: list[int], params: SamplingParams) -> GenerateOutput:
-        return await _collect(self._stream_one(prompt_ids, params), len(prompt_ids))
+        return await collect(self._stream_one(prompt_ids, params), len(prompt_ids))
 
     async def _generate_in(self, ctx: Context, params: SamplingParams) -> GenerateOutput:
         """Generate in a context held through the context API, placed like all other work."""
         work = SchedTask(None, [0], params.max_tokens, required_engine=ctx.engine_id, prior_tokens=ctx.chain_tokens)
         async with self.core.scheduler.admit(work):
-            return await _collect(self._stream_in(ctx, params), 0)
+            return await collect(self._stream_in(ctx, params), 0)
 
     async def _fill_in(self, ctx: Context, prompt_ids: list[int]) -> int:
         """Append tokens to a context held through the context API (placed like all other
@@ -539,8 +539,9 @@ class Runtime:
                 raise InvariantError(f"engine {engine_id!r}: serve contexts {sorted(serve_ids)} != engine contexts {sorted(engine_ids)}")
 
 
-async def _collect(stream: AsyncIterator[Any], prompt_tokens: int) -> GenerateOutput:
-    """Drain a stream of deltas into one output."""
+async def collect(stream: AsyncIterator[Any], prompt_tokens: int = 0) -> GenerateOutput:
+    """Drain a stream of deltas (engine deltas or `StreamDelta`s, whose own `prompt_tokens`
+    win) into one output."""
     ids: list[int] = []
     pieces: list[str] = []
     reason, cached = "abort", 0
@@ -551,6 +552,7 @@ async def _collect(stream: AsyncIterator[Any], prompt_tokens: int) -> GenerateOu
         pieces.append(delta.text)
         reason = delta.finish_reason or reason
         cached = getattr(delta, "cached_tokens", cached)
+        prompt_tokens = getattr(delta, "prompt_tokens", prompt_tokens)
         if delta.logprobs is not None:
             logprobs = (logprobs or []) + delta.logprobs
         if delta.prompt_logprobs is not None:

@@ -50,7 +50,7 @@ from parrot_core.chat.session import DEFAULT_MAX_TOKENS
 from parrot_core.errors import RuntimeClosedError
 from parrot_core.server.http_errors import ERROR_RESPONSES, STREAM_RESPONSE, APIError
 from parrot_core.server.openai_api import _max_tokens_for, _Seq, check_api_key, check_sampling, generate_chat, get_state
-from parrot_core.server.openai_schemas import ChatCompletionResponse, TextPart, _SamplingRequest
+from parrot_core.server.openai_schemas import ChatCompletionResponse, ChatLogprobsRequest, TextPart
 
 if TYPE_CHECKING:
     from parrot_core.frontend.runtime import Runtime, StreamDelta
@@ -74,7 +74,7 @@ class ChatSessionCreated(BaseModel):
     created: int
 
 
-class ChatSessionMessageRequest(_SamplingRequest):
+class ChatSessionMessageRequest(ChatLogprobsRequest):
     """One turn: `content` is the user's message; sampling as for `/v1/chat/completions`
     (`n` must be 1). Without `max_tokens`, at most `DEFAULT_MAX_TOKENS` are generated."""
 

@@ -148,12 +148,25 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatLogprobsRequest(_SamplingRequest):
+    """Chat's `logprobs` (a bool) and `top_logprobs` (how many alternatives per token)."""
+
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs to be true", param="top_logprobs")
+
+    def sampling(self) -> dict[str, Any]:
+        return {**super().sampling(), "logprobs": (self.top_logprobs or 0) if self.logprobs else None}
+
+
+class ChatCompletionRequest(ChatLogprobsRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -163,8 +176,6 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.top_logprobs is not None and not self.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs to be true", param="top_logprobs")
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -173,9 +184,6 @@ class ChatCompletionRequest(_SamplingRequest):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    def sampling(self) -> dict[str, Any]:
-        return {**super().sampling(), "logprobs": (self.top_logprobs or 0) if self.logprobs else None}
 
 
 class TokenizeRequest(BaseModel):

@@ -421,3 +421,20 @@ def test_any_chat_template_the_model_carries(make_chat_runtime, real_model):
             assert scratch.generate(prompt, max_tokens=6, temperature=0.0).token_ids == out.token_ids
             last_reason = out.finish_reason
         assert diverged  # a trimmed reply was reused only up to where its text changed
+
+
+def test_a_turn_returns_the_logprobs_of_its_reply_and_refuses_prompt_logprobs(chat_rt, scratch_rt):
+    """A turn's `logprobs=k` are the reply's, equal to a from-scratch run of the same tokens;
+    `prompt_logprobs` would describe only the turn's new tokens, so it is refused."""
+    rt = chat_rt
+    with rt.chat(system=SYSTEM) as s:
+        s.send("Hello there.", max_tokens=4, temperature=0.0)
+        out = s.send("And you?", max_tokens=5, temperature=0.0, logprobs=2)
+        prompt = s.token_ids[: len(s.token_ids) - len(out.token_ids)]
+        ref = scratch_rt.generate(prompt, max_tokens=5, temperature=0.0, logprobs=2)
+        assert [lp.token_id for lp in out.logprobs] == out.token_ids == ref.token_ids
+        assert [lp.logprob for lp in out.logprobs] == pytest.approx([lp.logprob for lp in ref.logprobs], abs=1e-9)
+        streamed = [lp for d in s.stream("Bye.", max_tokens=3, temperature=0.0, logprobs=0) for lp in d.logprobs or []]
+        assert len(streamed) == 3
+        with pytest.raises(InvalidRequestError, match="prompt_logprobs"):
+            s.send("No.", max_tokens=2, prompt_logprobs=1)

@@ -464,3 +464,17 @@ def test_save_and_restore_are_refused_without_a_save_directory(served):
     for route in ("save", "restore"):
         error = assert_error(http.post(f"/v1/chat/sessions/{sid}/{route}", json={"name": "a"}, headers=headers), 400)
         assert "--chat-save-dir" in error["message"]
+
+
+def test_a_session_turn_returns_logprobs_in_the_chat_shape(served):
+    rt, server, http = served
+    sid, token = create(http, system=SYSTEM)
+    out = turn(server, sid, token, "Say hello.", max_tokens=4, logprobs=True, top_logprobs=2)
+    content = out.choices[0].message.content
+    entries = out.choices[0].logprobs.content
+    assert len(entries) == 4 and "".join(e.token for e in entries) == content
+    assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
+    r = http.post(f"/v1/chat/sessions/{sid}/messages", json={"content": "x", "top_logprobs": 2}, headers={"X-Session-Token": token})
+    assert_error(r, 400, "top_logprobs")
+    delete(http, sid, token)
+    settle(rt)
