@@ -40,7 +40,7 @@ from parrot_core.engines.builtin.kv_contexts import ContextExistsError, KVContex
 from parrot_core.engines.builtin.kv_io import ContextKV, KVSpec, model_fingerprint
 from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel
 from parrot_core.engines.builtin.request import EngineRequest, Kind
-from parrot_core.engines.builtin.sampler import sample
+from parrot_core.engines.builtin.sampler import apply_penalties, sample
 from parrot_core.engines.builtin.scheduler import Scheduler
 from parrot_core.engines.builtin.tokenizer import Tokenizer
 from parrot_core.errors import (
@@ -470,6 +470,10 @@ class BuiltinEngine:
             )
         if params is not None and not ctx.token_ids and not tokens:
             raise InvalidRequestError("cannot generate from an empty context: fill it first")
+        if params is not None:
+            for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
+                if any(t >= vocab for t in ids):
+                    raise InvalidRequestError(f"{name} must hold token ids in [0, {vocab}); got {[t for t in ids if t >= vocab][:5]}")
         if params is not None and params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
 
@@ -567,7 +571,11 @@ class BuiltinEngine:
         if not gens:
             return
         logits = self.model.compute_logits(torch.stack([h for _, h in gens]))
-        tokens = sample(logits, [r.params for r, _ in gens], [r.generator for r, _ in gens])
+        params = [r.params for r, _ in gens]
+        if any(p.processes_logits for p in params):
+            histories = [_history(r) if p.processes_logits else None for (r, _), p in zip(gens, params)]
+            logits = apply_penalties(logits, params, histories, self.eos_token_id)
+        tokens = sample(logits, params, [r.generator for r, _ in gens])
         for (req, _), token in zip(gens, tokens, strict=True):
             self._accept_token(req, token)
 
@@ -632,6 +640,12 @@ class BuiltinEngine:
         for req in list(self._active.values()):
             self.scheduler.remove(req)
             self._fail(req, error)
+
+
+def _history(req: EngineRequest) -> tuple[list[int], list[int]]:
+    """A generate's (prompt ids, output ids): the context holds the prompt, then the output."""
+    tokens = req.context.token_ids
+    return tokens[: len(tokens) - len(req.output_ids)], req.output_ids
 
 
 def _emit(req: EngineRequest, event: object) -> None:
