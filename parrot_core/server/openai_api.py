@@ -5,7 +5,8 @@ Contracts:
 - Every request is checked (model name, sampling values, prompt length against the model's
   context, token ids against the vocabulary) before any KV is allocated; what can never run
   is answered 400 before a stream starts. Unknown extra fields are accepted and ignored, like
-  vLLM; known knobs this engine cannot honour (logprobs, echo, penalties, tools) are a 400.
+  vLLM; known knobs this engine cannot honour (logprobs, echo, tools, structured output, vLLM's
+  `structured_outputs`, `continue_final_message`, ...) are a 400 naming the field.
 - Each prompt x `n` is one sequence, generated as one `Runtime.astream`. A client that goes
   away (non-streaming: its connection closes; streaming: the response is cancelled) closes
   those streams, which aborts the requests and frees their KV.
@@ -28,7 +29,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -99,6 +100,8 @@ class _Result:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] = field(default_factory=list)
 
 
 def _check_ids(rt: Runtime, ids: Sequence[int], param: str) -> None:
@@ -144,7 +147,17 @@ def _sequences(
             params = {**sampling, "seed": seed if seed is None or j == 0 else (seed + j) % 2**64}
             seqs.append(_Seq(p * body.n + j, ids, max_tokens, params))
     check_sampling(seqs[0].max_tokens, seqs[0].sampling, body)
+    _check_vocab(rt, sampling)
     return seqs
+
+
+def _check_vocab(rt: Runtime, sampling: dict[str, Any]) -> None:
+    """Token ids in sampling options (stop_token_ids, logit_bias) must be in the vocabulary."""
+    vocab = rt.engine.model.config.vocab_size
+    for name in ("stop_token_ids", "logit_bias"):
+        bad = [t for t in sampling[name] if t >= vocab]
+        if bad:
+            raise APIError(400, f"{name} must hold token ids in [0, {vocab}); got {bad[:5]}", param=name)
 
 
 def check_sampling(max_tokens: int, sampling: dict[str, Any], body: _SamplingRequest) -> None:
@@ -265,8 +278,11 @@ async def _collect(state: ServeState, rt: Runtime, seqs: list[_Seq], t0: float) 
             r = results[index]
             r.text += delta.text
             r.completion_tokens += len(delta.token_ids)
+            r.token_ids += delta.token_ids
             r.prompt_tokens, r.cached_tokens = delta.prompt_tokens, delta.cached_tokens
             r.finish_reason = delta.finish_reason or r.finish_reason
+    for seq, r in zip(seqs, results, strict=True):
+        r.prompt_token_ids = seq.prompt_ids
     return results
 
 
@@ -419,7 +435,17 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         return None if first else {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
     def response(request_id: str, created: int, model: str, results: list[Any]) -> CompletionResponse:
-        choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)]
+        ids = body.return_token_ids
+        choices = [
+            CompletionChoice(
+                index=i,
+                text=r.text,
+                finish_reason=r.finish_reason,
+                prompt_token_ids=r.prompt_token_ids if ids else None,
+                token_ids=r.token_ids if ids else None,
+            )
+            for i, r in enumerate(results)
+        ]
         return CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=_usage(results, body.n))
 
     return await _generate(request, state, rt, seqs, t0, body, "cmpl", "text_completion", stream_choice, response)
@@ -463,11 +489,18 @@ async def generate_chat(
     line, so that an error before it (e.g. a turn that can never fit) is a plain HTTP error."""
 
     def response(request_id: str, created: int, model: str, results: list[Any]) -> ChatCompletionResponse:
+        ids = bool(getattr(body, "return_token_ids", False))  # chat-session turns have no such field
         choices = [
-            ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
+            ChatChoice(
+                index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason, token_ids=r.token_ids if ids else None
+            )
             for i, r in enumerate(results)
         ]
-        return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=_usage(results, body.n))
+        prompt_ids = results[0].prompt_token_ids if ids else None
+        usage = _usage(results, body.n)
+        return ChatCompletionResponse(
+            id=request_id, created=created, model=model, choices=choices, usage=usage, prompt_token_ids=prompt_ids
+        )
 
     return await _generate(
         request, state, rt, seqs, t0, body, "chatcmpl", "chat.completion.chunk", _chat_stream_choice, response, prime
@@ -542,7 +575,11 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         return rt.tokenize(body.prompt or "")
 
     tokens = await asyncio.to_thread(encode)
-    return TokenizeResponse(count=len(tokens), max_model_len=rt.engine.max_model_len, tokens=tokens)
+    strs = None
+    if body.return_token_strs:
+        tokenizer = rt.engine.tokenizer
+        strs = [tokenizer.id_to_token(t) or "" for t in tokens]
+    return TokenizeResponse(count=len(tokens), max_model_len=rt.engine.max_model_len, tokens=tokens, token_strs=strs)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
