@@ -43,7 +43,7 @@ the file format and the `ContextKV` / `KVSpec` types):
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -83,6 +83,17 @@ class SamplingParams:
     not take prompt tokens from the prefix cache, whose KV has no logits). Logprobs are of the
     distribution the model produced: log_softmax of the raw logits, before temperature, top-k
     and top-p (vLLM's default, "raw_logprobs"). Neither changes which token is sampled.
+    Logit processing, applied in this order before temperature (`sampler.apply_penalties`):
+    - `min_tokens`: EOS (unless `ignore_eos`) and the stop token ids get -inf until that many
+      tokens were generated (stop strings still apply).
+    - `logit_bias`: {token id: bias in [-100, 100]} added to those logits (ids must be in the
+      vocabulary; the engine checks).
+    - `repetition_penalty` (vLLM/HF, > 0, 1 is off): a token seen in the prompt or the output
+      has its logit divided by it if positive, multiplied by it otherwise.
+    - `frequency_penalty` and `presence_penalty` (OpenAI, [-2, 2], 0 is off): a token's logit
+      loses `frequency * count + presence * (count > 0)`, count = its occurrences in the output.
+    `min_p` (vLLM, [0, 1], 0 is off) is applied after temperature: tokens whose probability is
+    below `min_p` times the largest are dropped. Rows without any of these are untouched.
     """
 
     max_tokens: int = 16
@@ -95,8 +106,18 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()  # stored as sorted pairs
+    min_tokens: int = 0
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
+        self._check_basic()
+        self._check_processing()
+
+    def _check_basic(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -120,13 +141,47 @@ class SamplingParams:
             if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
                 raise InvalidRequestError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {k!r}")
 
+    def _check_processing(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _finite(value) or not -2 <= value <= 2:
+                raise InvalidRequestError(f"{name} must be a number in [-2, 2], got {value!r}")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidRequestError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        bias = self.logit_bias
+        try:
+            pairs = tuple(sorted((bias.items() if isinstance(bias, Mapping) else bias), key=lambda kv: kv[0]))
+            ok = all(_index(t) and _finite(b) and -100 <= b <= 100 for t, b in pairs)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise InvalidRequestError(f"logit_bias must map token ids (integers >= 0) to numbers in [-100, 100], got {bias!r}")
+        if len({t for t, _ in pairs}) != len(pairs):
+            raise InvalidRequestError(f"logit_bias names a token id twice, got {bias!r}")
+        object.__setattr__(self, "logit_bias", pairs)
+        if not _index(self.min_tokens) or self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
+            raise InvalidRequestError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def processes_logits(self) -> bool:
+        """Whether `sampler.apply_penalties` changes this row (it needs the token history)."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1 or self.logit_bias or self.min_tokens
+        )
+
 
 def _finite(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _index(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -611,7 +612,7 @@ async def _finish_tasks(grace_s: float) -> None:
 
 
 def _sampling_params(max_tokens: int, sampling: dict[str, Any]) -> SamplingParams:
-    allowed = {"temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs", "prompt_logprobs"}
+    allowed = {f.name for f in dataclasses.fields(SamplingParams)} - {"max_tokens"}
     unknown = sorted(set(sampling) - allowed)
     if unknown:
         raise InvalidRequestError(f"unknown sampling options: {', '.join(unknown)}")

@@ -5,10 +5,12 @@ Contracts:
 - Every request is checked (model name, sampling values, prompt length against the model's
   context, token ids against the vocabulary) before any KV is allocated; what can never run
   is answered 400 before a stream starts. Unknown extra fields are accepted and ignored, like
-  vLLM; known knobs this engine cannot honour (suffix, penalties, tools) are a 400.
+  vLLM; known knobs this engine cannot honour (tools, structured output, vLLM's
+  `structured_outputs`, chat `echo`, `continue_final_message`, ...) are a 400 naming the field.
 - Logprobs are the model's raw distribution (log_softmax of the logits, before temperature,
-  top-k and top-p); -inf is sent as -9999.0 (JSON has no infinity), as vLLM does. Tokens are
-  shown as their own text (`Tokenizer.token_text`); in chat, `bytes` are that text's UTF-8.
+  top-k, top-p and penalties); -inf is sent as -9999.0 (JSON has no infinity), as vLLM does.
+  Tokens are shown as their own text (`Tokenizer.token_text`); in chat, `bytes` are that
+  text's UTF-8.
 - Each prompt x `n` is one sequence, generated as one `Runtime.astream`. A client that goes
   away (non-streaming: its connection closes; streaming: the response is cancelled) closes
   those streams, which aborts the requests and frees their KV.
@@ -108,6 +110,7 @@ class _Result:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    prompt_token_ids: list[int] | None = None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
@@ -216,7 +219,17 @@ def _sequences(
             params = {**sampling, "seed": seed if seed is None or j == 0 else (seed + j) % 2**64}
             seqs.append(_Seq(p * body.n + j, ids, max_tokens, params, score_only=score_only))
     check_sampling(seqs[0].max_tokens, seqs[0].sampling, body)
+    _check_vocab(rt, sampling)
     return seqs
+
+
+def _check_vocab(rt: Runtime, sampling: dict[str, Any]) -> None:
+    """Token ids in sampling options (stop_token_ids, logit_bias) must be in the vocabulary."""
+    vocab = rt.engine.model.config.vocab_size
+    for name in ("stop_token_ids", "logit_bias"):
+        bad = [t for t in sampling[name] if t >= vocab]
+        if bad:
+            raise APIError(400, f"{name} must hold token ids in [0, {vocab}); got {bad[:5]}", param=name)
 
 
 def check_sampling(max_tokens: int, sampling: dict[str, Any], body: _SamplingRequest) -> None:
@@ -339,12 +352,14 @@ async def _collect(state: ServeState, rt: Runtime, seqs: list[_Seq], t0: float) 
             r = results[index]
             r.text += delta.text
             r.completion_tokens += len(delta.token_ids)
+            r.token_ids += delta.token_ids
             r.prompt_tokens, r.cached_tokens = delta.prompt_tokens, delta.cached_tokens
             r.finish_reason = delta.finish_reason or r.finish_reason
-            r.token_ids.extend(delta.token_ids)
             r.logprobs.extend(delta.logprobs or [])
             if delta.prompt_logprobs is not None:
                 r.prompt_logprobs = delta.prompt_logprobs
+    for seq, r in zip(seqs, results, strict=True):
+        r.prompt_token_ids = seq.prompt_ids
     return results
 
 
@@ -534,10 +549,20 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def response(request_id: str, created: int, model: str, results: list[Any]) -> CompletionResponse:
+        ids = body.return_token_ids
         choices = []
         for i, r in enumerate(results):
             logprobs = choice_logprobs(i, r.prompt_logprobs, r.token_ids, r.logprobs) if body.logprobs is not None else None
-            choices.append(CompletionChoice(index=i, text=echo_of(i) + r.text, logprobs=logprobs, finish_reason=r.finish_reason))
+            choices.append(
+                CompletionChoice(
+                    index=i,
+                    text=echo_of(i) + r.text,
+                    logprobs=logprobs,
+                    finish_reason=r.finish_reason,
+                    prompt_token_ids=r.prompt_token_ids if ids else None,
+                    token_ids=r.token_ids if ids else None,
+                )
+            )
         return CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=_usage(results, body.n))
 
     return await _generate(request, state, rt, seqs, t0, body, "cmpl", "text_completion", stream_choice, response)
@@ -590,16 +615,22 @@ async def generate_chat(
     with_logprobs = bool(getattr(body, "logprobs", False))
 
     def response(request_id: str, created: int, model: str, results: list[Any]) -> ChatCompletionResponse:
+        ids = bool(getattr(body, "return_token_ids", False))  # chat-session turns have no such field
         choices = [
             ChatChoice(
                 index=i,
                 message=AssistantMessage(content=r.text),
                 logprobs=chat_logprobs(rt, r.logprobs) if with_logprobs else None,
                 finish_reason=r.finish_reason,
+                token_ids=r.token_ids if ids else None,
             )
             for i, r in enumerate(results)
         ]
-        return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=_usage(results, body.n))
+        prompt_ids = results[0].prompt_token_ids if ids else None
+        usage = _usage(results, body.n)
+        return ChatCompletionResponse(
+            id=request_id, created=created, model=model, choices=choices, usage=usage, prompt_token_ids=prompt_ids
+        )
 
     def stream_choice(index: int, text: str, finish_reason: str | None, first: bool, delta: Any = None) -> dict[str, Any] | None:
         return _chat_stream_choice(index, text, finish_reason, first, delta, rt if with_logprobs else None)
@@ -677,7 +708,11 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         return rt.tokenize(body.prompt or "")
 
     tokens = await asyncio.to_thread(encode)
-    return TokenizeResponse(count=len(tokens), max_model_len=rt.engine.max_model_len, tokens=tokens)
+    strs = None
+    if body.return_token_strs:
+        tokenizer = rt.engine.tokenizer
+        strs = [tokenizer.id_to_token(t) or "" for t in tokens]
+    return TokenizeResponse(count=len(tokens), max_model_len=rt.engine.max_model_len, tokens=tokens, token_strs=strs)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)

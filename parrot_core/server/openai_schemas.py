@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -13,6 +14,24 @@ from parrot_core.server.http_errors import APIError
 MAX_STOP = 64
 MAX_N = 128
 MAX_LOGPROBS = 20  # vLLM's cap on logprobs / top_logprobs (OpenAI's: 5 for completions, 20 for chat)
+MAX_LOGIT_BIAS = 1024  # OpenAI allows 300
+# vLLM request fields this server does not implement, with the value it behaves as: any other
+# value is a 400 naming the field (unknown fields are ignored, as vLLM does; these are not
+# unknown, and ignoring them would silently change what the client asked for)
+UNSUPPORTED_EXTRAS: dict[str, object] = {
+    "structured_outputs": None,
+    "guided_json": None,
+    "guided_regex": None,
+    "guided_choice": None,
+    "guided_grammar": None,
+    "allowed_token_ids": None,
+    "bad_words": None,
+    "truncate_prompt_tokens": None,
+    "use_beam_search": False,
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+}
 GREEDY_BELOW = 1e-5  # temperatures this small are greedy (dividing logits by them overflows)
 TokenId = Annotated[int, Field(strict=True, ge=0)]
 
@@ -65,17 +84,21 @@ class _SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     user: str | None = None
+    # vLLM's
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_tokens: int = Field(0, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
 
     def check_supported(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options can only be given when stream is true", param="stream_options")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise APIError(400, f"{name} is not supported (leave it out or 0)", param=name)
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        extra = self.model_extra or {}
+        for name, harmless in UNSUPPORTED_EXTRAS.items():
+            if extra.get(name, harmless) not in (None, harmless):
+                hint = "" if harmless is None else f" (only {json.dumps(harmless)})"
+                raise APIError(400, f"{name} is not supported by this server{hint}", param=name)
 
     def sampling(self) -> dict[str, Any]:
         """Keyword arguments of `Runtime.astream` (besides the prompt and max_tokens)."""
@@ -89,7 +112,26 @@ class _SamplingRequest(BaseModel):
             "stop": stop,
             "stop_token_ids": list(self.stop_token_ids or []),
             "ignore_eos": self.ignore_eos,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            "logit_bias": self.logit_bias_ids(),
+            "min_tokens": self.min_tokens,
+            "min_p": self.min_p or 0.0,
         }
+
+    def logit_bias_ids(self) -> dict[int, float]:
+        """`logit_bias` with its keys (JSON strings, as OpenAI's) as token ids; 400 for a key
+        that is not a non-negative integer or a bias outside [-100, 100]. The vocabulary is
+        checked by the caller."""
+        out: dict[int, float] = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isascii() or not key.isdigit():
+                raise APIError(400, f"logit_bias keys must be token ids (non-negative integers), got {key!r}", param="logit_bias")
+            if not -100 <= bias <= 100:
+                raise APIError(400, f"logit_bias values must be in [-100, 100], got {bias!r} for {key!r}", param="logit_bias")
+            out[int(key)] = bias
+        return out
 
     @property
     def include_usage(self) -> bool:
@@ -107,11 +149,16 @@ class CompletionRequest(_SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
+    return_token_ids: bool = False  # vLLM's: each choice's prompt_token_ids and token_ids
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.max_tokens == 0 and not self.echo:
             raise APIError(400, "max_tokens must be at least 1 (0 is only allowed with echo)", param="max_tokens")
+        response_format = (self.model_extra or {}).get("response_format")
+        if response_format is not None and response_format != {"type": "text"}:
+            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+        _check_return_token_ids(self)
         if self.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
@@ -171,6 +218,9 @@ class ChatCompletionRequest(ChatLogprobsRequest):
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM's
+    continue_final_message: bool = False  # vLLM's (not supported: a 400 when true)
+    echo: bool = False  # vLLM's (not supported: a 400 when true)
+    return_token_ids: bool = False  # vLLM's: the response's prompt_token_ids, each choice's token_ids
     # OpenAI's: requests with the same key keep their conversation's context pinned (openai_api)
     prompt_cache_key: str | None = Field(None, min_length=1, max_length=1024)
 
@@ -180,10 +230,21 @@ class ChatCompletionRequest(ChatLogprobsRequest):
             raise APIError(400, "tools are not supported", param="tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+        for name in ("continue_final_message", "echo"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} is not supported by this server", param=name)
+        _check_return_token_ids(self)
+        if self.return_token_ids and self.prompt_cache_key is not None:
+            raise APIError(400, "return_token_ids cannot be combined with prompt_cache_key", param="return_token_ids")
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def _check_return_token_ids(body: CompletionRequest | ChatCompletionRequest) -> None:
+    if body.return_token_ids and body.stream:
+        raise APIError(400, "return_token_ids is supported without stream only", param="return_token_ids")
 
 
 class TokenizeRequest(BaseModel):
@@ -193,6 +254,7 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
+    return_token_strs: bool = False  # vLLM's: also each token's string
 
 
 class DetokenizeRequest(BaseModel):
@@ -225,11 +287,18 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+def _absent_if_none(value: Any) -> bool:
+    return value is None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+    # vLLM's, with return_token_ids only (absent otherwise)
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=_absent_if_none)
+    token_ids: list[int] | None = Field(None, exclude_if=_absent_if_none)
 
 
 class CompletionResponse(BaseModel):
@@ -266,6 +335,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None
+    token_ids: list[int] | None = Field(None, exclude_if=_absent_if_none)  # vLLM's, with return_token_ids
 
 
 class ChatCompletionResponse(BaseModel):
@@ -275,6 +345,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=_absent_if_none)  # vLLM's, with return_token_ids
 
 
 class ModelCard(BaseModel):
@@ -296,6 +367,7 @@ class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None = Field(None, exclude_if=_absent_if_none)  # with return_token_strs
 
 
 class DetokenizeResponse(BaseModel):

@@ -427,3 +427,59 @@ def test_idle_contexts_are_evicted_least_recently_used_first_and_pinned_ones_las
 
     computed = asyncio.run(scenario())
     assert computed == {0: 12, 1: 0, 2: 12}  # the pinned LRU context was kept; the next LRU went
+
+
+@pytest.mark.parametrize("penalty", ["frequency_presence", "repetition"])
+def test_penalties_see_the_prompt_and_the_output_of_the_running_generation(make_engine, penalty):
+    """A greedy generation with penalties equals a token-by-token reference in fresh contexts
+    (prompt + output so far, nothing generated yet) where each step's penalty is spelled out:
+    frequency/presence penalties as a logit_bias of -(frequency * count + presence) over the
+    output; repetition_penalty alike over prompt + output."""
+    engine = make_engine()
+    p, n = prompt(7, 6), 12
+    penalties = dict(frequency_penalty=0.7, presence_penalty=0.4) if penalty != "repetition" else dict(repetition_penalty=1.7)
+
+    async def go():
+        got, _, _ = await run(engine, 0, p, n, **penalties)
+        ref: list[int] = []
+        for step in range(n):
+            if penalty == "repetition":
+                kw = penalties
+            else:
+                kw = dict(logit_bias={t: -(0.7 * ref.count(t) + 0.4) for t in set(ref)})
+            tok, _, _ = await run(engine, 100 + step, p + ref, 1, **kw)
+            ref += tok
+        plain, _, _ = await run(engine, 50, p, n)
+        return got, ref, plain
+
+    got, ref, plain = asyncio.run(go())
+    assert got == ref
+    assert got != plain  # the penalty changed this generation
+
+
+def test_a_penalized_request_leaves_the_others_in_its_batch_unchanged(make_engine):
+    engine = make_engine()
+
+    async def go():
+        alone, _, _ = await run(engine, 0, prompt(8, 5), 10)
+        together = await asyncio.gather(
+            run(engine, 1, prompt(8, 5), 10), run(engine, 2, prompt(9, 5), 10, frequency_penalty=2.0, logit_bias={3: 5.0})
+        )
+        return alone, together[0][0]
+
+    alone, batched = asyncio.run(go())
+    assert batched == alone
+
+
+def test_min_tokens_holds_back_stop_token_ids_and_bad_ids_are_refused(make_engine):
+    engine = make_engine()
+    out, _, _ = asyncio.run(run(engine, 0, prompt(3, 6), 6))
+    stop = out[0]
+    early, reason, _ = asyncio.run(run(engine, 1, prompt(3, 6), 6, stop_token_ids=[stop]))
+    assert early == [] and reason == FINISH_STOP
+    held, _, _ = asyncio.run(run(engine, 2, prompt(3, 6), 6, stop_token_ids=[stop], min_tokens=3))
+    assert len(held) >= 3 and stop not in held[:3]
+    vocab = engine.model.config.vocab_size
+    for bad in (dict(logit_bias={vocab: 1.0}), dict(stop_token_ids=[vocab + 5])):
+        with pytest.raises(InvalidRequestError, match=next(iter(bad))):
+            asyncio.run(run(engine, 3, prompt(3, 6), 2, **bad))

@@ -94,7 +94,7 @@ def test_synthetic_gguf_round_trips_weights_config_and_tokenizer(tiny_llama, tmp
     path = str(tmp_path / "tiny.gguf")
     write_llama_gguf(path, model)
     loaded = load_gguf(path)
-    assert loaded.model_name == "tiny-test-llama"
+    assert loaded.model_name == "tiny"  # the file's stem, not general.name ("tiny-test-llama")
     assert loaded.config == model.config.__class__(**{**model.config.__dict__, "bos_token_id": 1, "eos_token_id": 2})
     ref = model.state_dict_hf()
     assert set(loaded.weights) == set(ref)
@@ -195,6 +195,7 @@ def test_real_config(real_model):
     assert (c.num_layers, c.num_heads, c.num_kv_heads, c.hidden_size, c.vocab_size) == (30, 9, 3, 576, 49152)
     assert (c.head_dim, c.intermediate_size, c.tie_word_embeddings) == (64, 1536, True)
     assert real_model.weights["model.embed_tokens.weight"].dtype == torch.float32
+    assert real_model.model_name == "SmolLM2-135M-Instruct"  # what the server is called by default
 
 
 @pytest.mark.real_model
@@ -276,3 +277,13 @@ def test_add_bos_token_from_the_gguf_leads_a_prompt_but_no_piece(tiny_llama, tmp
     assert tok.encode_prompt("ab ab") == ([1] + piece if add_bos else piece)
     bos_text = _TOKENS[1]
     assert tok.encode_prompt(bos_text + "ab") == [1] + tok.encode("ab")  # no second BOS when the text has one
+
+
+def test_served_name_is_a_repo_style_id(tiny_llama, tmp_path, cache_dir):
+    from parrot_core.engines.builtin.default_model import DEFAULT_MODEL_FILE
+
+    model = tiny_llama(vocab_size=len(_TOKENS), dtype=torch.float32)
+    for file, name in ((DEFAULT_MODEL_FILE, "SmolLM2-135M-Instruct"), ("My-Model-7B.Q8_0.gguf", "My-Model-7B.Q8_0")):
+        path = str(tmp_path / file)
+        write_llama_gguf(path, model)
+        assert load_gguf(path).model_name == name

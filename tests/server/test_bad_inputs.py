@@ -79,8 +79,10 @@ COMPLETION_CASES = [
     ({"logprobs": 21}, "logprobs"),
     ({"logprobs": -1}, "logprobs"),
     ({"max_tokens": 0}, "0 is only allowed with echo"),
-    ({"presence_penalty": 1.0}, "presence_penalty"),
-    ({"logit_bias": {"5": 10}}, "logit_bias"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"return_token_ids": True, "stream": True}, "return_token_ids"),
     ({"n": 100, "prompt": [[1]] * 10}, "admits at most 264"),
 ]
 
@@ -111,6 +113,9 @@ CHAT_CASES = [
     ({"top_logprobs": 2}, "top_logprobs needs logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"echo": True}, "echo"),
+    ({"continue_final_message": True}, "continue_final_message"),
+    ({"return_token_ids": True, "prompt_cache_key": "k"}, "return_token_ids"),
     ({"temperature": float("inf")}, "temperature"),
 ]
 
@@ -123,6 +128,49 @@ def test_bad_chat_is_a_400(client, change, contains):
     raw = json.dumps(body)  # allow_nan: Infinity reaches the server as JSON's extension
     r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     assert_error(r, 400, contains)
+
+
+# Sampling values out of range and vLLM fields that are not supported: a 400 on both
+# endpoints whose `param` names the field.
+SAMPLING_CASES = [
+    ({"presence_penalty": 2.01}, "presence_penalty"),
+    ({"presence_penalty": -3}, "presence_penalty"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"frequency_penalty": "lots"}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": -1.2}, "repetition_penalty"),
+    ({"logit_bias": {"5": 100.5}}, "logit_bias"),
+    ({"logit_bias": {"5": -101}}, "logit_bias"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"-3": 1}}, "logit_bias"),
+    ({"logit_bias": {"49152": 1}}, "logit_bias"),  # the vocabulary is 49152 tokens
+    ({"logit_bias": [1, 2]}, "logit_bias"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"min_tokens": 3}, "min_tokens"),  # more than max_tokens (2)
+    ({"min_p": 1.5}, "min_p"),
+    ({"min_p": -0.1}, "min_p"),
+    ({"stop_token_ids": [49152]}, "stop_token_ids"),
+    ({"structured_outputs": {"regex": "[ab]+"}}, "structured_outputs"),
+    ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"guided_choice": ["a", "b"]}, "guided_choice"),
+    ({"allowed_token_ids": [1, 2]}, "allowed_token_ids"),
+    ({"skip_special_tokens": False}, "skip_special_tokens"),
+    ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
+]
+
+
+@pytest.mark.parametrize(("change", "param"), SAMPLING_CASES, ids=[str(c[0])[:60] for c in SAMPLING_CASES])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_bad_sampling_value_or_unsupported_field_is_a_400_naming_it(client, path, change, param):
+    body = {**(GOOD_COMPLETION if path == "/v1/completions" else GOOD_CHAT), **change}
+    assert assert_error(client.post(path, json=body), 400, param)["param"] == param
+
+
+def test_harmless_values_of_unsupported_vllm_fields_are_accepted(client):
+    harmless = {"structured_outputs": None, "skip_special_tokens": True, "include_stop_str_in_output": False, "echo": False}
+    for path, good in (("/v1/completions", GOOD_COMPLETION), ("/v1/chat/completions", GOOD_CHAT)):
+        assert client.post(path, json={**good, **harmless}).status_code == 200
+    assert_healthy(client)
 
 
 @pytest.mark.parametrize(
@@ -172,6 +220,8 @@ def test_server_stays_healthy_after_every_bad_request(client):
         assert 400 <= client.post("/v1/completions", json=body).status_code < 500
     for change, _ in CHAT_CASES[:-1]:
         assert 400 <= client.post("/v1/chat/completions", json={**GOOD_CHAT, **change}).status_code < 500
+    for change, _ in SAMPLING_CASES:
+        assert client.post("/v1/completions", json={**GOOD_COMPLETION, **change}).status_code == 400
     assert_healthy(client)
     r = client.post("/v1/chat/completions", json=GOOD_CHAT)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"

@@ -186,7 +186,7 @@ def test_bad_input_is_a_400(served):
     assert_error(http.post(url, json={"content": "hi", "n": 2}, headers=headers), 400, "n")
     assert_error(http.post(url, json={"content": "hi", "temperature": -1}, headers=headers), 400, "temperature")
     assert_error(http.post(url, json={"content": "hi", "top_k": -5}, headers=headers), 400, "top_k")
-    assert_error(http.post(url, json={"content": "hi", "logit_bias": {"1": 1.0}}, headers=headers), 400, "logit_bias")
+    assert_error(http.post(url, json={"content": "hi", "logit_bias": {"1": 1000}}, headers=headers), 400, "logit_bias")
     assert_error(http.post(url, json={"content": "hi", "model": "other"}, headers=headers), 404, "model")
     assert_error(http.post(url, content=b"{not json", headers={**headers, "Content-Type": "application/json"}), 400)
     for stream in (False, True):  # a turn that can never fit: a 400 before any stream starts

@@ -207,3 +207,47 @@ def test_streaming_several_choices(served):
     assert roles == {0, 1} and finished == {0: "length", 1: "length"}
     assert [texts[0], texts[1]] == [c.message.content for c in plain.choices]  # seeded: same samples
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12 == plain.usage.completion_tokens
+
+
+# negative: they reward repetition, which shows on the tiny random model (it rarely repeats)
+PENALTIES = {"presence_penalty": -2.0, "frequency_penalty": -0.5}
+VLLM_PENALTIES = {"repetition_penalty": 1.3, "min_p": 0.05, "min_tokens": 4}
+
+
+def test_penalties_and_logit_bias_through_the_openai_client(served):
+    rt, _, client = served
+    prompt = "one one one one"
+    kw = dict(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    plain = client.completions.create(**kw, extra_body={"ignore_eos": True, "return_token_ids": True}).choices[0]
+    out = client.completions.create(**kw, **PENALTIES, extra_body={"ignore_eos": True, "return_token_ids": True, **VLLM_PENALTIES})
+    choice = out.choices[0]
+    expected = rt.generate(prompt, max_tokens=12, temperature=0.0, ignore_eos=True, **PENALTIES, **VLLM_PENALTIES)
+    assert choice.token_ids == expected.token_ids and choice.text == expected.text
+    assert choice.token_ids != plain.token_ids
+    assert len(set(choice.token_ids)) < len(choice.token_ids) == len(set(plain.token_ids))  # it repeats now
+    assert choice.prompt_token_ids == rt.tokenize(prompt)
+    favourite = rt.tokenize(" parrot")[0]
+    biased = client.completions.create(**kw, logit_bias={str(favourite): 100}, extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert biased.choices[0].token_ids == [favourite] * 12
+    messages = [{"role": "user", "content": "Say one one one"}]
+    chat = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=8, temperature=0, **PENALTIES, extra_body={"ignore_eos": True, "return_token_ids": True}
+    )
+    ids = rt.tokenize(rt.apply_chat_template(messages))
+    assert chat.model_extra["prompt_token_ids"] == ids
+    assert chat.choices[0].token_ids == rt.generate(ids, max_tokens=8, temperature=0.0, ignore_eos=True, **PENALTIES).token_ids
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(**kw, presence_penalty=2.5)
+    assert bad.value.body["param"] == "presence_penalty"
+    settle(rt)
+
+
+def test_token_ids_are_absent_unless_asked_and_tokenize_returns_token_strs(served):
+    rt, server, client = served
+    out = client.completions.create(model="tiny", prompt="Hello", max_tokens=2)
+    assert "token_ids" not in out.choices[0].model_extra and "prompt_token_ids" not in out.choices[0].model_extra
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        tok = http.post("/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()
+        assert tok["token_strs"] == [rt.engine.tokenizer.id_to_token(t) for t in tok["tokens"]] == ["Hello", "Ġworld"]
+        assert "token_strs" not in http.post("/tokenize", json={"prompt": "Hello world"}).json()
+    settle(rt)

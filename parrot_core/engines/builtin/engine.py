@@ -41,7 +41,7 @@ from parrot_core.engines.builtin.kv_contexts import ContextExistsError, KVContex
 from parrot_core.engines.builtin.kv_io import ContextKV, KVSpec, model_fingerprint
 from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel
 from parrot_core.engines.builtin.request import EngineRequest, Kind
-from parrot_core.engines.builtin.sampler import sample, token_logprobs
+from parrot_core.engines.builtin.sampler import apply_penalties, sample, token_logprobs
 from parrot_core.engines.builtin.scheduler import Scheduler
 from parrot_core.engines.builtin.tokenizer import Tokenizer
 from parrot_core.errors import (
@@ -490,6 +490,10 @@ class BuiltinEngine:
             )
         if params is not None and not ctx.token_ids and not tokens:
             raise InvalidRequestError("cannot generate from an empty context: fill it first")
+        if params is not None:
+            for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
+                if any(t >= vocab for t in ids):
+                    raise InvalidRequestError(f"{name} must hold token ids in [0, {vocab}); got {[t for t in ids if t >= vocab][:5]}")
         if params is not None and params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
 
@@ -620,12 +624,17 @@ class BuiltinEngine:
         if not gens:
             return
         logits = self.model.compute_logits(torch.stack([h for _, h in gens]))
-        tokens = sample(logits, [r.params for r, _ in gens], [r.generator for r, _ in gens])
-        wanted = [i for i, (r, _) in enumerate(gens) if r.params is not None and r.params.logprobs is not None]
+        params = [r.params for r, _ in gens]
+        raw = logits  # logprobs are of the model's own distribution (vLLM's raw_logprobs)
+        if any(p.processes_logits for p in params):
+            histories = [_history(r) if p.processes_logits else None for (r, _), p in zip(gens, params)]
+            logits = apply_penalties(logits, params, histories, self.eos_token_id)
+        tokens = sample(logits, params, [r.generator for r, _ in gens])
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         lps: list[TokenLogprob | None] = [None] * len(gens)
         if wanted:
-            ks = [gens[i][0].params.logprobs for i in wanted]  # type: ignore[union-attr]
-            for i, lp in zip(wanted, token_logprobs(logits[wanted], [tokens[i] for i in wanted], ks)):  # type: ignore[arg-type]
+            ks = [params[i].logprobs for i in wanted]
+            for i, lp in zip(wanted, token_logprobs(raw[wanted], [tokens[i] for i in wanted], ks)):  # type: ignore[arg-type]
                 lps[i] = lp
         for (req, _), token, lp in zip(gens, tokens, lps, strict=True):
             self._accept_token(req, token, lp)
@@ -700,6 +709,12 @@ class BuiltinEngine:
         for req in list(self._active.values()):
             self.scheduler.remove(req)
             self._fail(req, error)
+
+
+def _history(req: EngineRequest) -> tuple[list[int], list[int]]:
+    """A generate's (prompt ids, output ids): the context holds the prompt, then the output."""
+    tokens = req.context.token_ids
+    return tokens[: len(tokens) - len(req.output_ids)], req.output_ids
 
 
 def _emit(req: EngineRequest, event: object) -> None:

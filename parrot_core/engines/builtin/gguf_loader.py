@@ -297,6 +297,16 @@ def _read_weights(f: GGUFFile, cfg: LlamaConfig, dtype: torch.dtype, device: str
     return weights
 
 
+def gguf_model_name(path: str) -> str:
+    """The name a GGUF file is served under: a repo-style id, never the free-text
+    `general.name` (which may hold spaces): `DEFAULT_MODEL_NAME` for the default model's file,
+    otherwise the file's stem."""
+    from parrot_core.engines.builtin.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME
+
+    base = os.path.basename(path)
+    return DEFAULT_MODEL_NAME if base == DEFAULT_MODEL_FILE else os.path.splitext(base)[0]
+
+
 def load_gguf(
     path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> LoadedModel:
@@ -309,10 +319,9 @@ def load_gguf(
     config = _config_from_metadata(f)
     tokenizer = load_gguf_tokenizer(f.metadata, path, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
     weights = _read_weights(f, config, dtype, device)
-    name = f.get("general.name") or f.get("general.basename") or os.path.splitext(os.path.basename(path))[0]
     return LoadedModel(
         path=path,
-        model_name=str(name),
+        model_name=gguf_model_name(path),
         config=config,
         weights=weights,
         tokenizer=tokenizer,

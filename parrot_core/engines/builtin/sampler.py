@@ -1,4 +1,6 @@
-"""Token sampling: greedy, temperature, top-k and top-p, one row per request.
+"""Token sampling: greedy, temperature, min-p, top-k and top-p, one row per request; and
+`apply_penalties` (min_tokens, logit_bias, repetition/frequency/presence penalties), which the
+engine applies to the logits first.
 
 Each sampled row draws exactly one uniform number from its own generator (or the global RNG when
 it has none) and picks its token by inverse CDF over its filtered distribution. A row's result
@@ -29,6 +31,7 @@ def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequenc
     x = logits[rows].to(dtype)
     ps = [params[i] for i in rows]
     x = x / torch.tensor([p.temperature for p in ps], dtype=dtype, device=x.device)[:, None]
+    x = _min_p(x, [p.min_p for p in ps])
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in ps]
     top_ps = [p.top_p if p.top_p < 1.0 else float("inf") for p in ps]
 
@@ -79,6 +82,57 @@ def token_logprobs(logits: Tensor, token_ids: Sequence[int], num_top: Sequence[i
         TokenLogprob(t, chosen_l[i], ranks_l[i], tuple(zip(tids_l[i][: num_top[i]], vals_l[i][: num_top[i]])))
         for i, t in enumerate(token_ids)
     ]
+def _min_p(x: Tensor, min_ps: list[float]) -> Tensor:
+    """Drop (-inf) the tokens of each row whose probability is below its `min_p` times the
+    row's largest; rows with `min_p` 0 are returned as they are."""
+    if not any(min_ps):
+        return x
+    probs = torch.softmax(x, dim=-1)
+    threshold = torch.tensor(min_ps, dtype=x.dtype, device=x.device)[:, None] * probs.max(dim=-1, keepdim=True).values
+    return x.masked_fill(probs < threshold, float("-inf"))
+
+
+@torch.inference_mode()
+def apply_penalties(
+    logits: Tensor,
+    params: Sequence[SamplingParams],
+    histories: Sequence[tuple[Sequence[int], Sequence[int]] | None],
+    eos_token_id: int | None,
+) -> Tensor:
+    """`logits` [B, V] with each row's logit processing applied (see `SamplingParams`): in this
+    order min_tokens, logit_bias, repetition penalty, frequency and presence penalties.
+    `histories[i]` is row i's (prompt ids, output ids) so far; it may be None for a row whose
+    params do not `processes_logits`. Returns `logits` itself when no row processes logits,
+    otherwise a copy in which only the rows that do differ."""
+    if len(params) != logits.shape[0] or len(histories) != len(params):
+        raise ValueError("apply_penalties() needs logits [B, V] with one params and one history per row")
+    rows = [i for i, p in enumerate(params) if p.processes_logits]
+    if not rows:
+        return logits
+    out = logits.clone()
+    device = logits.device
+    for i in rows:
+        p, history = params[i], histories[i]
+        if history is None:
+            raise ValueError(f"row {i} processes logits but has no token history")
+        prompt_ids, output_ids = history
+        row = out[i]  # a view: the updates below write into `out`
+        if len(output_ids) < p.min_tokens:
+            stops = list(p.stop_token_ids) + ([eos_token_id] if eos_token_id is not None and not p.ignore_eos else [])
+            if stops:
+                row[torch.tensor(stops, device=device)] = float("-inf")
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias], device=device)
+            row[ids] += torch.tensor([b for _, b in p.logit_bias], dtype=row.dtype, device=device)
+        output = torch.tensor(list(output_ids), dtype=torch.long, device=device)
+        if p.repetition_penalty != 1:
+            seen = torch.cat([torch.tensor(list(prompt_ids), dtype=torch.long, device=device), output]).unique()
+            x = row[seen]
+            row[seen] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and len(output):
+            counts = torch.bincount(output, minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    return out
 
 
 def _uniform(generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
