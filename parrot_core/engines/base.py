@@ -42,10 +42,13 @@ the file format and the `ContextKV` / `KVSpec` types):
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+import llguidance
 
 from parrot_core.errors import InvalidRequestError
 
@@ -66,6 +69,90 @@ class TokenLogprob:
     logprob: float
     rank: int
     top: tuple[tuple[int, float], ...] = ()
+
+
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+# JSON without free whitespace: a small model given the choice can emit newlines until max_tokens.
+# A schema's own "x-guidance" options override this.
+_JSON_DEFAULTS: Any = {"whitespace_flexible": False}
+
+
+@dataclass(frozen=True)
+class StructuredSpec:
+    """What a constrained generation must produce: exactly one of
+    - `json_schema`: a JSON schema (a dict or its JSON text; stored as canonical JSON text),
+    - `json_object`: True for any JSON object,
+    - `regex`: a regular expression the whole output matches (Rust `regex` syntax),
+    - `choice`: one of these strings, exactly,
+    - `grammar`: a Lark grammar (llguidance's dialect, `start` rule first).
+    JSON is generated without free whitespace unless the schema's `x-guidance` options say
+    otherwise. Validated on construction: a spec that does not compile is an
+    `InvalidRequestError` naming its field. `grammar_text` is the compiled llguidance grammar
+    the engine builds its matcher from."""
+
+    json_schema: str | Mapping[str, Any] | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None
+    grammar_text: str = field(default="", init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidRequestError(f"structured output needs exactly one of {', '.join(STRUCTURED_KINDS)}; got {given or 'none'}")
+        kind = given[0]
+        value = getattr(self, kind)
+        try:
+            grammar = self._compile(kind, value)
+        except (TypeError, ValueError) as e:
+            raise InvalidRequestError(f"{kind}: {e}") from None
+        error = llguidance.LLMatcher.validate_grammar(grammar)
+        if error:
+            raise InvalidRequestError(f"{kind} is not valid: {error.strip()}")
+        object.__setattr__(self, "grammar_text", grammar)
+
+    def _compile(self, kind: str, value: Any) -> str:
+        if kind == "json_schema":
+            schema = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(schema, Mapping):
+                raise ValueError(f"a JSON schema must be a JSON object, got {value!r}")
+            object.__setattr__(self, "json_schema", json.dumps(schema, sort_keys=True))
+            return llguidance.LLMatcher.grammar_from_json_schema(dict(schema), defaults=_JSON_DEFAULTS)
+        if kind == "json_object":
+            if value is not True:
+                raise ValueError(f"must be true or false, got {value!r}")
+            return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_JSON_DEFAULTS)
+        if kind == "choice":
+            if isinstance(value, str) or not value or any(not isinstance(c, str) or not c for c in value):
+                raise ValueError(f"must be a non-empty list of non-empty strings, got {value!r}")
+            object.__setattr__(self, "choice", tuple(value))
+            return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"must be a non-empty string, got {value!r}")
+        if kind == "regex":
+            return llguidance.LLMatcher.grammar_from_regex(value)
+        return llguidance.LLMatcher.grammar_from_lark(value)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> StructuredSpec | None:
+        """The spec named by keyword options (`json_schema=`, `regex=`, `choice=`, ...; the
+        spelling of `rt.generate` and `P.Output`), or None when none is given."""
+        given = {k: options[k] for k in STRUCTURED_KINDS if options.get(k) not in (None, False)}
+        return cls(**given) if given else None
+
+
+def split_structured(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` with the structured-output keywords (`json_schema`, `regex`, `choice`,
+    `grammar`, `json_object`) replaced by one `structured` spec: how `rt.generate(...,
+    json_schema=...)` and `P.Output(json_schema=...)` become `SamplingParams` fields."""
+    rest = {k: v for k, v in options.items() if k not in STRUCTURED_KINDS}
+    spec = StructuredSpec.from_options(options)
+    if spec is not None:
+        if rest.get("structured") is not None:
+            raise InvalidRequestError("give either structured= or one of json_schema/json_object/regex/choice/grammar, not both")
+        rest["structured"] = spec
+    return rest
 
 
 @dataclass(frozen=True)
@@ -94,6 +181,11 @@ class SamplingParams:
       loses `frequency * count + presence * (count > 0)`, count = its occurrences in the output.
     `min_p` (vLLM, [0, 1], 0 is off) is applied after temperature: tokens whose probability is
     below `min_p` times the largest are dropped. Rows without any of these are untouched.
+    `structured` (a `StructuredSpec`, or a mapping of its fields): the output must belong to
+    its language. Each step, tokens that cannot continue it get -inf (after the processing
+    above; if that leaves nothing, the grammar's tokens are taken from the raw logits); EOS
+    is allowed only where the output is complete, and the generation ends ("stop") as soon
+    as the grammar admits no further token. `max_tokens` can still cut it ("length").
     """
 
     max_tokens: int = 16
@@ -112,10 +204,18 @@ class SamplingParams:
     logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()  # stored as sorted pairs
     min_tokens: int = 0
     min_p: float = 0.0
+    structured: StructuredSpec | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self._check_basic()
         self._check_processing()
+        if isinstance(self.structured, Mapping):
+            unknown = sorted(set(self.structured) - set(STRUCTURED_KINDS))
+            if unknown:
+                raise InvalidRequestError(f"structured: unknown fields {unknown}; it takes one of {', '.join(STRUCTURED_KINDS)}")
+            object.__setattr__(self, "structured", StructuredSpec(**self.structured))
+        elif self.structured is not None and not isinstance(self.structured, StructuredSpec):
+            raise InvalidRequestError(f"structured must be a StructuredSpec, a mapping of its fields or None, got {self.structured!r}")
 
     def _check_basic(self) -> None:
         if isinstance(self.stop, str):

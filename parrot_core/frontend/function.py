@@ -32,7 +32,9 @@ class Input:
 
 class Output:
     """Annotation of an output: `P.Output`, or `P.Output(max_tokens=..., temperature=...,
-    top_p=..., top_k=..., seed=..., stop=..., stop_token_ids=..., ignore_eos=...)`."""
+    top_p=..., top_k=..., seed=..., stop=..., stop_token_ids=..., ignore_eos=...)`; with
+    `json_schema=` (or `json_object=True`, `regex=`, `choice=[...]`, `grammar=`) the value is
+    generated under that constraint, e.g. valid JSON of the schema."""
 
     def __init__(self, **sampling: Any) -> None:
         output_sampling(sampling)  # validate now: a bad option fails at decoration time

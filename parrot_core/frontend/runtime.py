@@ -24,7 +24,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from parrot_core.contexts import Context
-from parrot_core.engines.base import SamplingParams, TokenLogprob
+from parrot_core.engines.base import STRUCTURED_KINDS, SamplingParams, TokenLogprob, split_structured
 from parrot_core.engines.builtin.config import EngineConfig
 from parrot_core.engines.builtin.engine import BuiltinEngine
 from parrot_core.errors import InvalidRequestError, InvariantError, RuntimeClosedError, UnknownContextError
@@ -297,7 +297,9 @@ class Runtime:
         """Generate for one prompt (text or token ids) or, given a list of prompts, for all of
         them as one concurrent batch (returns a list, in order). Sampling options: temperature,
         top_p, top_k, seed, stop, stop_token_ids, ignore_eos, logprobs and prompt_logprobs
-        (0-20 alternatives per token; see `SamplingParams`)."""
+        (0-20 alternatives per token; see `SamplingParams`), and structured output: one of
+        json_schema= (a dict or JSON text), json_object=True, regex=, choice=[...], grammar=
+        (Lark), or structured=`StructuredSpec`."""
         return self._run(self._generate_any(prompts, max_tokens, sampling))
 
     async def agenerate(self, prompts: Prompt | Sequence[Prompt], max_tokens: int = 16, **sampling: Any) -> Any:
@@ -612,11 +614,11 @@ async def _finish_tasks(grace_s: float) -> None:
 
 
 def _sampling_params(max_tokens: int, sampling: dict[str, Any]) -> SamplingParams:
-    allowed = {f.name for f in dataclasses.fields(SamplingParams)} - {"max_tokens"}
+    allowed = ({f.name for f in dataclasses.fields(SamplingParams)} | set(STRUCTURED_KINDS)) - {"max_tokens"}
     unknown = sorted(set(sampling) - allowed)
     if unknown:
         raise InvalidRequestError(f"unknown sampling options: {', '.join(unknown)}")
-    return SamplingParams(max_tokens=max_tokens, **sampling)
+    return SamplingParams(max_tokens=max_tokens, **split_structured(sampling))
 
 
 def _is_batch(prompts: Any) -> bool:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from parrot_core.contexts import Context, ContextTask, NodeSpec
-from parrot_core.engines.base import SamplingParams
+from parrot_core.engines.base import SamplingParams, split_structured
 from parrot_core.errors import EngineError, InvalidRequestError, ParrotError
 from parrot_core.graph import CompletionChain, NativeFuncNode, PerfCriteria, PlaceholderGen
 
@@ -233,10 +233,11 @@ DEFAULT_MAX_TOKENS = 128  # of an output that does not say
 
 
 def output_sampling(options: Mapping[str, Any]) -> SamplingParams:
-    """The sampling of an output from its options (`max_tokens` defaults to 128). Raises
+    """The sampling of an output from its options (`max_tokens` defaults to 128; a
+    structured-output keyword such as `json_schema=` becomes the `structured` spec). Raises
     `InvalidRequestError` for an unknown option or a bad value."""
     try:
-        return SamplingParams(**{"max_tokens": DEFAULT_MAX_TOKENS, **options})
+        return SamplingParams(**{"max_tokens": DEFAULT_MAX_TOKENS, **split_structured(options)})
     except TypeError as e:
         raise InvalidRequestError(f"bad output options: {e}") from None
 

@@ -6,6 +6,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import llguidance
 import torch
 
 from parrot_core.engines.base import SamplingParams, TokenLogprob
@@ -49,6 +50,9 @@ class EngineRequest:
     # for or already sent.
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_start: int = 0
+    # The grammar state of a structured generate (params.structured): it has consumed every
+    # output token so far. None for a request without a spec.
+    matcher: llguidance.LLMatcher | None = None
 
     @property
     def num_uncomputed(self) -> int:
