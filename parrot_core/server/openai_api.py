@@ -5,8 +5,10 @@ Contracts:
 - Every request is checked (model name, sampling values, prompt length against the model's
   context, token ids against the vocabulary) before any KV is allocated; what can never run
   is answered 400 before a stream starts. Unknown extra fields are accepted and ignored, like
-  vLLM; known knobs this engine cannot honour (tools, structured output, vLLM's
-  `structured_outputs`, chat `echo`, `continue_final_message`, ...) are a 400 naming the field.
+  vLLM; known knobs this engine cannot honour (tools, vLLM's `guided_*`, chat `echo`,
+  `continue_final_message`, ...) are a 400 naming the field. Structured output
+  (`response_format` json_object / json_schema, vLLM's `structured_outputs`) constrains each
+  sequence of the request (`openai_schemas._StructuredRequest`).
 - Logprobs are the model's raw distribution (log_softmax of the logits, before temperature,
   top-k, top-p and penalties); -inf is sent as -9999.0 (JSON has no infinity), as vLLM does.
   Tokens are shown as their own text (`Tokenizer.token_text`); in chat, `bytes` are that

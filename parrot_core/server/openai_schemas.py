@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
 
+from parrot_core.engines.base import StructuredSpec
+from parrot_core.errors import InvalidRequestError
 from parrot_core.server.http_errors import APIError
 
 MAX_STOP = 64
@@ -90,13 +92,14 @@ class _SamplingRequest(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     min_tokens: int = Field(0, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
+    SUPPORTED_EXTRAS: ClassVar[frozenset[str]] = frozenset()  # of UNSUPPORTED_EXTRAS, what a subclass implements
 
     def check_supported(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options can only be given when stream is true", param="stream_options")
         extra = self.model_extra or {}
         for name, harmless in UNSUPPORTED_EXTRAS.items():
-            if extra.get(name, harmless) not in (None, harmless):
+            if name not in self.SUPPORTED_EXTRAS and extra.get(name, harmless) not in (None, harmless):
                 hint = "" if harmless is None else f" (only {json.dumps(harmless)})"
                 raise APIError(400, f"{name} is not supported by this server{hint}", param=name)
 
@@ -138,7 +141,69 @@ class _SamplingRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class CompletionRequest(_SamplingRequest):
+# vLLM's structured_outputs keys -> StructuredSpec fields
+_STRUCTURED_OUTPUTS = {"json": "json_schema", "json_object": "json_object", "regex": "regex", "choice": "choice", "grammar": "grammar"}
+
+
+class _StructuredRequest(_SamplingRequest):
+    """Structured output: OpenAI's `response_format` (`{"type": "text"}`, `{"type":
+    "json_object"}`, `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`)
+    or vLLM's `structured_outputs` extra (`{"json" | "regex" | "choice" | "grammar" |
+    "json_object": ...}`), never both. A bad one is a 400 naming the field."""
+
+    SUPPORTED_EXTRAS: ClassVar[frozenset[str]] = frozenset({"structured_outputs"})
+    response_format: dict[str, Any] | None = None
+
+    def structured(self) -> StructuredSpec | None:
+        outputs = (self.model_extra or {}).get("structured_outputs")
+        fmt = self.response_format
+        if fmt is not None and fmt.get("type", "text") != "text" and outputs is not None:
+            raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
+        if outputs is not None:
+            return self._spec_from_outputs(outputs)
+        return self._spec_from_response_format(fmt) if fmt is not None else None
+
+    @staticmethod
+    def _spec_from_outputs(outputs: object) -> StructuredSpec:
+        param = "structured_outputs"
+        if not isinstance(outputs, dict):
+            raise APIError(400, "structured_outputs must be an object", param=param)
+        given = {k: v for k, v in outputs.items() if v is not None and v is not False}
+        unknown = sorted(set(given) - set(_STRUCTURED_OUTPUTS))
+        if unknown:
+            raise APIError(400, f"structured_outputs: {', '.join(unknown)} not supported (only {', '.join(_STRUCTURED_OUTPUTS)})", param=param)
+        try:
+            return StructuredSpec(**{_STRUCTURED_OUTPUTS[k]: v for k, v in given.items()})
+        except (InvalidRequestError, TypeError) as e:
+            raise APIError(400, f"structured_outputs: {e}", param=param) from e
+
+    @staticmethod
+    def _spec_from_response_format(fmt: dict[str, Any]) -> StructuredSpec | None:
+        param = "response_format"
+        kind = fmt.get("type")
+        try:
+            if kind == "text":
+                return None
+            if kind == "json_object":
+                return StructuredSpec(json_object=True)
+            if kind == "json_schema":
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                    raise APIError(400, "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}", param=param)
+                return StructuredSpec(json_schema=spec["schema"])
+        except InvalidRequestError as e:
+            raise APIError(400, f"response_format: {e}", param=param) from e
+        raise APIError(400, f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}", param=param)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        self.structured()
+
+    def sampling(self) -> dict[str, Any]:
+        return {**super().sampling(), "structured": self.structured()}
+
+
+class CompletionRequest(_StructuredRequest):
     """`echo`: the prompt's text leads each choice's text (and, with `logprobs`, the prompt's
     tokens lead its logprobs, the first one null); `max_tokens=0` is allowed with `echo`
     (scoring a prompt, as lm-evaluation-harness does): nothing is generated."""
@@ -155,9 +220,6 @@ class CompletionRequest(_SamplingRequest):
         super().check_supported()
         if self.max_tokens == 0 and not self.echo:
             raise APIError(400, "max_tokens must be at least 1 (0 is only allowed with echo)", param="max_tokens")
-        response_format = (self.model_extra or {}).get("response_format")
-        if response_format is not None and response_format != {"type": "text"}:
-            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
         _check_return_token_ids(self)
         if self.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
@@ -210,13 +272,12 @@ class ChatLogprobsRequest(_SamplingRequest):
         return {**super().sampling(), "logprobs": (self.top_logprobs or 0) if self.logprobs else None}
 
 
-class ChatCompletionRequest(ChatLogprobsRequest):
+class ChatCompletionRequest(ChatLogprobsRequest, _StructuredRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM's
     continue_final_message: bool = False  # vLLM's (not supported: a 400 when true)
     echo: bool = False  # vLLM's (not supported: a 400 when true)
@@ -228,8 +289,6 @@ class ChatCompletionRequest(ChatLogprobsRequest):
         super().check_supported()
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
         for name in ("continue_final_message", "echo"):
             if getattr(self, name):
                 raise APIError(400, f"{name} is not supported by this server", param=name)
