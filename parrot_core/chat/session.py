@@ -250,7 +250,9 @@ class ChatSession:
                                 self._commit(before, plan, root, work, ids, "".join(pieces))
                                 committed = True
                             cached = plan.keep - root_computed + d.cached_tokens
-                            yield StreamDelta(list(d.token_ids), d.text, d.finish_reason, plan.prompt_tokens, cached, d.logprobs)
+                            yield StreamDelta(
+                                list(d.token_ids), d.text, d.finish_reason, plan.prompt_tokens, cached, d.logprobs, None, d.stop_token_id
+                            )
             finally:
                 if not committed:
                     if work is not None and work.alive:

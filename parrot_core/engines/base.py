@@ -299,9 +299,11 @@ class GenerationDelta:
     """New token ids of one generation. The last delta has `finish_reason` set; `text` is the
     detokenized text of these tokens (stop strings already cut). `cached_tokens`: of the prompt
     tokens the generate carried, how many the prefix cache supplied. `logprobs` (when the
-    params ask for them): one entry per token of `token_ids`. `prompt_logprobs` (when asked,
-    on the first delta only): one entry per prompt token the generate carried, None for a
-    token with nothing before it in the context."""
+    params ask for them): one entry per token of `token_ids`, then one for `stop_token_id`.
+    `prompt_logprobs` (when asked, on the first delta only): one entry per prompt token the
+    generate carried, None for a token with nothing before it in the context.
+    `stop_token_id` (last delta only): the EOS or stop token id that ended the generation; it
+    is not output (`token_ids`, `text`) and does not join the context."""
 
     token_ids: list[int]
     text: str = ""
@@ -309,6 +311,7 @@ class GenerationDelta:
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    stop_token_id: int | None = None
 
 
 @dataclass(frozen=True)

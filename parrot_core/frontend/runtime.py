@@ -63,6 +63,7 @@ class StreamDelta:
     cached_tokens: int
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    stop_token_id: int | None = None  # last delta: the EOS / stop token id that ended it (not output)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,9 @@ class GenerateOutput:
     is not included); `text` is cut before a stop string; `cached_tokens` of the prompt's
     tokens came from the prefix cache instead of being computed. `logprobs` (with
     `logprobs=k`): one `TokenLogprob` per token of `token_ids`; `prompt_logprobs` (with
-    `prompt_logprobs=k`): one per prompt token, the first None."""
+    `prompt_logprobs=k`): one per prompt token, the first None. `stop_token_id`: the EOS or
+    stop token id that ended the generation (not in `token_ids`; with logprobs, its entry is
+    the last of `logprobs`)."""
 
     text: str
     token_ids: list[int]
@@ -80,6 +83,7 @@ class GenerateOutput:
     cached_tokens: int
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    stop_token_id: int | None = None
 
 
 class Runtime:
@@ -368,6 +372,7 @@ class Runtime:
                             delta.cached_tokens,
                             delta.logprobs,
                             delta.prompt_logprobs,
+                            delta.stop_token_id,
                         )
             finally:
                 if ctx.alive:  # reset() may have released it already
@@ -550,6 +555,7 @@ async def collect(stream: AsyncIterator[Any], prompt_tokens: int = 0) -> Generat
     reason, cached = "abort", 0
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    stop_token_id: int | None = None
     async for delta in stream:
         ids.extend(delta.token_ids)
         pieces.append(delta.text)
@@ -560,7 +566,8 @@ async def collect(stream: AsyncIterator[Any], prompt_tokens: int = 0) -> Generat
             logprobs = (logprobs or []) + delta.logprobs
         if delta.prompt_logprobs is not None:
             prompt_logprobs = delta.prompt_logprobs
-    return GenerateOutput("".join(pieces), ids, reason, prompt_tokens, cached, logprobs, prompt_logprobs)
+        stop_token_id = getattr(delta, "stop_token_id", None)
+    return GenerateOutput("".join(pieces), ids, reason, prompt_tokens, cached, logprobs, prompt_logprobs, stop_token_id)
 
 
 def _tick(ref: weakref.ref[Runtime]) -> None:

@@ -168,13 +168,23 @@ def chat_logprobs(rt: Runtime, entries: Sequence[TokenLogprob]) -> ChatLogprobs:
     return ChatLogprobs(content=content)
 
 
+def _generated_ids(delta: StreamDelta) -> list[int]:
+    """The tokens a delta generated, the EOS or stop token id that ended the generation
+    included: counted in usage and reported in logprobs and `return_token_ids` as vLLM does
+    (lm-evaluation-harness reads the last logprob entry as the generated token's), though the
+    text leaves it out."""
+    return delta.token_ids if delta.stop_token_id is None else [*delta.token_ids, delta.stop_token_id]
+
+
 async def _score_only(deltas: AsyncIterator[StreamDelta]) -> AsyncIterator[StreamDelta]:
     """The deltas of a one-token generation as a generation of none (echo with max_tokens=0):
     the prompt's logprobs are kept, the sampled token dropped."""
     async with contextlib.aclosing(deltas):  # type: ignore[type-var]
         async for delta in deltas:
             logprobs = [] if delta.logprobs is not None else None
-            yield replace(delta, token_ids=[], text="", logprobs=logprobs, finish_reason="length" if delta.finish_reason else None)
+            yield replace(
+                delta, token_ids=[], text="", logprobs=logprobs, stop_token_id=None, finish_reason="length" if delta.finish_reason else None
+            )
 
 
 def _check_ids(rt: Runtime, ids: Sequence[int], param: str) -> None:
@@ -353,8 +363,9 @@ async def _collect(state: ServeState, rt: Runtime, seqs: list[_Seq], t0: float) 
         async for index, delta in merged:
             r = results[index]
             r.text += delta.text
-            r.completion_tokens += len(delta.token_ids)
-            r.token_ids += delta.token_ids
+            generated = _generated_ids(delta)
+            r.completion_tokens += len(generated)
+            r.token_ids += generated
             r.prompt_tokens, r.cached_tokens = delta.prompt_tokens, delta.cached_tokens
             r.finish_reason = delta.finish_reason or r.finish_reason
             r.logprobs.extend(delta.logprobs or [])
@@ -479,7 +490,7 @@ async def _events(
             async with contextlib.aclosing(merged):  # type: ignore[type-var]
                 async for index, delta in merged:
                     r = results[index]
-                    r.completion_tokens += len(delta.token_ids)
+                    r.completion_tokens += len(_generated_ids(delta))
                     r.prompt_tokens, r.cached_tokens = delta.prompt_tokens, delta.cached_tokens
                     if delta.text or delta.finish_reason or delta.logprobs or delta.prompt_logprobs is not None:
                         event = chunk(index, delta.text, delta.finish_reason, False, delta)
@@ -547,7 +558,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
             echoed.add(index)
             text = echo_of(index) + text
         if body.logprobs is not None and delta is not None:
-            logprobs = choice_logprobs(index, delta.prompt_logprobs, delta.token_ids, delta.logprobs or []).model_dump()
+            logprobs = choice_logprobs(index, delta.prompt_logprobs, _generated_ids(delta), delta.logprobs or []).model_dump()
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def response(request_id: str, created: int, model: str, results: list[Any]) -> CompletionResponse:

@@ -218,3 +218,24 @@ def test_a_batch_mixing_prompt_logprobs_and_plain_requests_keeps_every_id(make_e
 def test_out_of_range_logprob_counts_are_typed_errors(field, value):
     with pytest.raises(InvalidRequestError, match=field):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("end", ["eos", "stop_token"])
+def test_the_token_that_ends_a_generation_keeps_its_logprob(make_engine, model, end):
+    """Like vLLM and OpenAI: an EOS or stop token id ends the generation without entering the
+    output or the context, but its logprob is reported (lm-evaluation-harness scores the last
+    entry of `echo` + `max_tokens=1`; a missing entry dropped a choice's own last token)."""
+    p = prompt(90, 9)
+    engine = make_engine()
+    ids, _ = asyncio.run(gen(engine, 0, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True), p))
+    first = ids[0]  # the greedy next token: made the EOS, or a stop token id
+    engine.free_context(0)
+    if end == "eos":
+        engine.eos_token_id = first  # the tiny model has no EOS of its own
+    params = SamplingParams(max_tokens=3, temperature=0.0, logprobs=2, stop_token_ids=(first,) if end == "stop_token" else ())
+    ids, deltas = asyncio.run(gen(engine, 1, params, p))
+    assert ids == [] and deltas[-1].finish_reason == "stop"
+    assert deltas[-1].stop_token_id == first
+    assert [lp.token_id for d in deltas for lp in d.logprobs] == [first]
+    check_entry(deltas[-1].logprobs[0], ref_logprobs(model, p)[-1], first, 2)
+    assert engine.call(lambda: engine.tree.get(1).token_ids) == p  # the end token is not in the context

@@ -197,3 +197,23 @@ def test_real_model_prompt_logprobs_match_transformers(real_model, real_llama, s
         settle(rt)
     finally:
         rt.close()
+
+
+def test_echo_scoring_keeps_the_entry_of_a_generated_end_token(served):
+    """lm-evaluation-harness scores `echo` + `logprobs` + `max_tokens=1` by dropping the last
+    entry (the generated token): when that token ends the generation (EOS or a stop token id)
+    its entry must still be there, or the choice's own last token is dropped instead."""
+    rt, _, client = served
+    prompt_ids = rt.tokenize("The answer is")
+    end = rt.generate(prompt_ids, max_tokens=1, temperature=0.0, ignore_eos=True).token_ids[0]
+    out = client.completions.create(
+        model="tiny", prompt=prompt_ids, echo=True, logprobs=1, max_tokens=1, temperature=0,
+        extra_body={"stop_token_ids": [end], "return_token_ids": True},
+    )  # fmt: skip
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop" and choice.text == rt.detokenize(prompt_ids)  # the end token is not text
+    lps = choice.logprobs
+    assert len(lps.token_logprobs) == len(prompt_ids) + 1 and lps.token_logprobs[0] is None
+    assert lps.tokens[-1] == rt.engine.tokenizer.token_text(end) and lps.token_logprobs[-1] <= 0
+    assert out.usage.completion_tokens == 1 and choice.model_extra["token_ids"] == [end]
+    settle(rt)

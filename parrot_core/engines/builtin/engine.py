@@ -692,21 +692,30 @@ class BuiltinEngine:
         for (req, _), token, lp in zip(gens, tokens, lps, strict=True):
             self._accept_token(req, token, lp)
 
-    def _delta(self, req: EngineRequest, token_ids: list[int], text: str, reason: str | None = None, lp: TokenLogprob | None = None) -> GenerationDelta:
-        """A delta of `req`, with the logprobs its params ask for (the prompt's on the first)."""
+    def _delta(
+        self,
+        req: EngineRequest,
+        token_ids: list[int],
+        text: str,
+        reason: str | None = None,
+        lp: TokenLogprob | None = None,
+        stop_token_id: int | None = None,
+    ) -> GenerationDelta:
+        """A delta of `req`, with the logprobs its params ask for (the prompt's on the first;
+        `lp` is that of the token in `token_ids`, or of `stop_token_id`)."""
         assert req.params is not None
         logprobs = None
         if req.params.logprobs is not None:
-            logprobs = [lp] if token_ids and lp is not None else []
+            logprobs = [lp] if (token_ids or stop_token_id is not None) and lp is not None else []
         prompt, req.prompt_logprobs = req.prompt_logprobs, None
-        return GenerationDelta(token_ids, text, reason, req.cached_tokens, logprobs, prompt)
+        return GenerationDelta(token_ids, text, reason, req.cached_tokens, logprobs, prompt, stop_token_id)
 
     def _accept_token(self, req: EngineRequest, token: int, lp: TokenLogprob | None = None) -> None:
         params = req.params
         assert params is not None
         if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
             self._flush_text(req)  # the end token is not output, but bytes held back are
-            self._finish(req, FINISH_STOP)
+            self._finish(req, FINISH_STOP, lp=lp, stop_token_id=token)
             return
         if req.matcher is not None and not req.matcher.consume_token(token):
             self.scheduler.remove(req)
@@ -749,7 +758,14 @@ class BuiltinEngine:
         req.text = req.text[: min(hits)]
         return True
 
-    def _finish(self, req: EngineRequest, reason: str, token_ids: list[int] | None = None, lp: TokenLogprob | None = None) -> None:
+    def _finish(
+        self,
+        req: EngineRequest,
+        reason: str,
+        token_ids: list[int] | None = None,
+        lp: TokenLogprob | None = None,
+        stop_token_id: int | None = None,
+    ) -> None:
         self.scheduler.remove(req)
         self._active.pop(req.context.context_id, None)
         req.finished = True
@@ -758,7 +774,7 @@ class BuiltinEngine:
             return
         piece = req.text[req.sent_chars :]
         req.sent_chars = len(req.text)
-        _emit(req, self._delta(req, token_ids or [], piece, reason, lp))
+        _emit(req, self._delta(req, token_ids or [], piece, reason, lp, stop_token_id))
 
     def _fail(self, req: EngineRequest, error: BaseException) -> None:
         self._active.pop(req.context.context_id, None)
