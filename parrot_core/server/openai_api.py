@@ -5,8 +5,8 @@ Contracts:
 - Every request is checked (model name, sampling values, prompt length against the model's
   context, token ids against the vocabulary) before any KV is allocated; what can never run
   is answered 400 before a stream starts. Unknown extra fields are accepted and ignored, like
-  vLLM; known knobs this engine cannot honour (tools, vLLM's `guided_*`, chat `echo`,
-  `continue_final_message`, ...) are a 400 naming the field. Structured output
+  vLLM; known knobs this engine cannot honour (tools, vLLM's `guided_*`, chat `echo`, ...) are a
+  400 naming the field. Structured output
   (`response_format` json_object / json_schema, vLLM's `structured_outputs`) constrains each
   sequence of the request (`openai_schemas._StructuredRequest`).
 - Logprobs are the model's raw distribution (log_softmax of the logits, before temperature,
@@ -263,13 +263,26 @@ def _completion_prompts(rt: Runtime, prompt: Any) -> list[list[int]]:
     return [rt.tokenize_prompt(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
-def _render_chat(rt: Runtime, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+def _render_chat(rt: Runtime, messages: list[ChatMessage], add_generation_prompt: bool, continue_final: bool = False) -> str:
+    """The chat template's rendering of `messages`. `continue_final` (vLLM's
+    `continue_final_message`, as `transformers` does it): the text is cut right after the last
+    message's content, leaving that message open for the model to continue; 400 if the
+    rendering does not hold that content."""
+    inputs = [m.as_template_input() for m in messages]
     try:
-        return rt.apply_chat_template([m.as_template_input() for m in messages], add_generation_prompt=add_generation_prompt)
+        text = rt.apply_chat_template(inputs, add_generation_prompt=add_generation_prompt)
     except InvalidRequestError:
         raise
     except Exception as e:  # a template may fail on any input it dislikes: the request's fault
         raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
+    if not continue_final:
+        return text
+    final = inputs[-1]["content"]
+    for content in (final, final.strip()):
+        at = text.rfind(content) if content else -1
+        if at >= 0:
+            return text[: at + len(content)]
+    raise APIError(400, "continue_final_message: the rendered chat does not hold the last message's content", param="continue_final_message")
 
 
 def _usage(results: Sequence[_Result], n: int) -> Usage:
@@ -594,7 +607,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     body.check_supported()
 
     def prepare() -> list[_Seq]:
-        prompt = _render_chat(rt, body.messages, body.add_generation_prompt)
+        prompt = _render_chat(rt, body.messages, body.add_generation_prompt, body.continue_final_message)
         return _sequences(rt, [rt.tokenize(prompt)], body.requested_max_tokens, body, "messages")
 
     seqs = await asyncio.to_thread(prepare)

@@ -279,7 +279,8 @@ class ChatCompletionRequest(ChatLogprobsRequest, _StructuredRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM's
-    continue_final_message: bool = False  # vLLM's (not supported: a 400 when true)
+    # vLLM's: the prompt leaves the last (assistant) message open, and the model continues it
+    continue_final_message: bool = False
     echo: bool = False  # vLLM's (not supported: a 400 when true)
     return_token_ids: bool = False  # vLLM's: the response's prompt_token_ids, each choice's token_ids
     # OpenAI's: requests with the same key keep their conversation's context pinned (openai_api)
@@ -289,9 +290,13 @@ class ChatCompletionRequest(ChatLogprobsRequest, _StructuredRequest):
         super().check_supported()
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools")
-        for name in ("continue_final_message", "echo"):
-            if getattr(self, name):
-                raise APIError(400, f"{name} is not supported by this server", param=name)
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise APIError(400, "continue_final_message needs add_generation_prompt to be false", param="continue_final_message")
+            if self.messages[-1].role != "assistant":
+                raise APIError(400, "continue_final_message needs the last message to be the assistant's", param="continue_final_message")
+        if self.echo:
+            raise APIError(400, "echo is not supported by this server", param="echo")
         _check_return_token_ids(self)
         if self.return_token_ids and self.prompt_cache_key is not None:
             raise APIError(400, "return_token_ids cannot be combined with prompt_cache_key", param="return_token_ids")

