@@ -5,8 +5,8 @@ Contracts:
 - Every request is checked (model name, sampling values, prompt length against the model's
   context, token ids against the vocabulary) before any KV is allocated; what can never run
   is answered 400 before a stream starts. Unknown extra fields are accepted and ignored, like
-  vLLM; known knobs this engine cannot honour (tools, vLLM's `guided_*`, chat `echo`, ...) are a
-  400 naming the field. Structured output
+  vLLM; known knobs this engine cannot honour (tools, vLLM's `guided_*`, ...) are a 400 naming
+  the field. Structured output
   (`response_format` json_object / json_schema, vLLM's `structured_outputs`) constrains each
   sequence of the request (`openai_schemas._StructuredRequest`).
 - Logprobs are the model's raw distribution (log_softmax of the logits, before temperature,
@@ -617,14 +617,17 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     if key is not None and keyed.max_keys and body.n == 1 and body.add_generation_prompt and body.messages[-1].role == "user" and not body.logprobs:
         messages = [m.as_template_input() for m in body.messages]
         seqs[0].source = keyed.keyed_turn(rt, key, messages, body.requested_max_tokens, seqs[0].sampling)
-    return await generate_chat(request, state, rt, seqs, t0, body)
+    last = body.messages[-1]
+    echo = last.text if body.echo and last.role == "assistant" else ""
+    return await generate_chat(request, state, rt, seqs, t0, body, echo=echo)
 
 
 def _chat_stream_choice(
-    index: int, text: str, finish_reason: str | None, first: bool, delta: Any = None, rt: Runtime | None = None
+    index: int, text: str, finish_reason: str | None, first: bool, delta: Any = None, rt: Runtime | None = None, echo: str = ""
 ) -> dict[str, Any] | None:
-    """One choice of a chat chunk; with `rt`, the delta's logprobs in the chat shape."""
-    message: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+    """One choice of a chat chunk; with `rt`, the delta's logprobs in the chat shape. `echo`
+    is the content of the first chunk (the role's)."""
+    message: dict[str, Any] = {"role": "assistant", "content": echo} if first else ({"content": text} if text else {})
     logprobs = None
     if rt is not None and delta is not None and delta.logprobs is not None:
         logprobs = chat_logprobs(rt, delta.logprobs).model_dump()
@@ -632,11 +635,19 @@ def _chat_stream_choice(
 
 
 async def generate_chat(
-    request: Request, state: ServeState, rt: Runtime, seqs: list[_Seq], t0: float, body: _SamplingRequest, prime: bool = False
+    request: Request,
+    state: ServeState,
+    rt: Runtime,
+    seqs: list[_Seq],
+    t0: float,
+    body: _SamplingRequest,
+    prime: bool = False,
+    echo: str = "",
 ) -> Any:
     """Run `seqs` and answer as `/v1/chat/completions` does (`chat.completion`, or its chunks
     as SSE when `body.stream`). `prime`: wait for the first delta before the stream's status
-    line, so that an error before it (e.g. a turn that can never fit) is a plain HTTP error."""
+    line, so that an error before it (e.g. a turn that can never fit) is a plain HTTP error.
+    `echo` (vLLM's chat echo) leads each choice's content."""
 
     with_logprobs = bool(getattr(body, "logprobs", False))
 
@@ -645,7 +656,7 @@ async def generate_chat(
         choices = [
             ChatChoice(
                 index=i,
-                message=AssistantMessage(content=r.text),
+                message=AssistantMessage(content=echo + r.text),
                 logprobs=chat_logprobs(rt, r.logprobs) if with_logprobs else None,
                 finish_reason=r.finish_reason,
                 token_ids=r.token_ids if ids else None,
@@ -659,7 +670,7 @@ async def generate_chat(
         )
 
     def stream_choice(index: int, text: str, finish_reason: str | None, first: bool, delta: Any = None) -> dict[str, Any] | None:
-        return _chat_stream_choice(index, text, finish_reason, first, delta, rt if with_logprobs else None)
+        return _chat_stream_choice(index, text, finish_reason, first, delta, rt if with_logprobs else None, echo)
 
     return await _generate(
         request, state, rt, seqs, t0, body, "chatcmpl", "chat.completion.chunk", stream_choice, response, prime

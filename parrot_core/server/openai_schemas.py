@@ -249,12 +249,12 @@ class ChatMessage(BaseModel):
     content: Annotated[str | list[TextPart], _one_of("must be a string or a list of text parts {'type': 'text', 'text': ...}")]
     name: str | None = None
 
+    @property
+    def text(self) -> str:
+        return "".join(part.text for part in self.content) if isinstance(self.content, list) else self.content
+
     def as_template_input(self) -> dict[str, str]:
-        if isinstance(self.content, list):
-            text = "".join(part.text for part in self.content)
-        else:
-            text = self.content
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
 
 
 class ChatLogprobsRequest(_SamplingRequest):
@@ -281,7 +281,8 @@ class ChatCompletionRequest(ChatLogprobsRequest, _StructuredRequest):
     add_generation_prompt: bool = True  # vLLM's
     # vLLM's: the prompt leaves the last (assistant) message open, and the model continues it
     continue_final_message: bool = False
-    echo: bool = False  # vLLM's (not supported: a 400 when true)
+    # vLLM's: the reply's content is prefixed with the last message's when that is the assistant's
+    echo: bool = False
     return_token_ids: bool = False  # vLLM's: the response's prompt_token_ids, each choice's token_ids
     # OpenAI's: requests with the same key keep their conversation's context pinned (openai_api)
     prompt_cache_key: str | None = Field(None, min_length=1, max_length=1024)
@@ -295,8 +296,9 @@ class ChatCompletionRequest(ChatLogprobsRequest, _StructuredRequest):
                 raise APIError(400, "continue_final_message needs add_generation_prompt to be false", param="continue_final_message")
             if self.messages[-1].role != "assistant":
                 raise APIError(400, "continue_final_message needs the last message to be the assistant's", param="continue_final_message")
-        if self.echo:
-            raise APIError(400, "echo is not supported by this server", param="echo")
+        if self.echo and not self.add_generation_prompt and self.messages[-1].role != "assistant":
+            # vLLM would answer in the last message's role; this server answers as the assistant
+            raise APIError(400, "echo with add_generation_prompt false needs the last message to be the assistant's", param="echo")
         _check_return_token_ids(self)
         if self.return_token_ids and self.prompt_cache_key is not None:
             raise APIError(400, "return_token_ids cannot be combined with prompt_cache_key", param="return_token_ids")

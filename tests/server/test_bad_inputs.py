@@ -113,7 +113,7 @@ CHAT_CASES = [
     ({"top_logprobs": 2}, "top_logprobs needs logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),
-    ({"echo": True}, "echo"),
+    ({"echo": True, "add_generation_prompt": False}, "echo with add_generation_prompt false needs"),
     ({"continue_final_message": True}, "continue_final_message"),
     ({"return_token_ids": True, "prompt_cache_key": "k"}, "return_token_ids"),
     ({"temperature": float("inf")}, "temperature"),

@@ -73,3 +73,20 @@ def test_continue_final_message_misuse_is_a_400_naming_it(served, change, contai
     error = r.json()["error"]
     assert error["param"] == "continue_final_message" and contains in error["message"], error
     settle(rt)
+
+
+def test_chat_echo_prefixes_the_last_assistant_message_streaming_and_not(served):
+    rt, _, client = served
+    kw = {"model": "tiny", "messages": CONVERSATION, "max_tokens": 6, "temperature": 0}
+    cont = {"add_generation_prompt": False, "continue_final_message": True, "ignore_eos": True}
+    plain = client.chat.completions.create(**kw, extra_body=cont).choices[0].message.content
+    assert plain
+    echoed = client.chat.completions.create(**kw, n=2, extra_body={**cont, "echo": True})
+    assert [c.message.content for c in echoed.choices] == ["My favourite colour is" + plain] * 2
+    chunks = list(client.chat.completions.create(**kw, stream=True, extra_body={**cont, "echo": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "My favourite colour is" + plain
+    # the last message is the user's: nothing to echo (as vLLM), the reply is as without echo
+    user_only = {"model": "tiny", "messages": CONVERSATION[:1], "max_tokens": 4, "temperature": 0}
+    alone = client.chat.completions.create(**user_only).choices[0].message.content
+    assert client.chat.completions.create(**user_only, extra_body={"echo": True}).choices[0].message.content == alone
+    settle(rt)
