@@ -490,9 +490,11 @@ async def _events(
     chunk: Callable[..., dict[str, Any]],
     usage_chunk: Callable[[Usage], dict[str, Any]],
     release: Callable[[], None],
+    every_delta: bool = False,
 ) -> AsyncIterator[str]:
     """The SSE events of a streamed generation. `chunk(index, text, finish_reason, first,
-    delta)`: `delta` is the engine's (None for the first, empty chunk of each choice)."""
+    delta)`: `delta` is the engine's (None for the first, empty chunk of each choice).
+    `every_delta`: a chunk for every delta that generated a token, even one without text."""
     results = [_Result() for _ in seqs]
     try:
         try:
@@ -505,7 +507,13 @@ async def _events(
                     r = results[index]
                     r.completion_tokens += len(_generated_ids(delta))
                     r.prompt_tokens, r.cached_tokens = delta.prompt_tokens, delta.cached_tokens
-                    if delta.text or delta.finish_reason or delta.logprobs or delta.prompt_logprobs is not None:
+                    if (
+                        delta.text
+                        or delta.finish_reason
+                        or delta.logprobs
+                        or delta.prompt_logprobs is not None
+                        or (every_delta and _generated_ids(delta))
+                    ):
                         event = chunk(index, delta.text, delta.finish_reason, False, delta)
                         if event:
                             yield _sse(event)
@@ -567,12 +575,17 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         if first:
             return None
         logprobs = None
+        ids: dict[str, Any] = {}
         if index not in echoed:  # the choice's first chunk: the prompt (with echo) leads it
             echoed.add(index)
             text = echo_of(index) + text
+            if body.return_token_ids:
+                ids["prompt_token_ids"] = seqs[index].prompt_ids
         if body.logprobs is not None and delta is not None:
             logprobs = choice_logprobs(index, delta.prompt_logprobs, _generated_ids(delta), delta.logprobs or []).model_dump()
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        if body.return_token_ids:
+            ids["token_ids"] = _generated_ids(delta) if delta is not None else []
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason, **ids}
 
     def response(request_id: str, created: int, model: str, results: list[Any]) -> CompletionResponse:
         ids = body.return_token_ids
@@ -623,15 +636,25 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 
 
 def _chat_stream_choice(
-    index: int, text: str, finish_reason: str | None, first: bool, delta: Any = None, rt: Runtime | None = None, echo: str = ""
+    index: int,
+    text: str,
+    finish_reason: str | None,
+    first: bool,
+    delta: Any = None,
+    rt: Runtime | None = None,
+    echo: str = "",
+    token_ids: bool = False,
 ) -> dict[str, Any] | None:
     """One choice of a chat chunk; with `rt`, the delta's logprobs in the chat shape. `echo`
-    is the content of the first chunk (the role's)."""
+    is the content of the first chunk (the role's); `token_ids`: the delta's generated ids."""
     message: dict[str, Any] = {"role": "assistant", "content": echo} if first else ({"content": text} if text else {})
     logprobs = None
     if rt is not None and delta is not None and delta.logprobs is not None:
         logprobs = chat_logprobs(rt, delta.logprobs).model_dump()
-    return {"index": index, "delta": message, "logprobs": logprobs, "finish_reason": finish_reason}
+    choice = {"index": index, "delta": message, "logprobs": logprobs, "finish_reason": finish_reason}
+    if token_ids:
+        choice["token_ids"] = _generated_ids(delta) if delta is not None else []
+    return choice
 
 
 async def generate_chat(
@@ -650,9 +673,9 @@ async def generate_chat(
     `echo` (vLLM's chat echo) leads each choice's content."""
 
     with_logprobs = bool(getattr(body, "logprobs", False))
+    ids = bool(getattr(body, "return_token_ids", False))  # chat-session turns have no such field
 
     def response(request_id: str, created: int, model: str, results: list[Any]) -> ChatCompletionResponse:
-        ids = bool(getattr(body, "return_token_ids", False))  # chat-session turns have no such field
         choices = [
             ChatChoice(
                 index=i,
@@ -670,7 +693,7 @@ async def generate_chat(
         )
 
     def stream_choice(index: int, text: str, finish_reason: str | None, first: bool, delta: Any = None) -> dict[str, Any] | None:
-        return _chat_stream_choice(index, text, finish_reason, first, delta, rt if with_logprobs else None, echo)
+        return _chat_stream_choice(index, text, finish_reason, first, delta, rt if with_logprobs else None, echo, ids)
 
     return await _generate(
         request, state, rt, seqs, t0, body, "chatcmpl", "chat.completion.chunk", stream_choice, response, prime
@@ -701,7 +724,9 @@ async def _generate(
             choice = stream_choice(index, text, finish_reason, first, delta)
             if choice is None:
                 return {}
-            out = {"id": request_id, "object": chunk_object, "created": created, "model": model, "choices": [choice]}
+            out: dict[str, Any] = {"id": request_id, "object": chunk_object, "created": created, "model": model, "choices": [choice]}
+            if first and getattr(body, "return_token_ids", False):  # vLLM's: on a chat choice's first chunk
+                out["prompt_token_ids"] = seqs[index].prompt_ids
             return {**out, "usage": None} if body.include_usage else out
 
         def usage_chunk(usage: Usage) -> dict[str, Any]:
@@ -718,7 +743,8 @@ async def _generate(
                 release()
                 return Response(status_code=499)  # nobody is listening
             merged = _primed(first, raw)
-        events = _events(seqs, merged, body.n, body.include_usage, chunk, usage_chunk, release)
+        every_delta = bool(getattr(body, "return_token_ids", False))  # a delta with ids but no text still has ids to send
+        events = _events(seqs, merged, body.n, body.include_usage, chunk, usage_chunk, release, every_delta)
         return EventStreamResponse(events, on_close=release, inner=raw)
     try:
         done, results = await unless_disconnected(request, _collect(state, rt, seqs, t0))

@@ -214,13 +214,14 @@ class CompletionRequest(_StructuredRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
-    return_token_ids: bool = False  # vLLM's: each choice's prompt_token_ids and token_ids
+    # vLLM's: each choice's prompt_token_ids and token_ids (streaming: each chunk's token_ids,
+    # a choice's first chunk its prompt_token_ids)
+    return_token_ids: bool = False
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.max_tokens == 0 and not self.echo:
             raise APIError(400, "max_tokens must be at least 1 (0 is only allowed with echo)", param="max_tokens")
-        _check_return_token_ids(self)
         if self.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
@@ -283,7 +284,9 @@ class ChatCompletionRequest(ChatLogprobsRequest, _StructuredRequest):
     continue_final_message: bool = False
     # vLLM's: the reply's content is prefixed with the last message's when that is the assistant's
     echo: bool = False
-    return_token_ids: bool = False  # vLLM's: the response's prompt_token_ids, each choice's token_ids
+    # vLLM's: the response's prompt_token_ids, each choice's token_ids (streaming: each chunk's
+    # token_ids, a choice's first chunk the prompt_token_ids)
+    return_token_ids: bool = False
     # OpenAI's: requests with the same key keep their conversation's context pinned (openai_api)
     prompt_cache_key: str | None = Field(None, min_length=1, max_length=1024)
 
@@ -299,18 +302,12 @@ class ChatCompletionRequest(ChatLogprobsRequest, _StructuredRequest):
         if self.echo and not self.add_generation_prompt and self.messages[-1].role != "assistant":
             # vLLM would answer in the last message's role; this server answers as the assistant
             raise APIError(400, "echo with add_generation_prompt false needs the last message to be the assistant's", param="echo")
-        _check_return_token_ids(self)
         if self.return_token_ids and self.prompt_cache_key is not None:
             raise APIError(400, "return_token_ids cannot be combined with prompt_cache_key", param="return_token_ids")
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-
-def _check_return_token_ids(body: CompletionRequest | ChatCompletionRequest) -> None:
-    if body.return_token_ids and body.stream:
-        raise APIError(400, "return_token_ids is supported without stream only", param="return_token_ids")
 
 
 class TokenizeRequest(BaseModel):

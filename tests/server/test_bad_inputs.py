@@ -82,7 +82,6 @@ COMPLETION_CASES = [
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"response_format": {"type": "xml"}}, "response_format"),
-    ({"return_token_ids": True, "stream": True}, "return_token_ids"),
     ({"n": 100, "prompt": [[1]] * 10}, "admits at most 264"),
 ]
 

@@ -90,3 +90,29 @@ def test_chat_echo_prefixes_the_last_assistant_message_streaming_and_not(served)
     alone = client.chat.completions.create(**user_only).choices[0].message.content
     assert client.chat.completions.create(**user_only, extra_body={"echo": True}).choices[0].message.content == alone
     settle(rt)
+
+
+def test_streamed_return_token_ids_equal_the_unstreamed_ones(served):
+    rt, _, client = served
+    kw = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0, "n": 2}
+    whole = client.completions.create(**kw, extra_body={"return_token_ids": True, "ignore_eos": True})
+    ids = whole.choices[0].model_extra["token_ids"]
+    assert len(ids) == 10
+    # stop on the 6th token: the stop token id ends the last chunk's token_ids, as unstreamed
+    stop = {"return_token_ids": True, "ignore_eos": True, "stop_token_ids": [ids[5]]}
+    whole = client.completions.create(**kw, extra_body=stop)
+    chunks = list(client.completions.create(**kw, stream=True, extra_body=stop))
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == choice.index]
+        assert mine[0].model_extra["prompt_token_ids"] == choice.model_extra["prompt_token_ids"] == rt.tokenize_prompt(kw["prompt"])
+        assert all("prompt_token_ids" not in c.model_extra for c in mine[1:])
+        assert [t for c in mine for t in c.model_extra["token_ids"]] == choice.model_extra["token_ids"] == ids[: ids.index(ids[5]) + 1]
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    chat = {"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0, "extra_body": {"return_token_ids": True, "ignore_eos": True}}
+    whole = client.chat.completions.create(**chat)
+    chunks = list(client.chat.completions.create(**chat, stream=True))
+    assert chunks[0].model_extra["prompt_token_ids"] == whole.model_extra["prompt_token_ids"]
+    assert all("prompt_token_ids" not in c.model_extra for c in chunks[1:])
+    assert [t for c in chunks for t in c.choices[0].model_extra["token_ids"]] == whole.choices[0].model_extra["token_ids"]
+    assert len(whole.choices[0].model_extra["token_ids"]) == 8
+    settle(rt)
