@@ -491,17 +491,23 @@ async def _events(
     usage_chunk: Callable[[Usage], dict[str, Any]],
     release: Callable[[], None],
     every_delta: bool = False,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
     """The SSE events of a streamed generation. `chunk(index, text, finish_reason, first,
     delta)`: `delta` is the engine's (None for the first, empty chunk of each choice).
-    `every_delta`: a chunk for every delta that generated a token, even one without text."""
-    results = [_Result() for _ in seqs]
+    `every_delta`: a chunk for every delta that generated a token, even one without text.
+    `continuous_usage` (vLLM's `continuous_usage_stats`): every chunk carries the usage so far."""
+    results = [_Result(prompt_tokens=len(seq.prompt_ids)) for seq in seqs]
+
+    def with_usage(event: dict[str, Any]) -> dict[str, Any]:
+        return {**event, "usage": _usage(results, n).model_dump()} if continuous_usage else event
+
     try:
         try:
             for seq in seqs:
                 first = chunk(seq.index, "", None, True)
                 if first:
-                    yield _sse(first)
+                    yield _sse(with_usage(first))
             async with contextlib.aclosing(merged):  # type: ignore[type-var]
                 async for index, delta in merged:
                     r = results[index]
@@ -516,7 +522,7 @@ async def _events(
                     ):
                         event = chunk(index, delta.text, delta.finish_reason, False, delta)
                         if event:
-                            yield _sse(event)
+                            yield _sse(with_usage(event))
             if include_usage:
                 yield _sse(usage_chunk(_usage(results, n)))
         except Exception as e:  # noqa: BLE001 - the status line is sent: report it in the stream
@@ -744,7 +750,8 @@ async def _generate(
                 return Response(status_code=499)  # nobody is listening
             merged = _primed(first, raw)
         every_delta = bool(getattr(body, "return_token_ids", False))  # a delta with ids but no text still has ids to send
-        events = _events(seqs, merged, body.n, body.include_usage, chunk, usage_chunk, release, every_delta)
+        continuous = body.include_usage and body.stream_options.continuous_usage_stats  # as vLLM: only with include_usage
+        events = _events(seqs, merged, body.n, body.include_usage, chunk, usage_chunk, release, every_delta, continuous)
         return EventStreamResponse(events, on_close=release, inner=raw)
     try:
         done, results = await unless_disconnected(request, _collect(state, rt, seqs, t0))

@@ -62,7 +62,8 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = Field(False, strict=True)
-    continuous_usage_stats: bool = Field(False, strict=True)  # vLLM's; accepted, not used
+    # vLLM's: with include_usage, every chunk carries the usage so far (without it, as vLLM, nothing)
+    continuous_usage_stats: bool = Field(False, strict=True)
 
 
 class _SamplingRequest(BaseModel):

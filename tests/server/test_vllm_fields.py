@@ -116,3 +116,28 @@ def test_streamed_return_token_ids_equal_the_unstreamed_ones(served):
     assert [t for c in chunks for t in c.choices[0].model_extra["token_ids"]] == whole.choices[0].model_extra["token_ids"]
     assert len(whole.choices[0].model_extra["token_ids"]) == 8
     settle(rt)
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(served):
+    rt, _, client = served
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    prompt_len = len(rt.tokenize_prompt("Once upon a time"))
+    kw = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "stream": True}
+    chunks = list(client.completions.create(**kw, stream_options=options, extra_body={"ignore_eos": True, "return_token_ids": True}))
+    *content, final = chunks
+    assert final.choices == [] and final.usage.completion_tokens == 6 and final.usage.prompt_tokens == prompt_len
+    generated = 0
+    for chunk in content:
+        generated += len(chunk.choices[0].model_extra["token_ids"])
+        assert (chunk.usage.prompt_tokens, chunk.usage.completion_tokens, chunk.usage.total_tokens) == (prompt_len, generated, prompt_len + generated)
+    assert generated == 6
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = {"model": "tiny", "messages": messages, "max_tokens": 5, "temperature": 0, "stream": True, "extra_body": {"ignore_eos": True}}
+    chunks = list(client.chat.completions.create(**chat, stream_options=options))
+    assert chunks[0].usage.completion_tokens == 0 and chunks[0].usage.prompt_tokens == chunks[-1].usage.prompt_tokens > 0
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-2] == counts[-1] == 5
+    # as vLLM: without include_usage, no chunk carries usage
+    chunks = list(client.chat.completions.create(**chat, stream_options={"continuous_usage_stats": True}))
+    assert all(c.usage is None for c in chunks)
+    settle(rt)
