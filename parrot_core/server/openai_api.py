@@ -62,6 +62,7 @@ from parrot_core.server.openai_schemas import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    PromptLogprob,
     PromptTokensDetails,
     TokenizeRequest,
     TokenizeResponse,
@@ -131,11 +132,11 @@ def _token_text(rt: Runtime, token_id: int) -> str:
 
 
 def completion_logprobs(
-    rt: Runtime, token_ids: Sequence[int], entries: Sequence[TokenLogprob | None], offset: int
+    rt: Runtime, token_ids: Sequence[int], entries: Sequence[TokenLogprob | None], offset: int, k: int | None = None
 ) -> CompletionLogprobs:
     """OpenAI's legacy shape for `token_ids` (their logprobs `entries`, None where a token has
-    nothing before it), text offsets counted from `offset`. `top_logprobs` holds the most likely
-    tokens plus the token itself, as vLLM's does."""
+    nothing before it), text offsets counted from `offset`. `top_logprobs` holds the `k` (all
+    the entry has when None) most likely tokens plus the token itself, as vLLM's does."""
     out = CompletionLogprobs()
     for token_id, entry in zip(token_ids, entries, strict=True):
         text = _token_text(rt, token_id)
@@ -147,9 +148,26 @@ def completion_logprobs(
             out.top_logprobs.append(None)
             continue
         out.token_logprobs.append(_lp(entry.logprob))
-        top = {_token_text(rt, t): _lp(v) for t, v in entry.top}
+        top = {_token_text(rt, t): _lp(v) for t, v in entry.top[:k]}
         top.setdefault(text, _lp(entry.logprob))
         out.top_logprobs.append(top)
+    return out
+
+
+def prompt_logprobs(rt: Runtime, entries: Sequence[TokenLogprob | None], k: int) -> list[dict[str, PromptLogprob] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (None for one with nothing before it) the
+    token itself and the `k` most likely ones, token id -> {logprob, rank, decoded_token}; the
+    top tokens' ranks are their places."""
+    out: list[dict[str, PromptLogprob] | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        own = PromptLogprob(logprob=_lp(entry.logprob), rank=entry.rank, decoded_token=_token_text(rt, entry.token_id))
+        found = {str(entry.token_id): own}
+        for place, (t, v) in enumerate(entry.top[:k], start=1):
+            found.setdefault(str(t), PromptLogprob(logprob=_lp(v), rank=place, decoded_token=_token_text(rt, t)))
+        out.append(found)
     return out
 
 
@@ -567,7 +585,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
 
     def choice_logprobs(index: int, prompt: list[TokenLogprob | None] | None, ids: list[int], entries: list[TokenLogprob]) -> CompletionLogprobs:
         if body.echo and prompt is not None:
-            out = completion_logprobs(rt, seqs[index].prompt_ids, prompt, offsets.get(index, 0))
+            out = completion_logprobs(rt, seqs[index].prompt_ids, prompt, offsets.get(index, 0), body.logprobs)
             offsets[index] = len(echo_of(index))
         else:
             out = CompletionLogprobs()
@@ -581,17 +599,22 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         if first:
             return None
         logprobs = None
-        ids: dict[str, Any] = {}
+        extra: dict[str, Any] = {}  # vLLM's fields
         if index not in echoed:  # the choice's first chunk: the prompt (with echo) leads it
             echoed.add(index)
             text = echo_of(index) + text
             if body.return_token_ids:
-                ids["prompt_token_ids"] = seqs[index].prompt_ids
+                extra["prompt_token_ids"] = seqs[index].prompt_ids
+            if body.prompt_logprobs is not None and delta is not None and delta.prompt_logprobs is not None:
+                extra["prompt_logprobs"] = [
+                    None if e is None else {t: v.model_dump() for t, v in e.items()}
+                    for e in prompt_logprobs(rt, delta.prompt_logprobs, body.prompt_logprobs)
+                ]
         if body.logprobs is not None and delta is not None:
             logprobs = choice_logprobs(index, delta.prompt_logprobs, _generated_ids(delta), delta.logprobs or []).model_dump()
         if body.return_token_ids:
-            ids["token_ids"] = _generated_ids(delta) if delta is not None else []
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason, **ids}
+            extra["token_ids"] = _generated_ids(delta) if delta is not None else []
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason, **extra}
 
     def response(request_id: str, created: int, model: str, results: list[Any]) -> CompletionResponse:
         ids = body.return_token_ids
@@ -606,6 +629,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
                     finish_reason=r.finish_reason,
                     prompt_token_ids=r.prompt_token_ids if ids else None,
                     token_ids=r.token_ids if ids else None,
+                    prompt_logprobs=None
+                    if body.prompt_logprobs is None or r.prompt_logprobs is None
+                    else prompt_logprobs(rt, r.prompt_logprobs, body.prompt_logprobs),
                 )
             )
         return CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=_usage(results, body.n))

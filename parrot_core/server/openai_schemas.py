@@ -215,6 +215,9 @@ class CompletionRequest(_StructuredRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
+    # vLLM's: each choice's prompt_logprobs (None first, then per prompt token its own and the
+    # `prompt_logprobs` most likely tokens, {token_id: {logprob, rank, decoded_token}})
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # vLLM's: each choice's prompt_token_ids and token_ids (streaming: each chunk's token_ids,
     # a choice's first chunk its prompt_token_ids)
     return_token_ids: bool = False
@@ -232,8 +235,13 @@ class CompletionRequest(_StructuredRequest):
         return {
             **super().sampling(),
             "logprobs": self.logprobs,
-            "prompt_logprobs": self.logprobs if self.echo and self.logprobs is not None else None,
+            "prompt_logprobs": max(wanted) if (wanted := self._prompt_logprobs_wanted()) else None,
         }
+
+    def _prompt_logprobs_wanted(self) -> list[int]:
+        """How many alternatives the prompt's tokens need: echo's `logprobs`, `prompt_logprobs`."""
+        wanted = [self.logprobs] if self.echo and self.logprobs is not None else []
+        return wanted + ([self.prompt_logprobs] if self.prompt_logprobs is not None else [])
 
 
 class TextPart(BaseModel):
@@ -355,11 +363,21 @@ def _absent_if_none(value: Any) -> bool:
     return value is None
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's per-token entry of `prompt_logprobs`."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+    # vLLM's, with prompt_logprobs only (absent otherwise); keys are token ids
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(None, exclude_if=_absent_if_none)
     # vLLM's, with return_token_ids only (absent otherwise)
     prompt_token_ids: list[int] | None = Field(None, exclude_if=_absent_if_none)
     token_ids: list[int] | None = Field(None, exclude_if=_absent_if_none)

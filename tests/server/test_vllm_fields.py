@@ -141,3 +141,46 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(served):
     chunks = list(client.chat.completions.create(**chat, stream_options={"continuous_usage_stats": True}))
     assert all(c.usage is None for c in chunks)
     settle(rt)
+
+
+def check_prompt_logprobs(rt, ids: list[int], got: list, k: int) -> None:
+    """`got` (vLLM's prompt_logprobs) against the model's own log-softmax."""
+    from tests.server.test_logprobs import model_logprobs
+
+    ref = model_logprobs(rt, ids)
+    assert len(got) == len(ids) and got[0] is None
+    for i in range(1, len(ids)):
+        row = ref[i - 1]
+        top = row.topk(k).indices.tolist()
+        entry = got[i]
+        assert set(entry) == {str(t) for t in [ids[i], *top]}, (i, entry)
+        own = entry[str(ids[i])]
+        assert abs(own["logprob"] - float(row[ids[i]])) < 1e-5
+        assert own["rank"] == 1 + int((row > row[ids[i]]).sum()) and own["decoded_token"] == rt.engine.tokenizer.token_text(ids[i])
+        for place, t in enumerate(top, start=1):
+            assert abs(entry[str(t)]["logprob"] - float(row[t])) < 1e-5
+            if t != ids[i]:
+                assert entry[str(t)]["rank"] == place
+
+
+def test_completions_prompt_logprobs_match_the_model_streaming_and_not(served):
+    rt, server, client = served
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = rt.tokenize_prompt(prompt)
+    rt.generate(prompt, max_tokens=1)  # the prompt is in the prefix cache: its logprobs are computed anyway
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0, n=2, extra_body={"prompt_logprobs": 3})
+    for choice in out.choices:
+        check_prompt_logprobs(rt, ids, choice.model_extra["prompt_logprobs"], 3)
+        assert choice.logprobs is None
+    # with echo and logprobs=1 as well: the echoed prompt's top_logprobs keep 1 (+ the token itself)
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=1, echo=True, logprobs=1, extra_body={"prompt_logprobs": 4})
+    check_prompt_logprobs(rt, ids, out.choices[0].model_extra["prompt_logprobs"], 4)
+    assert all(len(top) <= 2 for top in out.choices[0].logprobs.top_logprobs[1:])
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=3, stream=True, extra_body={"prompt_logprobs": 0}))
+    check_prompt_logprobs(rt, ids, chunks[0].choices[0].model_extra["prompt_logprobs"], 0)
+    assert all("prompt_logprobs" not in c.choices[0].model_extra for c in chunks[1:])
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=2)
+    assert "prompt_logprobs" not in plain.choices[0].model_extra
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "prompt_logprobs": 21}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
+    settle(rt)
