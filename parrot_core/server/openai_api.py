@@ -5,7 +5,7 @@ Contracts:
 - Every request is checked (model name, sampling values, prompt length against the model's
   context, token ids against the vocabulary) before any KV is allocated; what can never run
   is answered 400 before a stream starts. Unknown extra fields are accepted and ignored, like
-  vLLM; known knobs this engine cannot honour (tools, vLLM's `guided_*`, ...) are a 400 naming
+  vLLM; known knobs this engine cannot honour (tools, `allowed_token_ids`, ...) are a 400 naming
   the field. Structured output
   (`response_format` json_object / json_schema, vLLM's `structured_outputs`) constrains each
   sequence of the request (`openai_schemas._StructuredRequest`).

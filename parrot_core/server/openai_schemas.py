@@ -146,23 +146,40 @@ class _SamplingRequest(BaseModel):
 _STRUCTURED_OUTPUTS = {"json": "json_schema", "json_object": "json_object", "regex": "regex", "choice": "choice", "grammar": "grammar"}
 
 
+# vLLM's legacy guided_* fields -> StructuredSpec fields
+_GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
 class _StructuredRequest(_SamplingRequest):
     """Structured output: OpenAI's `response_format` (`{"type": "text"}`, `{"type":
-    "json_object"}`, `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`)
-    or vLLM's `structured_outputs` extra (`{"json" | "regex" | "choice" | "grammar" |
-    "json_object": ...}`), never both. A bad one is a 400 naming the field."""
+    "json_object"}`, `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`),
+    vLLM's `structured_outputs` extra (`{"json" | "regex" | "choice" | "grammar" |
+    "json_object": ...}`) or one of vLLM's legacy `guided_json` / `guided_regex` /
+    `guided_choice` / `guided_grammar` extras (the same as `structured_outputs`' json / regex /
+    choice / grammar); only one of them. A bad one, or a second, is a 400 naming the field."""
 
-    SUPPORTED_EXTRAS: ClassVar[frozenset[str]] = frozenset({"structured_outputs"})
+    SUPPORTED_EXTRAS: ClassVar[frozenset[str]] = frozenset({"structured_outputs", *_GUIDED})
     response_format: dict[str, Any] | None = None
 
     def structured(self) -> StructuredSpec | None:
-        outputs = (self.model_extra or {}).get("structured_outputs")
+        extra = self.model_extra or {}
         fmt = self.response_format
-        if fmt is not None and fmt.get("type", "text") != "text" and outputs is not None:
-            raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
-        if outputs is not None:
-            return self._spec_from_outputs(outputs)
-        return self._spec_from_response_format(fmt) if fmt is not None else None
+        given = [name for name in ("structured_outputs", *_GUIDED) if extra.get(name) is not None]
+        if fmt is not None and fmt.get("type", "text") != "text":
+            given.insert(0, "response_format")
+        if len(given) > 1:
+            raise APIError(400, f"give only one of {', '.join(given)}", param=given[1])
+        if not given:
+            return None
+        name = given[0]
+        if name == "response_format":
+            return self._spec_from_response_format(fmt)  # type: ignore[arg-type]
+        if name == "structured_outputs":
+            return self._spec_from_outputs(extra[name])
+        try:
+            return StructuredSpec(**{_GUIDED[name]: extra[name]})
+        except (InvalidRequestError, TypeError) as e:
+            raise APIError(400, f"{name}: {e}", param=name) from e
 
     @staticmethod
     def _spec_from_outputs(outputs: object) -> StructuredSpec:

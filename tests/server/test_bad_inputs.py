@@ -156,8 +156,11 @@ SAMPLING_CASES = [
     ({"structured_outputs": ["a"]}, "structured_outputs"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}}, "response_format"),
     ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs"),
-    ({"guided_json": {"type": "object"}}, "guided_json"),
-    ({"guided_choice": ["a", "b"]}, "guided_choice"),
+    ({"guided_json": {"type": "bogus"}}, "guided_json"),
+    ({"guided_regex": "[ab"}, "guided_regex"),
+    ({"guided_choice": "ab"}, "guided_choice"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),  # the second of guided_json, _regex, _choice, _grammar
+    ({"structured_outputs": {"regex": "a"}, "guided_json": {"type": "object"}}, "guided_json"),
     ({"allowed_token_ids": [1, 2]}, "allowed_token_ids"),
     ({"skip_special_tokens": False}, "skip_special_tokens"),
     ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),

@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import httpx
 import openai
 import pytest
@@ -183,4 +186,29 @@ def test_completions_prompt_logprobs_match_the_model_streaming_and_not(served):
     assert "prompt_logprobs" not in plain.choices[0].model_extra
     r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "prompt_logprobs": 21}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
+    settle(rt)
+
+
+def test_legacy_guided_fields_constrain_like_structured_outputs(served):
+    rt, _, client = served
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"], "additionalProperties": False}
+    kw = {"model": "tiny", "prompt": "Answer:", "temperature": 1.0, "seed": 7, "max_tokens": 20, "n": 4}
+    cases = [
+        ({"guided_json": schema}, {"json": schema}),
+        ({"guided_json": json.dumps(schema)}, {"json": schema}),  # vLLM also takes the schema as JSON text
+        ({"guided_regex": r"\d{2}-[xy]"}, {"regex": r"\d{2}-[xy]"}),
+        ({"guided_choice": ["yes", "no"]}, {"choice": ["yes", "no"]}),
+        ({"guided_grammar": 'start: "a" ("b")* "c"'}, {"grammar": 'start: "a" ("b")* "c"'}),
+    ]
+    for guided, structured in cases:
+        out = client.completions.create(**kw, extra_body=guided)
+        same = client.completions.create(**kw, extra_body={"structured_outputs": structured})
+        assert [c.text for c in out.choices] == [c.text for c in same.choices], guided
+    texts = [c.text for c in client.completions.create(**kw, extra_body={"guided_json": schema}).choices]
+    assert all(set(json.loads(t)) == {"n"} and 0 <= json.loads(t)["n"] <= 9 for t in texts), texts
+    texts = [c.text for c in client.completions.create(**kw, extra_body={"guided_regex": r"\d{2}-[xy]"}).choices]
+    assert all(re.fullmatch(r"\d{2}-[xy]", t) for t in texts), texts
+    messages = [{"role": "user", "content": "Yes or no?"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, extra_body={"guided_choice": ["yes", "no"]})
+    assert out.choices[0].message.content in ("yes", "no")
     settle(rt)
