@@ -7,7 +7,7 @@ Contracts:
   is answered 400 before a stream starts. Unknown extra fields are accepted and ignored, like
   vLLM; known knobs this engine cannot honour (tools, `allowed_token_ids`, ...) are a 400 naming
   the field. Structured output
-  (`response_format` json_object / json_schema, vLLM's `structured_outputs`) constrains each
+  (`response_format` json_object / json_schema, vLLM's `structured_outputs` and `guided_*`) constrains each
   sequence of the request (`openai_schemas._StructuredRequest`).
 - Logprobs are the model's raw distribution (log_softmax of the logits, before temperature,
   top-k, top-p and penalties); -inf is sent as -9999.0 (JSON has no infinity), as vLLM does.
