@@ -1,12 +1,14 @@
-"""transformers as a test oracle: its LlamaConfig for one of our configs."""
+"""transformers as a test oracle: its LlamaConfig for one of our configs, and its
+LlamaForCausalLM holding one of our models' weights."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import transformers
 
-from parrot_core.engines.builtin.model import LlamaConfig
+from parrot_core.engines.builtin.model import LlamaConfig, LlamaModel
 
 
 def hf_llama_config(c: LlamaConfig, **extra: Any) -> transformers.LlamaConfig:
@@ -24,3 +26,14 @@ def hf_llama_config(c: LlamaConfig, **extra: Any) -> transformers.LlamaConfig:
         tie_word_embeddings=c.tie_word_embeddings,
         **extra,
     )
+
+
+def hf_llama_from(model: LlamaModel) -> transformers.LlamaForCausalLM:
+    """transformers' LlamaForCausalLM on exactly `model`'s weights (shared, not copied)."""
+    hf_config = hf_llama_config(model.config)
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(hf_config)
+    hf.load_state_dict(model.state_dict_hf(), strict=True, assign=True)
+    hf.tie_weights()
+    hf.model.rotary_emb.inv_freq = hf.model.rotary_emb.compute_default_rope_parameters(hf_config)[0]
+    return hf.eval()

@@ -14,9 +14,8 @@ from parrot_core.engines.builtin.gguf_loader import GGUFFile, load_gguf
 from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel
 from parrot_core.engines.builtin.tokenizer import load_gguf_tokenizer, tokenizer_cache_path
 from parrot_core.errors import ModelLoadError
-import transformers
 
-from .hf_oracle import hf_llama_config
+from .hf_oracle import hf_llama_from
 
 import gguf  # noqa: E402 - a dependency of parrot-core
 
@@ -248,17 +247,11 @@ def test_real_chunked_prefill_gives_the_same_greedy_tokens(real_model, real_llam
 @pytest.mark.real_model
 def test_real_forward_matches_transformers_on_the_same_weights(real_model, real_llama):
     """Our forward on the real weights against transformers' LlamaForCausalLM (float32, sdpa)."""
-    c = real_model.config
-    hf_config = hf_llama_config(c)
-    with torch.device("meta"):
-        hf = transformers.LlamaForCausalLM(hf_config)
-    hf.load_state_dict(real_llama.state_dict_hf(), strict=True, assign=True)
-    hf.tie_weights()
-    hf.model.rotary_emb.inv_freq = hf.model.rotary_emb.compute_default_rope_parameters(hf_config)[0]
+    hf = hf_llama_from(real_llama)
     prompt = real_model.tokenizer.encode("The history of the Roman Empire spans many centuries, and")
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0, -1]
-    kv = KVCache.allocate(c, 4, 16)
+    kv = KVCache.allocate(real_model.config, 4, 16)
     ours = real_llama.compute_logits(real_llama.forward(ForwardBatch.build([prompt], [len(prompt)], [[2, 0, 3]], 16), kv))[0]
     assert (ours - ref).abs().max() < 2e-4  # measured ~1e-5 on logits of magnitude ~20
     assert int(ours.argmax()) == int(ref.argmax())

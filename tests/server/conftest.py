@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import openai
 import pytest
 
 from parrot_core import Runtime
@@ -107,3 +108,15 @@ def start_server() -> Iterator[Callable[..., Server]]:
     yield start
     for server in servers:
         server.stop_thread()
+
+
+def client_for(server: Server, timeout: float = 120) -> openai.OpenAI:
+    """The real `openai` client against `server` (no retries: every error is seen)."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
+
+
+@pytest.fixture
+def served(tiny_runtime: Runtime, start_server: Callable[..., Server]) -> tuple[Runtime, Server, openai.OpenAI]:
+    """The tiny runtime behind a running server, and a client for it."""
+    server = start_server(tiny_runtime)
+    return tiny_runtime, server, client_for(server)

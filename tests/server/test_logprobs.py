@@ -10,26 +10,16 @@ import httpx
 import openai
 import pytest
 import torch
-import transformers
 
 from parrot_core import Runtime
 from parrot_core.engines.builtin.config import EngineConfig
 from parrot_core.engines.builtin.engine import BuiltinEngine
-from tests.engines.hf_oracle import hf_llama_config
-from tests.server.conftest import settle
+from tests.engines.hf_oracle import hf_llama_from
+from tests.server.conftest import client_for, settle
 
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 LONG = " ".join(["The quick brown fox jumps over the lazy dog."] * 4)  # > 2 blocks of 16 tokens
 
-
-def client_for(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture
-def served(tiny_runtime, start_server):
-    server = start_server(tiny_runtime)
-    return tiny_runtime, server, client_for(server)
 
 
 def model_logprobs(rt: Runtime, ids: list[int]) -> torch.Tensor:
@@ -169,13 +159,7 @@ def test_real_model_prompt_logprobs_match_transformers(real_model, real_llama, s
         client = client_for(server)
         text = "The history of the Roman Empire spans many centuries, and historians still argue about why it fell. " * 2
         ids = rt.tokenize_prompt(text)
-        c = real_model.config
-        hf_config = hf_llama_config(c)
-        with torch.device("meta"):
-            hf = transformers.LlamaForCausalLM(hf_config)
-        hf.load_state_dict(real_llama.state_dict_hf(), strict=True, assign=True)
-        hf.tie_weights()
-        hf.model.rotary_emb.inv_freq = hf.model.rotary_emb.compute_default_rope_parameters(hf_config)[0]
+        hf = hf_llama_from(real_llama)
         with torch.no_grad():
             ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), dim=-1)
         rt.generate(text, max_tokens=1, temperature=0.0)  # the prompt's blocks are now in the prefix cache

@@ -9,17 +9,8 @@ import pytest
 from parrot_core import Runtime
 from parrot_core.engines.builtin.config import EngineConfig
 from parrot_core.engines.builtin.engine import BuiltinEngine
-from tests.server.conftest import TINY_MAX_LEN, settle
+from tests.server.conftest import TINY_MAX_LEN, client_for, settle
 
-
-def client_for(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture
-def served(tiny_runtime, start_server):
-    server = start_server(tiny_runtime)
-    return tiny_runtime, server, client_for(server)
 
 
 def test_completion_matches_the_runtime_and_reports_usage(served):

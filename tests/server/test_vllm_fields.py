@@ -13,22 +13,13 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import settle
+from tests.server.conftest import client_for, settle
 
 CONVERSATION = [
     {"role": "user", "content": "Name a colour."},
     {"role": "assistant", "content": "My favourite colour is"},
 ]
 
-
-def client_for(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture
-def served(tiny_runtime, start_server):
-    server = start_server(tiny_runtime)
-    return tiny_runtime, server, client_for(server)
 
 
 def open_rendering(rt, messages) -> str:
