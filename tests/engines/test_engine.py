@@ -16,30 +16,6 @@ from parrot_core.errors import EngineError, InvalidRequestError, RequestTooLarge
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture
-def make_engine(tiny_llama):
-    engines: list[BuiltinEngine] = []
-
-    def make(**config) -> BuiltinEngine:
-        import torch
-
-        config = {"block_size": 4, "num_kv_blocks": 64, "dtype": torch.float64, **config}
-        engine = BuiltinEngine(tiny_llama(seed=0), None, EngineConfig(**config))
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:  # leak check: with every context freed, every block is free or cached
-        live = engine.call(lambda e=engine: [c.context_id for c in e.tree.contexts()])
-        for cid in live:
-            engine.free_context(cid)
-        engine.wait_idle()
-        engine.check_invariants()
-        info = engine.runtime_info()
-        assert info.num_blocks_used == 0 and info.num_contexts == 0
-        engine.close()
-
-
 async def run(engine, cid, tokens, n, parent=None, **kw):
     """Fill `tokens` into context `cid` (a fork of `parent` if given), then generate `n`."""
     fill = await engine.fill(cid, parent, tokens)

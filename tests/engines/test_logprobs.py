@@ -14,38 +14,10 @@ import pytest
 import torch
 
 from parrot_core.engines.base import SamplingParams
-from parrot_core.engines.builtin.config import EngineConfig
-from parrot_core.engines.builtin.engine import BuiltinEngine
 from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel
 from parrot_core.errors import InvalidRequestError
 
 TOL = 1e-9
-
-
-@pytest.fixture
-def model(tiny_llama) -> LlamaModel:
-    return tiny_llama(seed=0)
-
-
-@pytest.fixture
-def make_engine(model):
-    engines: list[BuiltinEngine] = []
-
-    def make(**config) -> BuiltinEngine:
-        config = {"block_size": 4, "num_kv_blocks": 64, "dtype": torch.float64, **config}
-        engine = BuiltinEngine(model, None, EngineConfig(**config))
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:  # leak check: with every context freed, every block is free or cached
-        for cid in engine.call(lambda e=engine: [c.context_id for c in e.tree.contexts()]):
-            engine.free_context(cid)
-        engine.wait_idle()
-        engine.check_invariants()
-        info = engine.runtime_info()
-        assert info.num_blocks_used == 0 and info.num_contexts == 0
-        engine.close()
 
 
 def ref_logprobs(model: LlamaModel, tokens: list[int]) -> torch.Tensor:
