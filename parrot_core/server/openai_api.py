@@ -66,6 +66,7 @@ from parrot_core.server.openai_schemas import (
     PromptTokensDetails,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfoResponse,
     TopLogprob,
     Usage,
     _SamplingRequest,
@@ -786,6 +787,26 @@ async def _generate(
     if not done:
         return Response(status_code=499)  # nobody is listening
     return response(request_id, created, model, results)
+
+
+@router.get("/tokenizer_info", response_model=TokenizerInfoResponse)
+async def tokenizer_info(request: Request) -> TokenizerInfoResponse:
+    rt = get_state(request).require_runtime()
+    tok = rt.engine.tokenizer
+    if tok is None:
+        raise APIError(400, "this model has no tokenizer: send token ids")
+
+    def text(token_id: int | None) -> str | None:
+        return None if token_id is None else tok.token_text(token_id)
+
+    return TokenizerInfoResponse(
+        bos_token=text(tok.bos_token_id),
+        eos_token=text(tok.eos_token_id),
+        pad_token=None,
+        chat_template=tok.chat_template,
+        model_max_length=rt.engine.max_model_len,
+        add_bos_token=tok.add_bos_token,
+    )
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)

@@ -469,6 +469,19 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = Field(None, exclude_if=_absent_if_none)  # with return_token_strs
 
 
+class TokenizerInfoResponse(BaseModel):
+    """vLLM's `/tokenizer_info`: what a client needs to tokenize like the server (e.g.
+    lm-evaluation-harness's `tokenizer_backend=remote`)."""
+
+    tokenizer_class: str = "PreTrainedTokenizerFast"
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    chat_template: str | None
+    model_max_length: int
+    add_bos_token: bool
+
+
 class DetokenizeResponse(BaseModel):
     prompt: str
 

@@ -242,3 +242,15 @@ def test_token_ids_are_absent_unless_asked_and_tokenize_returns_token_strs(serve
         assert tok["token_strs"] == [rt.engine.tokenizer.id_to_token(t) for t in tok["tokens"]] == ["Hello", "Ġworld"]
         assert "token_strs" not in http.post("/tokenize", json={"prompt": "Hello world"}).json()
     settle(rt)
+
+
+def test_tokenizer_info_describes_the_servers_tokenizer(served):
+    """vLLM's `/tokenizer_info`, which lm-evaluation-harness's `tokenizer_backend=remote` reads."""
+    rt, server, _ = served
+    info = httpx.get(server.url + "/tokenizer_info", timeout=30).json()
+    tok = rt.engine.tokenizer
+    assert info["eos_token"] == tok.token_text(tok.eos_token_id) == "<|im_end|>"
+    assert info["bos_token"] == tok.token_text(tok.bos_token_id)
+    assert info["chat_template"] == tok.chat_template and info["model_max_length"] == rt.engine.max_model_len
+    assert info["add_bos_token"] is False  # SmolLM2's GGUF asks for none
+    settle(rt)
