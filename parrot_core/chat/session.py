@@ -24,18 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from parrot_core.chat.saved import SavedChat, chat_extra
 from parrot_core.chat.shared import SharedPrefix, SharedPrefixes
 from parrot_core.chat.transcript import Segment, common_prefix_len, match_segments, token_ids_of
 from parrot_core.contexts import Context
 from parrot_core.engines.base import FINISH_ABORT, SamplingParams
-from parrot_core.errors import InvalidRequestError, RequestTooLargeError, RuntimeClosedError, UnknownSessionError
+from parrot_core.errors import InvalidRequestError, RequestTooLargeError, UnknownSessionError
 from parrot_core.frontend import saved_contexts
 from parrot_core.frontend.runtime import ENGINE_ID, GenerateOutput, Runtime, StreamDelta, _sampling_params, collect
 from parrot_core.frontend.saved_contexts import ContextFileError, ContextKV, PathLike
@@ -44,7 +42,6 @@ from parrot_core.serve.scheduler import SchedTask
 if TYPE_CHECKING:
     from parrot_core.chat.manager import ChatSessionManager
 
-T = TypeVar("T")
 Message = Mapping[str, Any]
 DEFAULT_MAX_TOKENS = 256
 
@@ -211,12 +208,12 @@ class ChatSession:
         earlier abandons the turn and leaves the session as it was."""
         params = _turn_params(max_tokens, sampling)
         text = _checked_text(text)
-        return _iterate(self._rt, lambda: self._turn(text, params))
+        return self._rt._stream_sync(lambda: self._turn(text, params))
 
     def astream(self, text: str, max_tokens: int = DEFAULT_MAX_TOKENS, **sampling: Any) -> AsyncIterator[StreamDelta]:
         params = _turn_params(max_tokens, sampling)
         text = _checked_text(text)
-        return _aiterate(self._rt, lambda: self._turn(text, params))
+        return self._rt._stream_async(lambda: self._turn(text, params))
 
     async def _collect(self, text: str, params: SamplingParams) -> GenerateOutput:
         async with contextlib.aclosing(self._turn(text, params)) as deltas:
@@ -568,80 +565,3 @@ def _drop_oldest_turn(messages: tuple[Mapping[str, Any], ...]) -> tuple[Mapping[
     return (*messages[:start], *body[end:], messages[-1])
 
 
-def _iterate(rt: Runtime, make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
-    """Run the async iterator `make()` on the runtime's loop; yield its items in the calling
-    thread. Closing this iterator early cancels the other."""
-    if rt.closed:
-        raise RuntimeClosedError("this Runtime is closed")
-    if threading.current_thread() is rt._thread:
-        raise RuntimeError("a blocking Runtime call from inside the runtime's own loop would deadlock; use the async form")
-    items: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    end = object()
-
-    async def produce() -> None:
-        try:
-            async with contextlib.aclosing(make()) as it:
-                async for item in it:
-                    items.put(item)
-            items.put(end)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            items.put(e)
-            if isinstance(e, asyncio.CancelledError):
-                raise
-
-    future = asyncio.run_coroutine_threadsafe(produce(), rt._loop)
-    try:
-        while True:
-            item = items.get()
-            if item is end:
-                return
-            if isinstance(item, asyncio.CancelledError):  # cancelled by Runtime.close()
-                raise RuntimeClosedError("the Runtime was closed while this call was running")
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        future.cancel()  # no-op once finished; otherwise abandons the turn
-
-
-async def _aiterate(rt: Runtime, make: Callable[[], AsyncIterator[T]]) -> AsyncIterator[T]:
-    """The same from any event loop (the runtime's own included)."""
-    if rt.closed:
-        raise RuntimeClosedError("this Runtime is closed")
-    caller = asyncio.get_running_loop()
-    if caller is rt._loop:
-        async with contextlib.aclosing(make()) as it:
-            async for item in it:
-                yield item
-        return
-    items: asyncio.Queue[Any] = asyncio.Queue()
-    end = object()
-
-    def put(item: object) -> None:
-        with contextlib.suppress(RuntimeError):  # the caller's loop is gone
-            caller.call_soon_threadsafe(items.put_nowait, item)
-
-    async def produce() -> None:
-        try:
-            async with contextlib.aclosing(make()) as it:
-                async for item in it:
-                    put(item)
-            put(end)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            put(e)
-            if isinstance(e, asyncio.CancelledError):
-                raise
-
-    future = asyncio.run_coroutine_threadsafe(produce(), rt._loop)
-    try:
-        while True:
-            item = await items.get()
-            if item is end:
-                return
-            if isinstance(item, asyncio.CancelledError):
-                raise RuntimeClosedError("the Runtime was closed while this call was running")
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        future.cancel()

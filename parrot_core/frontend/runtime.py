@@ -15,9 +15,10 @@ import contextlib
 import dataclasses
 import logging
 import os
+import queue
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -321,37 +322,89 @@ class Runtime:
         cancelling the task that iterates) aborts the generation and frees its KV."""
         params = _sampling_params(max_tokens, sampling)
         ids = self._to_ids(prompt)
+        async with contextlib.aclosing(self._stream_async(lambda: self._stream_one(ids, params))) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    def _stream_sync(self, make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
+        """Run the async iterator `make()` on the runtime's loop; yield its items in the calling
+        thread. Closing this iterator early cancels the other."""
         if self._closed:
             raise RuntimeClosedError("this Runtime is closed")
-        caller = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        done = object()
-
-        def put(item: object) -> None:
-            try:
-                caller.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the caller's loop is gone
-                pass
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("a blocking Runtime call from inside the runtime's own loop would deadlock; use the async form")
+        items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        end = object()
 
         async def produce() -> None:
             try:
-                async for delta in self._stream_one(ids, params):
-                    put(delta)
-                put(done)
+                async with contextlib.aclosing(make()) as it:
+                    async for item in it:
+                        items.put(item)
+                items.put(end)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                put(e)
+                items.put(e)
+                if isinstance(e, asyncio.CancelledError):
+                    raise
 
-        producer = asyncio.run_coroutine_threadsafe(produce(), self._loop)
+        future = asyncio.run_coroutine_threadsafe(produce(), self._loop)
         try:
             while True:
-                item = await queue.get()
-                if item is done:
+                item = items.get()
+                if item is end:
                     return
+                if isinstance(item, asyncio.CancelledError):  # cancelled by Runtime.close()
+                    raise RuntimeClosedError("the Runtime was closed while this call was running")
                 if isinstance(item, BaseException):
                     raise item
-                yield item  # type: ignore[misc]
+                yield item
         finally:
-            producer.cancel()  # no-op if finished; otherwise aborts the engine request
+            future.cancel()  # no-op once finished; otherwise abandons the turn
+
+
+    async def _stream_async(self, make: Callable[[], AsyncIterator[T]]) -> AsyncIterator[T]:
+        """Run the async iterator `make()` on the runtime's loop and yield its items on the
+        calling loop (any loop, the runtime's own included). Stopping early cancels the other;
+        a cancellation by `close()` surfaces as `RuntimeClosedError`."""
+        if self._closed:
+            raise RuntimeClosedError("this Runtime is closed")
+        caller = asyncio.get_running_loop()
+        if caller is self._loop:
+            async with contextlib.aclosing(make()) as it:
+                async for item in it:
+                    yield item
+            return
+        items: asyncio.Queue[Any] = asyncio.Queue()
+        end = object()
+
+        def put(item: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is gone
+                caller.call_soon_threadsafe(items.put_nowait, item)
+
+        async def produce() -> None:
+            try:
+                async with contextlib.aclosing(make()) as it:
+                    async for item in it:
+                        put(item)
+                put(end)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                put(e)
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+
+        future = asyncio.run_coroutine_threadsafe(produce(), self._loop)
+        try:
+            while True:
+                item = await items.get()
+                if item is end:
+                    return
+                if isinstance(item, asyncio.CancelledError):
+                    raise RuntimeClosedError("the Runtime was closed while this call was running")
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            future.cancel()
 
     async def _stream_one(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamDelta]:
         """A fresh context holding the prompt and its generation: one engine request (prefill
