@@ -36,6 +36,27 @@ def version() -> None:
     typer.echo(__version__)
 
 
+@app.command(name="export-hf")
+def export_hf(
+    out_dir: str = typer.Argument(..., help="The directory to write (replaced with --overwrite)."),
+    model: str = typer.Option(None, help="A llama GGUF file; default: the bundled SmolLM2-135M-Instruct."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it exists."),
+) -> None:
+    """Write a GGUF model as a Hugging Face safetensors directory (for vLLM or transformers)."""
+    import torch
+
+    from parrot_core.engines.builtin.default_model import default_model_path
+    from parrot_core.engines.builtin.export_hf import export_hf as run_export
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise typer.BadParameter(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    if __import__("os").path.exists(out_dir) and not overwrite:
+        raise typer.BadParameter(f"{out_dir!r} exists (add --overwrite to replace it)")
+    typer.echo(run_export(model or default_model_path(), out_dir, dtypes[dtype], overwrite=overwrite))
+
+
 @app.command(name="serve")
 @settings_command
 def serve(settings: ServeSettings) -> None:

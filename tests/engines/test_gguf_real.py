@@ -34,7 +34,13 @@ def _permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def write_llama_gguf(path: str, model: LlamaModel, arch: str = "llama", add_bos_token: bool | None = None) -> None:
+def write_llama_gguf(
+    path: str,
+    model: LlamaModel,
+    arch: str = "llama",
+    add_bos_token: bool | None = None,
+    rope_freqs: tuple[float, ...] | None = None,
+) -> None:
     c = model.config
     assert c.vocab_size == len(_TOKENS)
     w = gguf.GGUFWriter(path, arch)
@@ -65,6 +71,8 @@ def write_llama_gguf(path: str, model: LlamaModel, arch: str = "llama", add_bos_
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     if not c.tie_word_embeddings:
         w.add_tensor("output.weight", sd["lm_head.weight"])
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
     names = {
         "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
         "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
