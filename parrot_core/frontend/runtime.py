@@ -356,15 +356,9 @@ class Runtime:
         return self._switching
 
     async def _generate_suspendable(self, prompts: Any, params: SamplingParams, switch: dict[str, Any]) -> Any:
-        from parrot_core.switching import collect_slice  # a layer above this one, loaded by then
-
         if _is_batch(prompts):
-            if switch.get("pid") is not None:
-                raise InvalidRequestError("a pid names one generation: give one prompt, or no pid (each prompt gets its own)")
-            ids = [self._to_ids(p) for p in prompts]
-            streams = [self.switching.start(i, params, **switch) for i in ids]  # all checked before any runs
-            return list(await asyncio.gather(*(collect_slice(s) for s in streams)))
-        return await collect_slice(self.switching.start(self._to_ids(prompts), params, **switch))
+            return await self.switching.generate_batch([self._to_ids(p) for p in prompts], params, **switch)
+        return await self.switching.generate(self._to_ids(prompts), params, **switch)
 
     def resume(self, pid: str, time_limit: float | None = None, token_quantum: int | None = None, *, owner: str | None = None) -> Any:
         """Continue the suspended generation `pid` for one more slice (None limits: to its end).
@@ -378,9 +372,7 @@ class Runtime:
         return await self._on_loop(self._resume(pid, time_limit, token_quantum, owner))
 
     async def _resume(self, pid: str, time_limit: float | None, token_quantum: int | None, owner: str | None) -> Any:
-        from parrot_core.switching import collect_slice
-
-        return await collect_slice(self.switching.resume(pid, owner=owner, time_limit=time_limit, token_quantum=token_quantum))
+        return await self.switching.resume_slice(pid, owner=owner, time_limit=time_limit, token_quantum=token_quantum)
 
     async def astream_resume(
         self, pid: str, time_limit: float | None = None, token_quantum: int | None = None, *, owner: str | None = None

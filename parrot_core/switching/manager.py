@@ -37,13 +37,14 @@ import math
 import re
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from parrot_core.contexts import Context
 from parrot_core.engines.base import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, SamplingParams, TokenLogprob
-from parrot_core.errors import InvalidRequestError, UnknownGenerationError
+from parrot_core.errors import InvalidRequestError, RuntimeClosedError, UnknownGenerationError
 from parrot_core.frontend.runtime import ENGINE_ID, GenerateOutput, Runtime, StreamDelta
 from parrot_core.serve.scheduler import SchedTask
 
@@ -133,12 +134,19 @@ class SwitchingManager:
     def __init__(
         self, runtime: Runtime, *, max_suspended: int = 1024, max_age: float = 600.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.rt = runtime
+        self._runtime = weakref.ref(runtime)  # the runtime owns this manager, not the other way round
         self.clock = clock
         self.max_suspended, self.max_age = 0, 0.0
         self.configure(max_suspended=max_suspended, max_age=max_age)
         self._gens: dict[tuple[str | None, str], _Generation] = {}
         self.dropped_total = 0  # suspended generations dropped by the bounds (count or age)
+
+    @property
+    def rt(self) -> Runtime:
+        rt = self._runtime()
+        if rt is None:
+            raise RuntimeClosedError("the Runtime of these generations is gone")
+        return rt
 
     def configure(self, *, max_suspended: int | None = None, max_age: float | None = None) -> None:
         """Change the bounds (None keeps one); they apply at the next suspension or expiry."""
@@ -220,6 +228,33 @@ class SwitchingManager:
         async with contextlib.aclosing(self._run(gen, time_limit, token_quantum)) as deltas:
             async for delta in deltas:
                 yield delta
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, **options: Any) -> SlicedOutput:
+        """`start(...)` drained: the first slice as one `SlicedOutput`."""
+        return await collect_slice(self.start(prompt_ids, params, **options))
+
+    async def generate_batch(self, prompts: Sequence[list[int]], params: SamplingParams, **options: Any) -> list[SlicedOutput]:
+        """The first slices of one generation per prompt (each its own pid), run concurrently.
+        Every prompt is checked before any runs; if one fails, the others are discarded."""
+        if options.get("pid") is not None:
+            raise InvalidRequestError("a pid names one generation: give one prompt, or no pid (each prompt gets its own)")
+        streams = [self.start(p, params, **options) for p in prompts]
+        tasks = [asyncio.ensure_future(collect_slice(s)) for s in streams]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()  # an unfinished slice is abandoned: its generation is discarded
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    with contextlib.suppress(UnknownGenerationError, InvalidRequestError):
+                        self.discard(task.result().pid, options.get("owner"))
+            raise
+
+    async def resume_slice(self, pid: str, **options: Any) -> SlicedOutput:
+        """`resume(...)` drained: the next slice as one `SlicedOutput`."""
+        return await collect_slice(self.resume(pid, **options))
 
     def get(self, pid: str, owner: str | None = None) -> _Generation:
         """This owner's generation `pid` (suspended or running); `UnknownGenerationError` if none."""
