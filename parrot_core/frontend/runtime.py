@@ -402,6 +402,13 @@ class Runtime:
     async def _discard(self, pid: str, owner: str | None) -> None:
         self.switching.discard(pid, owner)
 
+    def clear_suspended(self) -> int:
+        """Free every suspended generation (of every owner) and its KV; returns how many."""
+        return self._run(self._clear_suspended())
+
+    async def _clear_suspended(self) -> int:
+        return self.switching.clear()
+
     def round_robin(
         self,
         prompts: Sequence[Prompt],

@@ -324,10 +324,13 @@ class SwitchingManager:
         self.dropped_total += len(dropped)
         return len(dropped)
 
-    def clear(self) -> None:
-        """Forget every suspended generation and free its context (`Runtime.reset()`)."""
-        for gen in [g for g in self._gens.values() if not g.busy]:
+    def clear(self) -> int:
+        """Free every suspended generation of every owner and its context (`Runtime.reset()`,
+        `Runtime.clear_suspended()`); returns how many."""
+        gens = [g for g in self._gens.values() if not g.busy]
+        for gen in gens:
             self._drop(gen)
+        return len(gens)
 
     def __len__(self) -> int:
         return sum(1 for g in self._gens.values() if not g.busy)
@@ -355,14 +358,17 @@ class SwitchingManager:
 
         return await asyncio.to_thread(engine.call, read)
 
-    async def _uncomputed(self, context_id: int) -> int:
+    def _uncomputed(self, context_id: int) -> asyncio.Future[int]:
+        """How many of the context's tokens lack KV, read on the engine thread by the command
+        posted now: before the slice's generate starts (posted at its first iteration), with
+        no wait for the engine's current step."""
         engine = self.rt.engine
 
         def read() -> int:
             ctx = engine.tree.get(context_id)
             return len(ctx.token_ids) - ctx.num_computed
 
-        return await asyncio.to_thread(engine.call, read)
+        return asyncio.wrap_future(engine._submit(read))
 
     async def _tail(self, context_id: int, start: int) -> list[int]:
         """The context's tokens from position `start` (after an aborted slice: what the engine
@@ -417,7 +423,7 @@ class SwitchingManager:
         assert ctx is not None
         loop = asyncio.get_running_loop()
         start_len = len(gen.prompt_ids) + len(gen.output_ids)
-        uncomputed = len(prompt) if prompt else await self._uncomputed(ctx.context_id)
+        uncomputed = None if prompt else self._uncomputed(ctx.context_id)
         rt.contexts.reserve_generate(ctx, params.max_tokens)
         produced = 0
         info = _Slice(resumed=not prompt)
@@ -436,8 +442,8 @@ class SwitchingManager:
                     if info.first:
                         info.first = False
                         info.cached = delta.cached_tokens
-                        if not prompt:  # the pending token a resume always computes is no recompute
-                            info.recomputed = max(0, uncomputed - delta.cached_tokens - 1)
+                        if uncomputed is not None:  # the pending token a resume always computes is no recompute
+                            info.recomputed = max(0, await uncomputed - delta.cached_tokens - 1)
                     ids = list(delta.token_ids)
                     cut = self._take(gen, ids)
                     produced += len(ids) if cut is None else cut

@@ -264,10 +264,15 @@ def test_streamed_slices_concatenate_to_the_whole(text_runtime):
     assert [t for p in parts for d in p for t in d.token_ids] == full.token_ids
 
 
-def test_reset_drops_suspended_generations(make_tiny):
+def test_reset_and_clear_drop_suspended_generations(make_tiny):
     rt = make_tiny()
     rt.generate(PROMPT, max_tokens=20, token_quantum=4, pid="r", temperature=0.0)
     rt.reset()
     assert rt.suspended() == []
     with pytest.raises(UnknownGenerationError):
         rt.resume("r")
+    rt.generate(PROMPT, max_tokens=20, token_quantum=4, pid="mine", temperature=0.0)
+    rt.generate(PROMPT, max_tokens=20, token_quantum=4, pid="theirs", owner="someone", temperature=0.0)
+    assert [s.pid for s in rt.suspended()] == ["mine"] and [s.pid for s in rt.suspended(owner="someone")] == ["theirs"]
+    assert rt.clear_suspended() == 2
+    assert rt.stats()["contexts_live"] == 0
