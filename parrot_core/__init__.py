@@ -13,6 +13,8 @@
         a = root.fork(); a.fill(" question"); a.generate(max_tokens=16)
         with rt.chat(system="You are terse.") as chat:   # keeps its KV across turns
             chat.send("Hi!", max_tokens=32); chat.send("Again?", max_tokens=32)
+        part = rt.generate("Once upon", max_tokens=64, token_quantum=8, pid="a")   # "suspended"
+        rest = rt.resume("a")                    # continues with its KV: part + rest == one run
 """
 
 from parrot_core import errors, graph
@@ -23,6 +25,7 @@ from parrot_core.frontend.function import Input, Output, native_function, semant
 from parrot_core.frontend.remote import connect
 from parrot_core.frontend.runtime import ContextHandle, GenerateOutput, Runtime, StreamDelta, current_runtime
 from parrot_core.graph import PerfCriteria, SemanticVariable
+from parrot_core.switching import RoundRobinResult, SlicedOutput, SliceDelta, SuspendedInfo, SwitchingManager
 
 LATENCY = PerfCriteria.LATENCY
 THROUGHPUT = PerfCriteria.THROUGHPUT
@@ -41,10 +44,15 @@ __all__ = [
     "Input",
     "Output",
     "PerfCriteria",
+    "RoundRobinResult",
     "Runtime",
     "SamplingParams",
     "SemanticVariable",
+    "SliceDelta",
+    "SlicedOutput",
     "StreamDelta",
+    "SuspendedInfo",
+    "SwitchingManager",
     "connect",
     "current_runtime",
     "errors",

@@ -43,6 +43,11 @@ class UnknownSessionError(NotFoundError):
     """A session id is unknown or the session was removed."""
 
 
+class UnknownGenerationError(NotFoundError):
+    """A suspended generation's id (pid) is unknown to its caller: never created by it,
+    finished, discarded or expired."""
+
+
 class EngineNotFoundError(NotFoundError):
     """An engine id is unknown or the engine was removed."""
 

@@ -186,6 +186,11 @@ class SamplingParams:
     above; if that leaves nothing, the grammar's tokens are taken from the raw logits); EOS
     is allowed only where the output is complete, and the generation ends ("stop") as soon
     as the grammar admits no further token. `max_tokens` can still cut it ("length").
+    `prior_output_tokens` (a resumed generation, `parrot_core.switching`): the context's last
+    that many tokens are this generation's output from earlier slices. Penalties and
+    `min_tokens` count them as output (`min_tokens` may then exceed `max_tokens` by up to
+    that many), and a seeded generator continues after the draws they took, so the slices
+    together sample what one uninterrupted generation would. `max_tokens` counts new tokens.
     """
 
     max_tokens: int = 16
@@ -205,6 +210,7 @@ class SamplingParams:
     min_tokens: int = 0
     min_p: float = 0.0
     structured: StructuredSpec | Mapping[str, Any] | None = None
+    prior_output_tokens: int = 0
 
     def __post_init__(self) -> None:
         self._check_basic()
@@ -259,8 +265,11 @@ class SamplingParams:
         if len({t for t, _ in pairs}) != len(pairs):
             raise InvalidRequestError(f"logit_bias names a token id twice, got {bias!r}")
         object.__setattr__(self, "logit_bias", pairs)
-        if not _index(self.min_tokens) or self.min_tokens > self.max_tokens:
-            raise InvalidRequestError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        if not _index(self.prior_output_tokens):
+            raise InvalidRequestError(f"prior_output_tokens must be an integer >= 0, got {self.prior_output_tokens!r}")
+        most = self.max_tokens + self.prior_output_tokens
+        if not _index(self.min_tokens) or self.min_tokens > most:
+            raise InvalidRequestError(f"min_tokens must be an integer in [0, max_tokens={most}], got {self.min_tokens!r}")
         if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
             raise InvalidRequestError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
 

@@ -114,6 +114,9 @@ class Runtime:
     # Chat sessions live in `parrot_core.chat`, a layer above this one; importing it (as
     # `import parrot_core` does) sets this to its `ChatSessionManager`.
     _chat_manager_factory: ClassVar[Callable[[Runtime], Any] | None] = None
+    # Suspendable generations live in `parrot_core.switching`, beside chat; importing it sets
+    # this to its `SwitchingManager`.
+    _switching_factory: ClassVar[Callable[..., Any] | None] = None
 
     def __init__(
         self,
@@ -133,6 +136,8 @@ class Runtime:
         latency_cap: int = 4,
         constant_prefix_timeout: float = 600.0,
         session_timeout: float | None = None,
+        max_suspended: int = 1024,
+        suspended_ttl: float = 600.0,
     ) -> None:
         if engines:
             if engine is not None:
@@ -166,6 +171,10 @@ class Runtime:
         self._closed = False
         self._chat_sessions: Any = None
         self._chat_lock = threading.Lock()
+        self._switching: Any = None
+        self._switching_limits = {"max_suspended": max_suspended, "max_age": suspended_ttl}
+        if Runtime._switching_factory is not None:
+            self._switching = Runtime._switching_factory(self, **self._switching_limits)  # checks the limits now
         self._loop = asyncio.new_event_loop()
         self.core.bind_loop(self._loop)
         self._thread = threading.Thread(target=self._loop.run_forever, name="parrot-runtime", daemon=True)
@@ -224,6 +233,8 @@ class Runtime:
         self._run(self._reset())
 
     async def _reset(self) -> None:
+        if self._switching is not None:
+            self._switching.clear()
         for sid in list(self.core.sessions):
             await self.core.remove_session(sid)
         self.session = self.core.create_session("local", weak_variables=True)
@@ -311,7 +322,10 @@ class Runtime:
         return await self._on_loop(self._generate_any(prompts, max_tokens, sampling))
 
     async def _generate_any(self, prompts: Any, max_tokens: int, sampling: dict[str, Any]) -> Any:
+        switch = _switch_options(sampling)
         params = _sampling_params(max_tokens, sampling)
+        if switch is not None:
+            return await self._generate_suspendable(prompts, params, switch)
         if _is_batch(prompts):
             ids = [self._to_ids(p) for p in prompts]
             return list(await asyncio.gather(*(self._generate_one(i, params) for i in ids)))
@@ -319,12 +333,116 @@ class Runtime:
 
     async def astream(self, prompt: Prompt, max_tokens: int = 16, **sampling: Any) -> AsyncIterator[StreamDelta]:
         """Stream one generation from any event loop. Stopping the iteration early (or
-        cancelling the task that iterates) aborts the generation and frees its KV."""
+        cancelling the task that iterates) aborts the generation and frees its KV. With
+        `time_limit` / `token_quantum` / `pid`, the deltas are `SliceDelta`s of a suspendable
+        generation (see `generate`); stopping early discards it."""
+        switch = _switch_options(sampling)
         params = _sampling_params(max_tokens, sampling)
         ids = self._to_ids(prompt)
-        async with contextlib.aclosing(self._stream_async(lambda: self._stream_one(ids, params))) as deltas:
+        if switch is not None:
+            make: Callable[[], AsyncIterator[Any]] = lambda: self.switching.start(ids, params, **switch)  # noqa: E731
+        else:
+            make = lambda: self._stream_one(ids, params)  # noqa: E731
+        async with contextlib.aclosing(self._stream_async(make)) as deltas:
             async for delta in deltas:
                 yield delta
+
+    # -- suspendable generations (parrot_core.switching) --------------------------------------
+    @property
+    def switching(self) -> Any:
+        """This runtime's suspendable generations: a `parrot_core.switching.SwitchingManager`."""
+        if self._switching is None:
+            raise InvalidRequestError("suspendable generations need parrot_core.switching: `import parrot_core` loads it")
+        return self._switching
+
+    async def _generate_suspendable(self, prompts: Any, params: SamplingParams, switch: dict[str, Any]) -> Any:
+        if _is_batch(prompts):
+            return await self.switching.generate_batch([self._to_ids(p) for p in prompts], params, **switch)
+        return await self.switching.generate(self._to_ids(prompts), params, **switch)
+
+    def resume(self, pid: str, time_limit: float | None = None, token_quantum: int | None = None, *, owner: str | None = None) -> Any:
+        """Continue the suspended generation `pid` for one more slice (None limits: to its end).
+        Returns a `SlicedOutput` of what the slice added ("suspended" again, or its end). An
+        unknown pid (never made, finished, discarded or expired): `UnknownGenerationError`.
+        `owner`: the pid's namespace (a server's caller; None for in-process callers), here
+        and in `suspended` / `discard`."""
+        return self._run(self._resume(pid, time_limit, token_quantum, owner))
+
+    async def aresume(self, pid: str, time_limit: float | None = None, token_quantum: int | None = None, *, owner: str | None = None) -> Any:
+        return await self._on_loop(self._resume(pid, time_limit, token_quantum, owner))
+
+    async def _resume(self, pid: str, time_limit: float | None, token_quantum: int | None, owner: str | None) -> Any:
+        return await self.switching.resume_slice(pid, owner=owner, time_limit=time_limit, token_quantum=token_quantum)
+
+    async def astream_resume(
+        self, pid: str, time_limit: float | None = None, token_quantum: int | None = None, *, owner: str | None = None
+    ) -> AsyncIterator[Any]:
+        """`resume` as a stream of `SliceDelta`s (from any event loop); an unknown pid raises
+        at the first iteration. Stopping early discards the generation."""
+        make = lambda: self.switching.resume(pid, owner=owner, time_limit=time_limit, token_quantum=token_quantum)  # noqa: E731
+        async with contextlib.aclosing(self._stream_async(make)) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    def suspended(self, *, owner: str | None = None) -> list[Any]:
+        """The suspended generations (`SuspendedInfo`: pid, tokens so far, age, resident or
+        not), least recently suspended first."""
+        return self._run(self.switching.suspended(owner))
+
+    async def asuspended(self, *, owner: str | None = None) -> list[Any]:
+        return await self._on_loop(self.switching.suspended(owner))
+
+    def discard(self, pid: str, *, owner: str | None = None) -> None:
+        """Free a suspended generation and its KV (`UnknownGenerationError` if there is none)."""
+        self._run(self._discard(pid, owner))
+
+    async def adiscard(self, pid: str, *, owner: str | None = None) -> None:
+        await self._on_loop(self._discard(pid, owner))
+
+    async def _discard(self, pid: str, owner: str | None) -> None:
+        self.switching.discard(pid, owner)
+
+    def clear_suspended(self) -> int:
+        """Free every suspended generation (of every owner) and its KV; returns how many."""
+        return self._run(self._clear_suspended())
+
+    async def _clear_suspended(self) -> int:
+        return self.switching.clear()
+
+    def round_robin(
+        self,
+        prompts: Sequence[Prompt],
+        max_tokens: int = 16,
+        *,
+        token_quantum: int | None = None,
+        time_limit: float | None = None,
+        slots: int | None = None,
+        **sampling: Any,
+    ) -> Any:
+        """Generate for many prompts (agents) in turns: at most `slots` (default
+        `max_num_seqs`) at once, each for a quantum (`token_quantum` tokens and/or
+        `time_limit` seconds), then suspended with its KV kept while the next one runs.
+        Returns a `RoundRobinResult`: each agent's whole output and a record of every slice."""
+        return self._run(self._round_robin(prompts, max_tokens, token_quantum, time_limit, slots, sampling))
+
+    async def around_robin(
+        self,
+        prompts: Sequence[Prompt],
+        max_tokens: int = 16,
+        *,
+        token_quantum: int | None = None,
+        time_limit: float | None = None,
+        slots: int | None = None,
+        **sampling: Any,
+    ) -> Any:
+        return await self._on_loop(self._round_robin(prompts, max_tokens, token_quantum, time_limit, slots, sampling))
+
+    async def _round_robin(
+        self, prompts: Sequence[Prompt], max_tokens: int, token_quantum: int | None, time_limit: float | None, slots: int | None, sampling: dict[str, Any]
+    ) -> Any:
+        params = _sampling_params(max_tokens, sampling)
+        ids = [self._to_ids(p) for p in prompts]
+        return await self.switching.round_robin(ids, params, token_quantum=token_quantum, time_limit=time_limit, slots=slots)
 
     def _stream_sync(self, make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
         """Run the async iterator `make()` on the runtime's loop; yield its items in the calling
@@ -628,6 +746,8 @@ def _tick(ref: weakref.ref[Runtime]) -> None:
     rt = ref()
     if rt is not None and not rt._closed:
         rt._loop.create_task(rt.core.expire())
+        if rt._switching is not None:
+            rt._switching.expire()
         rt._loop.call_later(EXPIRY_PERIOD_S, _tick, ref)
 
 
@@ -679,6 +799,14 @@ def _sampling_params(max_tokens: int, sampling: dict[str, Any]) -> SamplingParam
     if unknown:
         raise InvalidRequestError(f"unknown sampling options: {', '.join(unknown)}")
     return SamplingParams(max_tokens=max_tokens, **split_structured(sampling))
+
+
+def _switch_options(sampling: dict[str, Any]) -> dict[str, Any] | None:
+    """Take `time_limit`, `token_quantum` and `pid` (and a server's `owner`, the pid's
+    namespace, and `meta`, its notes kept with the generation) out of `sampling`: None if none
+    of the first three was given (a plain generation), else the options of a suspendable one."""
+    switch = {k: sampling.pop(k) for k in ("time_limit", "token_quantum", "pid", "owner", "meta") if k in sampling}
+    return switch if any(switch.get(k) is not None for k in ("time_limit", "token_quantum", "pid")) else None
 
 
 def _is_batch(prompts: Any) -> bool:

@@ -1,6 +1,7 @@
 """`create_app(runtime, settings)`: the FastAPI app of `parrot-core serve`.
 
-Routes: the OpenAI-compatible ones (`openai_api.py`), chat sessions (`chat_api.py`), Parrot's
+Routes: the OpenAI-compatible ones (`openai_api.py`), suspendable generations
+(`generations_api.py`), chat sessions (`chat_api.py`), Parrot's
 program API (`program_api.py`) plus operations: `GET /health` (503 until
 a runtime is attached, and once it is closed), `GET /metrics` (Prometheus text),
 `POST /flush_cache` (forget cached, unreferenced prefixes) and `GET /version`.
@@ -28,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from parrot_core.errors import ParrotError, RuntimeClosedError
 from parrot_core.frontend.runtime import Runtime
-from parrot_core.server import chat_api, openai_api, program_api
+from parrot_core.server import chat_api, generations_api, openai_api, program_api
 from parrot_core.server.metrics import CONTENT_TYPE, ServeMetrics, runtime_snapshot
 from parrot_core.server.http_errors import ERROR_RESPONSES, APIError, api_error_from
 from parrot_core.server.openai_api import check_api_key, get_state
@@ -54,6 +55,9 @@ class ServeState:
 
     def attach(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        runtime.switching.configure(
+            max_suspended=self.settings.max_suspended_generations, max_age=self.settings.suspended_generation_ttl
+        )
 
     @property
     def served_model_name(self) -> str:
@@ -311,6 +315,7 @@ def create_app(runtime: Runtime | None = None, settings: ServeSettings | None = 
         app.add_exception_handler(exc_type, handler)
     app.include_router(openai_api.router)
     app.include_router(chat_api.router)
+    app.include_router(generations_api.router)
     app.include_router(program_api.router)
     app.include_router(ops)
     app.add_middleware(_InternalErrors)

@@ -578,6 +578,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         return seqs, echoes
 
     seqs, echoes = await asyncio.to_thread(prepare)
+    pid = _suspendable(request, rt, body, seqs, "completion")
     offsets: dict[int, int] = {}  # text offset of each choice's next token
     echoed: set[int] = set()  # streaming: the choices whose first chunk was sent
 
@@ -637,7 +638,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
             )
         return CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=_usage(results, body.n))
 
-    return await _generate(request, state, rt, seqs, t0, body, "cmpl", "text_completion", stream_choice, response)
+    return await _generate(request, state, rt, seqs, t0, body, "cmpl", "text_completion", stream_choice, response, pid is not None, pid)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAM_RESPONSE)
@@ -663,9 +664,18 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     if key is not None and keyed.max_keys and body.n == 1 and body.add_generation_prompt and body.messages[-1].role == "user" and not body.logprobs:
         messages = [m.as_template_input() for m in body.messages]
         seqs[0].source = keyed.keyed_turn(rt, key, messages, body.requested_max_tokens, seqs[0].sampling)
+    pid = _suspendable(request, rt, body, seqs, "chat")
     last = body.messages[-1]
     echo = last.text if body.echo and last.role == "assistant" else ""
-    return await generate_chat(request, state, rt, seqs, t0, body, echo=echo)
+    return await generate_chat(request, state, rt, seqs, t0, body, prime=pid is not None, echo=echo, pid=pid)
+
+
+def _suspendable(request: Request, rt: Runtime, body: Any, seqs: list[_Seq], api: str) -> str | None:
+    """With `time_limit` / `token_quantum` / `pid`, make the sequence a suspendable generation
+    (`generations_api`); returns its pid (None for a plain request)."""
+    from parrot_core.server import generations_api
+
+    return generations_api.make_suspendable(request, rt, body, seqs, api)
 
 
 def _chat_stream_choice(
@@ -699,11 +709,13 @@ async def generate_chat(
     body: _SamplingRequest,
     prime: bool = False,
     echo: str = "",
+    pid: str | None = None,
 ) -> Any:
     """Run `seqs` and answer as `/v1/chat/completions` does (`chat.completion`, or its chunks
     as SSE when `body.stream`). `prime`: wait for the first delta before the stream's status
     line, so that an error before it (e.g. a turn that can never fit) is a plain HTTP error.
-    `echo` (vLLM's chat echo) leads each choice's content."""
+    `echo` (vLLM's chat echo) leads each choice's content. `pid`: a suspendable generation's,
+    sent with the answer (see `_generate`)."""
 
     with_logprobs = bool(getattr(body, "logprobs", False))
     ids = bool(getattr(body, "return_token_ids", False))  # chat-session turns have no such field
@@ -729,7 +741,7 @@ async def generate_chat(
         return _chat_stream_choice(index, text, finish_reason, first, delta, rt if with_logprobs else None, echo, ids)
 
     return await _generate(
-        request, state, rt, seqs, t0, body, "chatcmpl", "chat.completion.chunk", stream_choice, response, prime
+        request, state, rt, seqs, t0, body, "chatcmpl", "chat.completion.chunk", stream_choice, response, prime, pid
     )
 
 
@@ -745,10 +757,12 @@ async def _generate(
     stream_choice: Callable[..., dict[str, Any] | None],
     response: Callable[[str, int, str, list[Any]], Any],
     prime: bool = False,
+    pid: str | None = None,
 ) -> Any:
     """What the generation routes share: admission, then an SSE stream of chunks (built by
     `stream_choice`; None skips one) or one response once every sequence is done (a client
-    that left gets nothing: its generation was aborted). `prime`: see `generate_chat`."""
+    that left gets nothing: its generation was aborted). `prime`: see `generate_chat`. `pid`
+    (a suspendable generation's) is the response's and every chunk's `pid` field."""
     request_id, created, model = f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), state.served_model_name
     release = state.admit(len(seqs))
     if body.stream:
@@ -760,6 +774,8 @@ async def _generate(
             out: dict[str, Any] = {"id": request_id, "object": chunk_object, "created": created, "model": model, "choices": [choice]}
             if first and getattr(body, "return_token_ids", False):  # vLLM's: on a chat choice's first chunk
                 out["prompt_token_ids"] = seqs[index].prompt_ids
+            if pid is not None:
+                out["pid"] = pid
             return {**out, "usage": None} if body.include_usage else out
 
         def usage_chunk(usage: Usage) -> dict[str, Any]:
@@ -786,7 +802,10 @@ async def _generate(
         release()
     if not done:
         return Response(status_code=499)  # nobody is listening
-    return response(request_id, created, model, results)
+    answer = response(request_id, created, model, results)
+    if pid is not None:
+        answer.pid = pid
+    return answer
 
 
 @router.get("/tokenizer_info", response_model=TokenizerInfoResponse)

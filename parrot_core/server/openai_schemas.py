@@ -142,6 +142,22 @@ class _SamplingRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class _SwitchableRequest(BaseModel):
+    """Extensions of the generation endpoints (parrot_core.switching): with `time_limit`
+    (seconds) or `token_quantum` (tokens) the generation is suspended when that passes
+    (`finish_reason: "suspended"`) and continues with `POST /v1/generations/{pid}/resume`;
+    `pid` names it (in the caller's namespace; made up when left out, and sent back as the
+    response's `pid`)."""
+
+    time_limit: float | None = Field(None, gt=0)
+    token_quantum: int | None = Field(None, ge=1)
+    pid: str | None = Field(None, pattern=r"^[A-Za-z0-9._:@-]{1,128}$")
+
+    @property
+    def suspendable(self) -> bool:
+        return self.time_limit is not None or self.token_quantum is not None or self.pid is not None
+
+
 # vLLM's structured_outputs keys -> StructuredSpec fields
 _STRUCTURED_OUTPUTS = {"json": "json_schema", "json_object": "json_object", "regex": "regex", "choice": "choice", "grammar": "grammar"}
 
@@ -221,7 +237,7 @@ class _StructuredRequest(_SamplingRequest):
         return {**super().sampling(), "structured": self.structured()}
 
 
-class CompletionRequest(_StructuredRequest):
+class CompletionRequest(_StructuredRequest, _SwitchableRequest):
     """`echo`: the prompt's text leads each choice's text (and, with `logprobs`, the prompt's
     tokens lead its logprobs, the first one null); `max_tokens=0` is allowed with `echo`
     (scoring a prompt, as lm-evaluation-harness does): nothing is generated."""
@@ -299,7 +315,7 @@ class ChatLogprobsRequest(_SamplingRequest):
         return {**super().sampling(), "logprobs": (self.top_logprobs or 0) if self.logprobs else None}
 
 
-class ChatCompletionRequest(ChatLogprobsRequest, _StructuredRequest):
+class ChatCompletionRequest(ChatLogprobsRequest, _StructuredRequest, _SwitchableRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -407,6 +423,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+    pid: str | None = Field(None, exclude_if=_absent_if_none)  # a suspendable generation's (parrot_core.switching)
 
 
 class AssistantMessage(BaseModel):
@@ -445,6 +462,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     prompt_token_ids: list[int] | None = Field(None, exclude_if=_absent_if_none)  # vLLM's, with return_token_ids
+    pid: str | None = Field(None, exclude_if=_absent_if_none)  # a suspendable generation's (parrot_core.switching)
 
 
 class ModelCard(BaseModel):

@@ -65,6 +65,12 @@ class ServeSettings:
     max_request_body_bytes: int = field(
         default=DEFAULT_MAX_REQUEST_BODY_BYTES, metadata=_doc("Largest request body in bytes (default 8 MiB); a bigger one gets HTTP 413.")
     )
+    max_suspended_generations: int = field(
+        default=1024, metadata=_doc("Most suspended generations kept (time_limit / token_quantum); the least recently suspended go first.")
+    )
+    suspended_generation_ttl: float = field(
+        default=600.0, metadata=_doc("Seconds a suspended generation is kept without being resumed before it is freed.")
+    )
     shutdown_grace_seconds: float = field(
         default=30.0,
         metadata=_doc("On SIGTERM/SIGINT: seconds requests in flight get to finish (new ones get 503) before the rest are aborted."),
@@ -85,6 +91,10 @@ class ServeSettings:
             raise InvalidRequestError(f"log_stats_interval must be >= 0, got {self.log_stats_interval}")
         if self.max_request_body_bytes < 1:
             raise InvalidRequestError(f"max_request_body_bytes must be >= 1, got {self.max_request_body_bytes}")
+        if self.max_suspended_generations < 1:
+            raise InvalidRequestError(f"max_suspended_generations must be >= 1, got {self.max_suspended_generations}")
+        if not self.suspended_generation_ttl > 0:
+            raise InvalidRequestError(f"suspended_generation_ttl must be > 0, got {self.suspended_generation_ttl}")
         if self.shutdown_grace_seconds < 0:
             raise InvalidRequestError(f"shutdown_grace_seconds must be >= 0, got {self.shutdown_grace_seconds}")
         self.engine_config()  # validates the engine fields now, not when the model is loaded

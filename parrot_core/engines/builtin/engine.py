@@ -44,7 +44,7 @@ from parrot_core.engines.builtin.kv_contexts import ContextExistsError, KVContex
 from parrot_core.engines.builtin.kv_io import ContextKV, KVSpec, model_fingerprint
 from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel
 from parrot_core.engines.builtin.request import EngineRequest, Kind
-from parrot_core.engines.builtin.sampler import apply_penalties, sample, token_logprobs
+from parrot_core.engines.builtin.sampler import apply_penalties, sample, skip_draws, token_logprobs
 from parrot_core.engines.builtin.scheduler import Scheduler
 from parrot_core.engines.builtin.tokenizer import Tokenizer
 from parrot_core.errors import (
@@ -427,6 +427,8 @@ class BuiltinEngine:
             generator = None
             if params is not None and params.seed is not None:
                 generator = torch.Generator(device="cpu").manual_seed(params.seed)
+                if not params.greedy:  # a resumed generation continues its random stream
+                    skip_draws(generator, params.prior_output_tokens, self.model.dtype)
             matcher = self._matcher(params.structured) if params is not None and params.structured is not None else None
         except Exception as e:  # the caller must always hear back, whatever went wrong
             emit(e if isinstance(e, ParrotError) else EngineError(f"{type(e).__name__}: {e}"))
@@ -788,9 +790,11 @@ class BuiltinEngine:
 
 
 def _history(req: EngineRequest) -> tuple[list[int], list[int]]:
-    """A generate's (prompt ids, output ids): the context holds the prompt, then the output."""
+    """A generate's (prompt ids, output ids): the context holds the prompt, then the output
+    (that of earlier slices, `prior_output_tokens`, included)."""
     tokens = req.context.token_ids
-    return tokens[: len(tokens) - len(req.output_ids)], req.output_ids
+    n = len(req.output_ids) + (req.params.prior_output_tokens if req.params is not None else 0)
+    return tokens[: len(tokens) - n], tokens[len(tokens) - n :]
 
 
 def _emit(req: EngineRequest, event: object) -> None:

@@ -135,6 +135,14 @@ def apply_penalties(
     return out
 
 
+def skip_draws(generator: torch.Generator, n: int, logits_dtype: torch.dtype) -> None:
+    """Advance `generator` past the `n` draws that `sample` takes for `n` tokens sampled from
+    logits of `logits_dtype` (a resumed generation continues its random stream)."""
+    dtype = torch.float64 if logits_dtype == torch.float64 else torch.float32
+    for _ in range(n):
+        _uniform(generator, dtype)
+
+
 def _uniform(generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
     device = generator.device if generator is not None else "cpu"
     return torch.rand((), generator=generator, dtype=dtype, device=device)
