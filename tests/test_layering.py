@@ -16,7 +16,8 @@ ALLOWED = {
     "serve": {"graph", "contexts", "engines.base"},
     "frontend": {"graph", "contexts", "engines", "serve"},
     "chat": {"graph", "contexts", "engines.base", "serve", "frontend"},  # beside frontend, above it
-    "server": {"graph", "contexts", "engines", "serve", "frontend", "chat", "parrot_core"},  # the top layer
+    "switching": {"graph", "contexts", "engines.base", "serve", "frontend"},  # beside chat
+    "server": {"graph", "contexts", "engines", "serve", "frontend", "chat", "switching", "parrot_core"},  # the top layer
 }
 
 

@@ -201,6 +201,12 @@ class Server:
                 await self.app.state.chat_sessions.close_all()
             except Exception:
                 log.exception("closing the chat sessions failed")
+            rt = self.state.runtime
+            try:  # and the suspended generations callers left behind
+                if rt is not None and not rt.closed:
+                    await asyncio.to_thread(rt.clear_suspended)
+            except Exception:
+                log.exception("discarding the suspended generations failed")
         if failure:
             raise failure[0]
 

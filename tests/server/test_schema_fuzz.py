@@ -52,6 +52,7 @@ def test_api_fuzz(make_runtime, path, method, mode):
         assert response.status_code < 500, response.text
 
     run()
+    rt.clear_suspended()  # generations it suspended (pid / token_quantum) hold KV until discarded
     for session_id in rt.chat_sessions.all_sessions():  # chat sessions it created hold KV until removed
         rt.chat_sessions.remove_session(session_id)
     assert statuses
