@@ -285,8 +285,10 @@ class Runtime:
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer().decode(list(token_ids))
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self._tokenizer().apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
+        """The model's chat template over `messages`; `template_kwargs` (e.g. `tools=`) reach
+        the template as variables."""
+        return self._tokenizer().apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
 
     def _tokenizer(self):  # noqa: ANN202 - the engine's Tokenizer
         if self.engine.tokenizer is None:
@@ -581,6 +583,69 @@ class Runtime:
             result = await self.engine.fill(ctx.context_id, ctx.parent_context_id, prompt_ids)
             self.contexts.record_fill(ctx, len(prompt_ids))
             return result.cached_tokens
+
+    # -- n samples of one prompt: one prefill, forked -----------------------------------------
+    async def astream_forks(
+        self, prompt: Prompt, max_tokens: int, samplings: Sequence[dict[str, Any]]
+    ) -> AsyncIterator[tuple[int, StreamDelta]]:
+        """One generation per entry of `samplings` (the sampling options of each, as
+        `astream`'s), all after `prompt`, which is computed once: it fills one context, which
+        is forked once per generation; the generations run concurrently. Yields (which, delta)
+        in arrival order. Every delta's `prompt_tokens` is the prompt's length; `cached_tokens`
+        is what the fill found in the prefix cache for the first generation, the whole prompt
+        for the others (they reuse the fill). Stopping early (or cancelling) aborts them all
+        and frees their KV."""
+        params = [_sampling_params(max_tokens, s) for s in samplings]
+        ids = self._to_ids(prompt)
+        async with contextlib.aclosing(self._stream_async(lambda: self._stream_forks(ids, params))) as items:
+            async for item in items:
+                yield item
+
+    async def _stream_forks(self, prompt_ids: list[int], params: list[SamplingParams]) -> AsyncIterator[tuple[int, StreamDelta]]:
+        parent = self.contexts.new_context(ENGINE_ID)
+        parent_held = True
+        children: list[Context] = []
+        out: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            cached = await self._fill_in(parent, prompt_ids)
+            for _ in params:
+                children.append((await self._open(parent)).context)
+            self.contexts.free_context(parent)  # the children hold it
+            parent_held = False
+
+            async def run(i: int) -> None:
+                ctx, p = children[i], params[i]
+                try:
+                    work = SchedTask(None, [0], p.max_tokens, required_engine=ctx.engine_id, prior_tokens=ctx.chain_tokens)
+                    async with self.core.scheduler.admit(work), contextlib.aclosing(self._stream_in(ctx, p)) as deltas:
+                        async for d in deltas:
+                            delta = StreamDelta(
+                                d.token_ids, d.text, d.finish_reason, len(prompt_ids), cached if i == 0 else len(prompt_ids),
+                                d.logprobs, None, d.stop_token_id,
+                            )
+                            out.put_nowait((i, delta))
+                    out.put_nowait((i, None))
+                except Exception as e:  # noqa: BLE001 - handed to the consumer
+                    out.put_nowait((i, e))
+
+            tasks = [asyncio.create_task(run(i)) for i in range(len(params))]
+            remaining = len(tasks)
+            while remaining:
+                i, item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    remaining -= 1
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for ctx in [*children, parent] if parent_held else children:
+                if ctx.alive:  # reset() may have released it already
+                    self.contexts.free_context(ctx)
 
     # -- programs: semantic functions, native functions, variables -------------------------
     def submit_call(

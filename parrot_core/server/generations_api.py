@@ -52,6 +52,10 @@ class ResumeRequest(BaseModel):
     n: Literal[1] = 1  # what the shared answer code reads
 
     @property
+    def samples_per_prompt(self) -> int:
+        return 1
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 

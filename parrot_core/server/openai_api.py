@@ -5,17 +5,23 @@ Contracts:
 - Every request is checked (model name, sampling values, prompt length against the model's
   context, token ids against the vocabulary) before any KV is allocated; what can never run
   is answered 400 before a stream starts. Unknown extra fields are accepted and ignored, like
-  vLLM; known knobs this engine cannot honour (tools, `allowed_token_ids`, ...) are a 400 naming
-  the field. Structured output
+  vLLM; known knobs this engine cannot honour (`suffix`, `allowed_token_ids`, ...) are a 400
+  naming the field. Tools (`tools`, `tool_choice`) are rendered and parsed by `tools`.
+  Structured output
   (`response_format` json_object / json_schema, vLLM's `structured_outputs` and `guided_*`) constrains each
   sequence of the request (`openai_schemas._StructuredRequest`).
 - Logprobs are the model's raw distribution (log_softmax of the logits, before temperature,
   top-k, top-p and penalties); -inf is sent as -9999.0 (JSON has no infinity), as vLLM does.
   Tokens are shown as their own text (`Tokenizer.token_text`); in chat, `bytes` are that
   text's UTF-8.
-- Each prompt x `n` is one sequence, generated as one `Runtime.astream`. A client that goes
-  away (non-streaming: its connection closes; streaming: the response is cancelled) closes
-  those streams, which aborts the requests and frees their KV.
+- Each prompt x `n` (or `best_of`) is one sequence. A prompt's samples are forked from one
+  context holding it (`Runtime.astream_forks`: the prompt is computed once, counted once in
+  usage and metrics) unless its logprobs are wanted (then each is its own `Runtime.astream`,
+  computing them); one sample is one `Runtime.astream`. Sample j > 0 of a seeded request
+  samples with seed + j. `best_of` keeps, per prompt, the `n` samples of highest cumulative
+  logprob, best first; usage counts every sample's tokens. A client that goes away
+  (non-streaming: its connection closes; streaming: the response is cancelled) closes those
+  streams, which aborts the requests and frees their KV.
 - Errors have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; after a
   stream started they are sent as one `data:` event, followed by `data: [DONE]`.
 - CPU-heavy request work (tokenizing, chat templates, detokenizing, checking token ids) runs
@@ -46,6 +52,15 @@ from starlette.types import Receive, Scope, Send
 from parrot_core.engines.base import SamplingParams, TokenLogprob
 from parrot_core.errors import InvalidRequestError
 from parrot_core.server.http_errors import ERROR_RESPONSES, STREAM_RESPONSE, APIError, api_error_from
+from parrot_core.server.tools import (
+    ParsedCall,
+    ToolCallParser,
+    ToolSetup,
+    parse_reply,
+    parse_tool_setup,
+    render_chat,
+    template_renders_tools,
+)
 from parrot_core.server.openai_schemas import (
     AssistantMessage,
     ChatChoice,
@@ -67,6 +82,7 @@ from parrot_core.server.openai_schemas import (
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfoResponse,
+    ToolCall,
     TopLogprob,
     Usage,
     _SamplingRequest,
@@ -105,6 +121,8 @@ class _Seq:
     source: Callable[[], AsyncIterator[StreamDelta]] | None = None
     # `max_tokens=0` with echo: one token is sampled (the engine always samples one) and dropped
     score_only: bool = False
+    # the samples of one prompt with the same `fork` run forked from one context holding it
+    fork: int | None = None
 
 
 @dataclass
@@ -240,15 +258,19 @@ def _sequences(
 ) -> list[_Seq]:
     sampling = body.sampling()
     seqs = []
+    count = body.samples_per_prompt
+    score_only = requested == 0
+    # Samples are forked from one context holding the prompt, which is then computed once;
+    # not when the prompt's logprobs are wanted: each sample computes them (never taken from a cache).
+    fork = count > 1 and not score_only and sampling.get("prompt_logprobs") is None
     for p, ids in enumerate(prompts):
         _check_ids(rt, ids, param)
-        score_only = requested == 0
         max_tokens = _max_tokens_for(rt, len(ids), 1 if score_only else requested, param)
-        for j in range(body.n):
+        for j in range(count):
             seed = sampling["seed"]
             # samples of one prompt must differ, yet stay reproducible for a given seed
             params = {**sampling, "seed": seed if seed is None or j == 0 else (seed + j) % 2**64}
-            seqs.append(_Seq(p * body.n + j, ids, max_tokens, params, score_only=score_only))
+            seqs.append(_Seq(p * count + j, ids, max_tokens, params, score_only=score_only, fork=p if fork else None))
     check_sampling(seqs[0].max_tokens, seqs[0].sampling, body)
     _check_vocab(rt, sampling)
     return seqs
@@ -282,14 +304,18 @@ def _completion_prompts(rt: Runtime, prompt: Any) -> list[list[int]]:
     return [rt.tokenize_prompt(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
-def _render_chat(rt: Runtime, messages: list[ChatMessage], add_generation_prompt: bool, continue_final: bool = False) -> str:
-    """The chat template's rendering of `messages`. `continue_final` (vLLM's
-    `continue_final_message`, as `transformers` does it): the text is cut right after the last
-    message's content, leaving that message open for the model to continue; 400 if the
-    rendering does not hold that content."""
+def _render_chat(
+    rt: Runtime, messages: list[ChatMessage], add_generation_prompt: bool, continue_final: bool = False, tools: ToolSetup | None = None
+) -> str:
+    """The chat template's rendering of `messages` and `tools` (`tools.render_chat`).
+    `continue_final` (vLLM's `continue_final_message`, as `transformers` does it): the text is
+    cut right after the last message's content, leaving that message open for the model to
+    continue; 400 if the rendering does not hold that content."""
     inputs = [m.as_template_input() for m in messages]
+    tokenizer = rt.engine.tokenizer
     try:
-        text = rt.apply_chat_template(inputs, add_generation_prompt=add_generation_prompt)
+        native = tokenizer is not None and template_renders_tools(tokenizer)
+        text = render_chat(rt.apply_chat_template, native, inputs, tools, add_generation_prompt)
     except InvalidRequestError:
         raise
     except Exception as e:  # a template may fail on any input it dislikes: the request's fault
@@ -302,6 +328,19 @@ def _render_chat(rt: Runtime, messages: list[ChatMessage], add_generation_prompt
         if at >= 0:
             return text[: at + len(content)]
     raise APIError(400, "continue_final_message: the rendered chat does not hold the last message's content", param="continue_final_message")
+
+
+def _best(results: Sequence[_Result], count: int, n: int) -> list[int]:
+    """Which results are answered, in order: all of them when each prompt ran `n` samples;
+    with `best_of` (`count` > `n`), per prompt the `n` of highest cumulative logprob over
+    their generated tokens (vLLM's rule), best first, ties in sample order."""
+    if count == n:
+        return list(range(len(results)))
+    picked: list[int] = []
+    for start in range(0, len(results), count):
+        group = range(start, start + count)
+        picked += sorted(group, key=lambda i: -sum(e.logprob for e in results[i].logprobs))[:n]
+    return picked
 
 
 def _usage(results: Sequence[_Result], n: int) -> Usage:
@@ -319,35 +358,91 @@ def _usage(results: Sequence[_Result], n: int) -> Usage:
     )
 
 
+@dataclass
+class _Observed:
+    """One sequence's metrics, recorded once when it ends, however it ends."""
+
+    prompt_tokens: int
+    count_prompt: bool = True  # False: its prompt is counted on another sequence (forks)
+    ttft: float | None = None
+    tokens: int = 0
+    reason: str = "abort"
+
+    def see(self, delta: StreamDelta, t0: float) -> None:
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - t0
+        self.tokens += len(delta.token_ids)
+        if self.count_prompt:
+            self.prompt_tokens = delta.prompt_tokens
+        self.reason = delta.finish_reason or self.reason
+
+    def record(self, state: ServeState, t0: float) -> None:
+        state.metrics.observe_sequence(
+            ttft=self.ttft,
+            e2e=time.perf_counter() - t0,
+            prompt_tokens=self.prompt_tokens if self.count_prompt else 0,
+            generation_tokens=self.tokens,
+            finish_reason=self.reason,
+        )
+
+
 async def _run_seq(state: ServeState, rt: Runtime, seq: _Seq, t0: float) -> AsyncIterator[StreamDelta]:
     """Stream one sequence; closing this iterator aborts it and frees its KV."""
-    ttft: float | None = None
-    tokens = 0
-    prompt_tokens = len(seq.prompt_ids)
-    reason = "abort"
+    seen = _Observed(len(seq.prompt_ids))
     source = seq.source() if seq.source is not None else rt.astream(seq.prompt_ids, seq.max_tokens, **seq.sampling)
     if seq.score_only:
         source = _score_only(source)
     try:
         async with contextlib.aclosing(source) as stream:
             async for delta in stream:
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                tokens += len(delta.token_ids)
-                prompt_tokens = delta.prompt_tokens
-                reason = delta.finish_reason or reason
+                seen.see(delta, t0)
                 yield delta
     except Exception:
-        reason = "error"
+        seen.reason = "error"
         raise
     finally:
-        state.metrics.observe_sequence(
-            ttft=ttft,
-            e2e=time.perf_counter() - t0,
-            prompt_tokens=prompt_tokens,
-            generation_tokens=tokens,
-            finish_reason=reason,
-        )
+        seen.record(state, t0)
+
+
+async def _run_forks(state: ServeState, rt: Runtime, seqs: list[_Seq], t0: float) -> AsyncIterator[tuple[int, StreamDelta]]:
+    """The samples of one prompt, forked from one context holding it (`Runtime.astream_forks`:
+    the prompt is computed once, and counted once in the metrics); yields (index, delta)."""
+    seen = [_Observed(len(seq.prompt_ids), count_prompt=j == 0) for j, seq in enumerate(seqs)]
+    source = rt.astream_forks(seqs[0].prompt_ids, seqs[0].max_tokens, [seq.sampling for seq in seqs])
+    try:
+        async with contextlib.aclosing(source) as stream:
+            async for j, delta in stream:
+                seen[j].see(delta, t0)
+                yield seqs[j].index, delta
+    except Exception:
+        for s in seen:
+            s.reason = "error" if s.reason == "abort" else s.reason
+        raise
+    finally:
+        for s in seen:
+            s.record(state, t0)
+
+
+async def _run_unit(state: ServeState, rt: Runtime, unit: list[_Seq], t0: float) -> AsyncIterator[tuple[int, StreamDelta]]:
+    if len(unit) > 1:
+        async with contextlib.aclosing(_run_forks(state, rt, unit, t0)) as forks:
+            async for item in forks:
+                yield item
+        return
+    async with contextlib.aclosing(_run_seq(state, rt, unit[0], t0)) as stream:
+        async for delta in stream:
+            yield unit[0].index, delta
+
+
+def _units(seqs: list[_Seq]) -> list[list[_Seq]]:
+    """`seqs` as what runs together: a prompt's forked samples, or one sequence."""
+    units: list[list[_Seq]] = []
+    for seq in seqs:
+        if seq.fork is not None and units and units[-1][0].fork == seq.fork:
+            units[-1].append(seq)
+        else:
+            units.append([seq])
+    return units
 
 
 async def _merge(
@@ -360,15 +455,16 @@ async def _merge(
     finished = object()
     unregister = state.on_abort(lambda error: queue.put_nowait((-1, None, error))) if abortable else None
 
-    async def pump(seq: _Seq) -> None:
+    async def pump(unit: list[_Seq]) -> None:
         try:
-            async for delta in _run_seq(state, rt, seq, t0):
-                queue.put_nowait((seq.index, delta, None))
-            queue.put_nowait((seq.index, finished, None))
+            async with contextlib.aclosing(_run_unit(state, rt, unit, t0)) as items:
+                async for index, delta in items:
+                    queue.put_nowait((index, delta, None))
+            queue.put_nowait((unit[0].index, finished, None))
         except Exception as e:  # noqa: BLE001 - handed to the consumer
-            queue.put_nowait((seq.index, None, e))
+            queue.put_nowait((unit[0].index, None, e))
 
-    tasks = [asyncio.create_task(pump(seq)) for seq in seqs]
+    tasks = [asyncio.create_task(pump(unit)) for unit in _units(seqs)]
     try:
         remaining = len(tasks)
         while remaining:
@@ -583,7 +679,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     echoed: set[int] = set()  # streaming: the choices whose first chunk was sent
 
     def echo_of(index: int) -> str:
-        return echoes[index // body.n] if body.echo else ""
+        return echoes[index // body.samples_per_prompt] if body.echo else ""
 
     def choice_logprobs(index: int, prompt: list[TokenLogprob | None] | None, ids: list[int], entries: list[TokenLogprob]) -> CompletionLogprobs:
         if body.echo and prompt is not None:
@@ -621,11 +717,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     def response(request_id: str, created: int, model: str, results: list[Any]) -> CompletionResponse:
         ids = body.return_token_ids
         choices = []
-        for i, r in enumerate(results):
+        for place, i in enumerate(_best(results, body.samples_per_prompt, body.n)):
+            r = results[i]
             logprobs = choice_logprobs(i, r.prompt_logprobs, r.token_ids, r.logprobs) if body.logprobs is not None else None
             choices.append(
                 CompletionChoice(
-                    index=i,
+                    index=place,
                     text=echo_of(i) + r.text,
                     logprobs=logprobs,
                     finish_reason=r.finish_reason,
@@ -636,7 +733,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
                     else prompt_logprobs(rt, r.prompt_logprobs, body.prompt_logprobs),
                 )
             )
-        return CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=_usage(results, body.n))
+        usage = _usage(results, body.samples_per_prompt)  # best_of: every sample's tokens count
+        return CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
 
     return await _generate(request, state, rt, seqs, t0, body, "cmpl", "text_completion", stream_choice, response, pid is not None, pid)
 
@@ -653,21 +751,28 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state.check_model(body.model)
     body.check_supported()
 
+    tools = body.tool_setup()
+
     def prepare() -> list[_Seq]:
-        prompt = _render_chat(rt, body.messages, body.add_generation_prompt, body.continue_final_message)
+        prompt = _render_chat(rt, body.messages, body.add_generation_prompt, body.continue_final_message, tools)
         return _sequences(rt, [rt.tokenize(prompt)], body.requested_max_tokens, body, "messages")
 
     seqs = await asyncio.to_thread(prepare)
     keyed = request.app.state.chat_sessions
     key = body.prompt_cache_key
-    # a chat session's turn carries no logprobs: a request asking for them runs as a plain generation
-    if key is not None and keyed.max_keys and body.n == 1 and body.add_generation_prompt and body.messages[-1].role == "user" and not body.logprobs:
+    # A chat session's turn carries no logprobs and renders no tools: such a request runs as a
+    # plain generation.
+    plain = bool(body.logprobs) or body.prompt_logprobs is not None or tools is not None
+    if key is not None and keyed.max_keys and body.n == 1 and body.add_generation_prompt and body.messages[-1].role == "user" and not plain:
         messages = [m.as_template_input() for m in body.messages]
         seqs[0].source = keyed.keyed_turn(rt, key, messages, body.requested_max_tokens, seqs[0].sampling)
+    if tools is not None and body.suspendable:  # a resumed slice is not parsed for tool calls
+        raise APIError(400, "tools cannot be combined with time_limit, token_quantum or pid", param="tools")
     pid = _suspendable(request, rt, body, seqs, "chat")
     last = body.messages[-1]
     echo = last.text if body.echo and last.role == "assistant" else ""
-    return await generate_chat(request, state, rt, seqs, t0, body, prime=pid is not None, echo=echo, pid=pid)
+    parsed_tools = tools if tools is not None and tools.parses else None
+    return await generate_chat(request, state, rt, seqs, t0, body, prime=pid is not None, echo=echo, pid=pid, tools=parsed_tools)
 
 
 def _suspendable(request: Request, rt: Runtime, body: Any, seqs: list[_Seq], api: str) -> str | None:
@@ -710,35 +815,71 @@ async def generate_chat(
     prime: bool = False,
     echo: str = "",
     pid: str | None = None,
+    tools: ToolSetup | None = None,
 ) -> Any:
     """Run `seqs` and answer as `/v1/chat/completions` does (`chat.completion`, or its chunks
     as SSE when `body.stream`). `prime`: wait for the first delta before the stream's status
     line, so that an error before it (e.g. a turn that can never fit) is a plain HTTP error.
     `echo` (vLLM's chat echo) leads each choice's content. `pid`: a suspendable generation's,
-    sent with the answer (see `_generate`)."""
+    sent with the answer (see `_generate`). `tools`: each reply is parsed into content and
+    `tool_calls` (`tools.ToolCallParser`; streamed, a call's delta comes whole once its closing
+    tag is generated), finish_reason "tool_calls" when it ended with calls."""
 
     with_logprobs = bool(getattr(body, "logprobs", False))
     ids = bool(getattr(body, "return_token_ids", False))  # chat-session turns have no such field
+    prompt_lp: int | None = getattr(body, "prompt_logprobs", None)
+
+    def reason(finish_reason: str | None, calls: Sequence[ParsedCall]) -> str | None:
+        return "tool_calls" if calls and finish_reason == "stop" else finish_reason
+
+    def message(r: _Result) -> tuple[AssistantMessage, str | None]:
+        if tools is None:
+            return AssistantMessage(content=echo + r.text), r.finish_reason
+        content, calls = parse_reply(r.text, tools)
+        calls_out = [ToolCall.model_validate(c.as_openai()) for c in calls] or None
+        return AssistantMessage(content=(echo + (content or "")) or None, tool_calls=calls_out), reason(r.finish_reason, calls)
 
     def response(request_id: str, created: int, model: str, results: list[Any]) -> ChatCompletionResponse:
-        choices = [
-            ChatChoice(
-                index=i,
-                message=AssistantMessage(content=echo + r.text),
-                logprobs=chat_logprobs(rt, r.logprobs) if with_logprobs else None,
-                finish_reason=r.finish_reason,
-                token_ids=r.token_ids if ids else None,
+        choices = []
+        for i, r in enumerate(results):
+            answer, finish_reason = message(r)
+            choices.append(
+                ChatChoice(
+                    index=i,
+                    message=answer,
+                    logprobs=chat_logprobs(rt, r.logprobs) if with_logprobs else None,
+                    finish_reason=finish_reason,
+                    token_ids=r.token_ids if ids else None,
+                )
             )
-            for i, r in enumerate(results)
-        ]
         prompt_ids = results[0].prompt_token_ids if ids else None
         usage = _usage(results, body.n)
+        lps = None
+        if prompt_lp is not None and results[0].prompt_logprobs is not None:
+            lps = prompt_logprobs(rt, results[0].prompt_logprobs, prompt_lp)
         return ChatCompletionResponse(
-            id=request_id, created=created, model=model, choices=choices, usage=usage, prompt_token_ids=prompt_ids
+            id=request_id, created=created, model=model, choices=choices, usage=usage, prompt_token_ids=prompt_ids, prompt_logprobs=lps
         )
 
+    parsers: dict[int, ToolCallParser] = {}
+
     def stream_choice(index: int, text: str, finish_reason: str | None, first: bool, delta: Any = None) -> dict[str, Any] | None:
-        return _chat_stream_choice(index, text, finish_reason, first, delta, rt if with_logprobs else None, echo, ids)
+        choice = _chat_stream_choice(index, text, finish_reason, first, delta, rt if with_logprobs else None, echo, ids)
+        if tools is None or first or choice is None:
+            return choice
+        parser = parsers.setdefault(index, ToolCallParser(tools))
+        content, calls = parser.push(text)
+        if finish_reason is not None:
+            content += parser.finish()
+        said: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            first_call = len(parser.calls) - len(calls)
+            said["tool_calls"] = [{"index": first_call + k, **c.as_openai()} for k, c in enumerate(calls)]
+        if not said and finish_reason is None and choice["logprobs"] is None and not ids:
+            return None  # held back: nothing to say yet
+        choice["delta"] = said
+        choice["finish_reason"] = reason(finish_reason, parser.calls)
+        return choice
 
     return await _generate(
         request, state, rt, seqs, t0, body, "chatcmpl", "chat.completion.chunk", stream_choice, response, prime, pid
@@ -794,7 +935,7 @@ async def _generate(
             merged = _primed(first, raw)
         every_delta = bool(getattr(body, "return_token_ids", False))  # a delta with ids but no text still has ids to send
         continuous = body.include_usage and body.stream_options.continuous_usage_stats  # as vLLM: only with include_usage
-        events = _events(seqs, merged, body.n, body.include_usage, chunk, usage_chunk, release, every_delta, continuous)
+        events = _events(seqs, merged, body.samples_per_prompt, body.include_usage, chunk, usage_chunk, release, every_delta, continuous)
         return EventStreamResponse(events, on_close=release, inner=raw)
     try:
         done, results = await unless_disconnected(request, _collect(state, rt, seqs, t0))
@@ -837,10 +978,16 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         raise APIError(400, "give exactly one of prompt and messages", param="prompt")
     if body.messages is not None and not body.messages:
         raise APIError(400, "messages must not be empty", param="messages")
+    if body.continue_final_message:
+        if body.messages is None or body.messages[-1].role != "assistant":
+            raise APIError(400, "continue_final_message needs messages whose last is the assistant's", param="continue_final_message")
+        if body.add_generation_prompt:
+            raise APIError(400, "continue_final_message needs add_generation_prompt to be false", param="continue_final_message")
+    tools = parse_tool_setup(body.tools, None, None)
 
     def encode() -> list[int]:
         if body.messages is not None:
-            return rt.tokenize(_render_chat(rt, body.messages, body.add_generation_prompt))
+            return rt.tokenize(_render_chat(rt, body.messages, body.add_generation_prompt, body.continue_final_message, tools))
         return rt.tokenize(body.prompt or "")
 
     tokens = await asyncio.to_thread(encode)

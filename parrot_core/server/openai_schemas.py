@@ -6,12 +6,13 @@ import json
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, WrapValidator, field_validator
 from pydantic_core import PydanticCustomError
 
 from parrot_core.engines.base import StructuredSpec
 from parrot_core.errors import InvalidRequestError
 from parrot_core.server.http_errors import APIError
+from parrot_core.server.tools import ToolSetup, parse_tool_setup
 
 MAX_STOP = 64
 MAX_N = 128
@@ -33,6 +34,9 @@ UNSUPPORTED_EXTRAS: dict[str, object] = {
     "include_stop_str_in_output": False,
     "skip_special_tokens": True,
     "spaces_between_special_tokens": True,
+    # OpenAI's deprecated forerunners of tools / tool_choice
+    "functions": None,
+    "function_call": None,
 }
 GREEDY_BELOW = 1e-5  # temperatures this small are greedy (dividing logits by them overflows)
 TokenId = Annotated[int, Field(strict=True, ge=0)]
@@ -69,7 +73,8 @@ class StreamOptions(BaseModel):
 class _SamplingRequest(BaseModel):
     """Fields shared by both generation endpoints."""
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    # strict: JSON's true / false or "0.5" are not numbers, 0 / 1 are not booleans (ints are numbers)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
     model: str | None = None
     temperature: float | None = Field(None, ge=0)
@@ -123,6 +128,11 @@ class _SamplingRequest(BaseModel):
             "min_tokens": self.min_tokens,
             "min_p": self.min_p or 0.0,
         }
+
+    @property
+    def samples_per_prompt(self) -> int:
+        """How many sequences each prompt runs (`n`; completions' `best_of` when larger)."""
+        return self.n
 
     def logit_bias_ids(self) -> dict[int, float]:
         """`logit_bias` with its keys (JSON strings, as OpenAI's) as token ids; 400 for a key
@@ -261,13 +271,21 @@ class CompletionRequest(_StructuredRequest, _SwitchableRequest):
             raise APIError(400, "max_tokens must be at least 1 (0 is only allowed with echo)", param="max_tokens")
         if self.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        if self.best_of is not None and self.best_of != self.n:
-            raise APIError(400, "best_of is not supported (leave it out or equal to n)", param="best_of")
+        if self.best_of is not None and self.best_of < self.n:
+            raise APIError(400, f"best_of must be at least n ({self.n}), got {self.best_of}", param="best_of")
+        if self.stream and self.samples_per_prompt > self.n:
+            raise APIError(400, "best_of larger than n cannot be streamed", param="best_of")
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return max(self.n, self.best_of or 0)
 
     def sampling(self) -> dict[str, Any]:
+        # best_of ranks the sequences by their cumulative logprob: they need their tokens' logprobs
+        picking = self.samples_per_prompt > self.n
         return {
             **super().sampling(),
-            "logprobs": self.logprobs,
+            "logprobs": 0 if self.logprobs is None and picking else self.logprobs,
             "prompt_logprobs": max(wanted) if (wanted := self._prompt_logprobs_wanted()) else None,
         }
 
@@ -282,22 +300,67 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
-    """One chat message. `content` is required and never null: without tools (unsupported)
-    no message can do without it."""
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI's
 
-    model_config = ConfigDict(extra="allow")
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+def _content_as_documented(schema: dict[str, Any]) -> None:
+    """The OpenAPI schema shows `content` as a required string or list of parts (what every
+    message but an assistant's with `tool_calls` needs), not the nullable field it is."""
+    content = schema["properties"]["content"]
+    content["anyOf"] = [option for option in content["anyOf"] if option.get("type") != "null"]
+    content.pop("default", None)
+    content["description"] = "null (or left out) only on an assistant message with tool_calls"
+    schema["required"] = [*schema.get("required", []), "content"]
+
+
+class ChatMessage(BaseModel):
+    """One chat message. `content` is required and never null, except on an assistant
+    message with `tool_calls`. A `tool` message's `tool_call_id` (the call it answers, as
+    OpenAI's clients send it) reaches the template when given."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=_content_as_documented)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Annotated[str | list[TextPart], _one_of("must be a string or a list of text parts {'type': 'text', 'text': ...}")]
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
     name: str | None = None
+    # validated after the fields above, whose values decide whether it may be null
+    content: Annotated[
+        str | list[TextPart] | None, _one_of("must be a string or a list of text parts {'type': 'text', 'text': ...}")
+    ] = Field(None, validate_default=True)
+
+    @field_validator("content")
+    @classmethod
+    def _content_needed(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise PydanticCustomError("missing", "Field required (it may only be null on an assistant message with tool_calls)")
+        return value
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return "".join(part.text for part in self.content) if isinstance(self.content, list) else self.content
 
-    def as_template_input(self) -> dict[str, str]:
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
+    def as_template_input(self) -> dict[str, Any]:
+        """What the chat template gets: role (developer as system) and content, plus the
+        assistant's `tool_calls` / a tool message's `tool_call_id` and `name` when given."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.role == "tool" and self.name is not None:
+            out["name"] = self.name
+        return out
 
 
 class ChatLogprobsRequest(_SamplingRequest):
@@ -319,8 +382,13 @@ class ChatCompletionRequest(ChatLogprobsRequest, _StructuredRequest, _Switchable
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # OpenAI's tools (server/tools.py): checked by tool_setup(), a 400 naming the field
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # vLLM's: the response's prompt_logprobs (null, then per prompt token its own and the
+    # `prompt_logprobs` most likely tokens); not with stream, as vLLM
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True  # vLLM's
     # vLLM's: the prompt leaves the last (assistant) message open, and the model continues it
     continue_final_message: bool = False
@@ -332,10 +400,26 @@ class ChatCompletionRequest(ChatLogprobsRequest, _StructuredRequest, _Switchable
     # OpenAI's: requests with the same key keep their conversation's context pinned (openai_api)
     prompt_cache_key: str | None = Field(None, min_length=1, max_length=1024)
 
+    _tool_setup: tuple[ToolSetup | None, StructuredSpec | None] | None = PrivateAttr(None)
+
+    def tool_setup(self) -> ToolSetup | None:
+        """The request's tools (None without any), checked once; a 400 naming the field."""
+        return self._tools()[0]
+
+    def _tools(self) -> tuple[ToolSetup | None, StructuredSpec | None]:
+        if self._tool_setup is None:
+            setup = parse_tool_setup(self.tools, self.tool_choice, self.parallel_tool_calls)
+            spec = setup.structured() if setup is not None else None
+            self._tool_setup = (setup, spec)
+        return self._tool_setup
+
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise APIError(400, "tools are not supported", param="tools")
+        setup = self.tool_setup()
+        if setup is not None and setup.constrained and self.structured() is not None:
+            raise APIError(400, "tool_choice 'required' or a named function cannot be combined with structured output", param="tool_choice")
+        if self.prompt_logprobs is not None and self.stream:
+            raise APIError(400, "prompt_logprobs are not available with stream", param="prompt_logprobs")
         if self.continue_final_message:
             if self.add_generation_prompt:
                 raise APIError(400, "continue_final_message needs add_generation_prompt to be false", param="continue_final_message")
@@ -346,6 +430,13 @@ class ChatCompletionRequest(ChatLogprobsRequest, _StructuredRequest, _Switchable
             raise APIError(400, "echo with add_generation_prompt false needs the last message to be the assistant's", param="echo")
         if self.return_token_ids and self.prompt_cache_key is not None:
             raise APIError(400, "return_token_ids cannot be combined with prompt_cache_key", param="return_token_ids")
+
+    def sampling(self) -> dict[str, Any]:
+        out = {**super().sampling(), "prompt_logprobs": self.prompt_logprobs}
+        spec = self._tools()[1]
+        if spec is not None:  # tool_choice required / named: the calls' grammar
+            out["structured"] = spec
+        return out
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -359,6 +450,8 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM's, as on /v1/chat/completions
+    tools: list[dict[str, Any]] | None = None  # rendered as /v1/chat/completions renders them
     return_token_strs: bool = False  # vLLM's: also each token's string
 
 
@@ -428,7 +521,8 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=_absent_if_none)
 
 
 class TopLogprob(BaseModel):
@@ -463,6 +557,8 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
     prompt_token_ids: list[int] | None = Field(None, exclude_if=_absent_if_none)  # vLLM's, with return_token_ids
     pid: str | None = Field(None, exclude_if=_absent_if_none)  # a suspendable generation's (parrot_core.switching)
+    # vLLM's, with prompt_logprobs only; keys are token ids
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(None, exclude_if=_absent_if_none)
 
 
 class ModelCard(BaseModel):

@@ -108,7 +108,7 @@ CHAT_CASES = [
     ({"max_tokens": 10**6}, f"maximum context length is {TINY_MAX_LEN} tokens"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"messages": [{"role": "user", "content": "word " * 300}]}, "maximum context length"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}, "tools"),
     ({"top_logprobs": 2}, "top_logprobs needs logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),

@@ -142,6 +142,13 @@ def test_what_cannot_be_suspended_is_a_400(served):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, **kwargs)
         assert named in str(e.value), (kwargs, str(e.value))
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError) as e:  # a resumed slice would not be parsed for calls
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, tools=[tool], extra_body={"token_quantum": 2}
+        )
+    assert "tools cannot be combined" in str(e.value)
+    assert rt.suspended() == [] or all(i.pid == "busy" for i in rt.suspended())  # nothing was made
     assert _resume(server, "busy", token_quantum=0).status_code == 400
     assert _resume(server, "busy", surprise=1).status_code == 400
     assert httpx.delete(f"{server.url}/v1/generations/busy", headers=_headers(), timeout=30).status_code == 204
