@@ -152,7 +152,7 @@ def start_workers(args: argparse.Namespace) -> dict[str, Worker]:
     ]  # fmt: skip
     worker = os.path.join(HERE, "vs_vllm_worker.py")
     model_dir = exported_model(args.gguf)
-    cores = f"0-{args.threads - 1}"
+    cores = "0" if args.threads == 1 else f"0-{args.threads - 1}"
     vllm_env = {
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": str(int(args.kv_gb)),

@@ -231,6 +231,27 @@ def test_in_batch_prefix_sharing_computes_the_shared_prefix_once(make_engine):
     assert sorted(r.cached_tokens for r in results) == [0] + [32] * 5
 
 
+def test_a_shared_prefix_longer_than_a_step_is_still_computed_once(make_engine):
+    """Groups of requests arriving together, each group sharing a prefix, with a token budget
+    that cuts a group's prefix across steps: a member admitted while the prefix's later blocks
+    are still being computed waits for them instead of computing them again."""
+    engine = make_engine(num_kv_blocks=256, max_num_batched_tokens=40)
+    groups = [prompt(60 + g, 32) for g in range(3)]
+    prompts = [head + prompt(70 + 10 * g + i, 4) for g, head in enumerate(groups) for i in range(4)]
+    params = SamplingParams(max_tokens=2, **GREEDY)
+
+    async def go():
+        async def one(i, p):
+            return [t async for d in engine.generate(i, None, params, p) for t in d.token_ids]
+
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    outs = asyncio.run(go())
+    assert all(len(o) == 2 for o in outs)
+    # the optimum: each prefix once, each question once
+    assert engine.runtime_info().prompt_tokens_computed == 3 * 32 + 12 * 4
+
+
 def test_a_forced_hash_collision_never_produces_a_wrong_hit(make_engine):
     """Every block hashes to the same value: only the token check stands between a request
     and another prompt's KV. Outputs must equal those of an engine without prefix caching."""

@@ -9,8 +9,9 @@ Policy (one step):
    prefill continues with a chunk), within `max_num_batched_tokens`.
 2. Then, unless this step preempted someone, waiting requests in arrival order while fewer
    than `max_num_seqs` run. On admission a request takes what the prefix cache holds for it.
-   A request whose next block another running request is computing right now waits a step
-   and then hits it instead of computing it again (in-batch prefix sharing). A request that
+   A request whose next block after its cache hit another running request is computing
+   right now waits a step and then hits it instead of computing it again (in-batch prefix
+   sharing), also when that prefix takes several steps. A request that
    cannot get its blocks gives back what it took and stays at the head of the line; admission
    never preempts a running request.
 3. When a running request needs blocks and none are free: first evict idle contexts (least
@@ -113,10 +114,12 @@ class Scheduler:
         deferred: list[EngineRequest] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not plan.preempted:
             req = self.waiting.popleft()
-            if self._next_block_hash(req.context) in inflight:
-                deferred.append(req)  # another request is computing this block right now
-                continue
             hits = self.tree.match_prefix(req.context) if req.uses_prefix_cache else 0
+            if self._next_block_hash(req.context) in inflight:
+                # another request is computing the block after the hit right now: wait for it
+                self.tree.release(req.context)  # give back what the lookup took
+                deferred.append(req)
+                continue
             if req.num_admissions == 0:  # a recompute after preemption is not a cache hit
                 req.cached_tokens = hits
             self.running.append(req)
