@@ -45,6 +45,7 @@ def build_runtime(settings: ServeSettings) -> Runtime:
         max_num_batched_tokens=c.max_num_batched_tokens,
         max_model_len=c.max_model_len,
         kv_cache_memory_gb=c.kv_cache_memory_gb,
+        dtype=c.dtype,
         session_timeout=settings.session_timeout,
     )
 

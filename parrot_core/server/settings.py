@@ -24,6 +24,17 @@ ENV_PREFIX = "PARROT_CORE_"
 DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 1024 * 1024
 
 
+_DTYPES = {"auto": "float32", "float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
+
+
+def _torch_dtype(name: str) -> Any:
+    if name not in _DTYPES:
+        raise InvalidRequestError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
+    import torch
+
+    return getattr(torch, _DTYPES[name])
+
+
 def _doc(text: str, *, argument: bool = False) -> dict[str, Any]:
     return {"help": text, "argument": argument}
 
@@ -42,6 +53,9 @@ class ServeSettings:
     max_model_len: int | None = field(default=None, metadata=_doc("Longest prompt + completion; default: the model's own limit."))
     max_num_batched_tokens: int = field(default=2048, metadata=_doc("Most tokens computed in one engine step."))
     enable_prefix_caching: bool = field(default=True, metadata=_doc("Reuse the KV of prompt prefixes seen before."))
+    dtype: str = field(
+        default="auto", metadata=_doc("Weights and KV: auto (float32), float32/float, bfloat16, float16/half (vLLM's names).")
+    )
     served_model_name: str | None = field(default=None, metadata=_doc("The `model` name clients use; default: the model's name."))
     api_key: str | None = field(default=None, metadata=_doc("If set, every /v1 call needs `Authorization: Bearer <key>`."))
     max_waiting_requests: int = field(
@@ -112,6 +126,7 @@ class ServeSettings:
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             enable_prefix_caching=self.enable_prefix_caching,
+            dtype=_torch_dtype(self.dtype),
         )
 
     def replace(self, **changes: Any) -> ServeSettings:

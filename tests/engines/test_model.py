@@ -256,3 +256,35 @@ def test_float32_model_is_close_to_float64(tiny_llama):
         kv = KVCache.allocate(m.config, 4, BS, dt)
         out.append(step(m, kv, [(tokens, 12, [3, 1, 2])])[0].double())
     assert close(out[0], out[1], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- Linear (oneDNN)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_rows_do_not_depend_on_the_batch(dtype):
+    """On CPU the product runs on a oneDNN-prepacked weight; each row's result must be bitwise
+    the same whatever the other rows, or greedy ids would change with the batch."""
+    from parrot_core.engines.builtin.model import Linear
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 40, generator=g).to(dtype)
+    x = torch.randn(300, 40, generator=g).to(dtype)
+    linear = Linear(weight)
+    assert linear.packed == torch.backends.mkldnn.is_available()
+    full = linear(x)
+    for rows in (slice(0, 1), slice(0, 7), slice(5, 37), slice(100, 300)):
+        assert torch.equal(linear(x[rows].contiguous()), full[rows])
+    expected = torch.nn.functional.linear(x.double(), weight.double())
+    tolerance = 1e-4 if dtype == torch.float32 else 0.1
+    assert (full.double() - expected).abs().max().item() < tolerance
+
+
+def test_linear_falls_back_to_the_plain_product(monkeypatch):
+    from parrot_core.engines.builtin.model import Linear
+
+    weight, x = torch.randn(8, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    assert not Linear(weight).packed  # float64 (the oracle models): F.linear, exactly
+    assert torch.equal(Linear(weight)(x), torch.nn.functional.linear(x, weight))
+    monkeypatch.setenv("PARROT_CORE_ONEDNN", "0")
+    assert not Linear(weight.float()).packed

@@ -8,6 +8,7 @@ import threading
 
 import httpx
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from parrot_core.cli import app as cli_app
@@ -24,6 +25,11 @@ def test_defaults_follow_vllm_names():
     assert (s.host, s.port, s.block_size, s.enable_prefix_caching, s.api_key) == ("127.0.0.1", 8000, 16, True, None)
     config = s.replace(max_model_len=512, num_kv_blocks=10).engine_config()
     assert config.max_model_len == 512 and config.num_kv_blocks == 10 and config.enable_prefix_caching
+    assert s.dtype == "auto" and config.dtype == torch.float32
+    assert s.replace(dtype="bfloat16").engine_config().dtype == torch.bfloat16
+    assert s.replace(dtype="half").engine_config().dtype == torch.float16
+    with pytest.raises(InvalidRequestError, match="dtype must be one of"):
+        ServeSettings(dtype="int3")
 
 
 def test_env_then_overrides():
@@ -61,14 +67,14 @@ def test_cli_flags_beat_env(monkeypatch):
     args = ["serve", "model.gguf", "--port", "9", "--no-enable-prefix-caching", "--max-num-seqs", "3",
             "--max-model-len", "1024", "--served-model-name", "m", "--block-size", "32", "--num-kv-blocks", "100",
             "--max-num-batched-tokens", "512", "--host", "127.0.0.1", "--max-request-body-bytes", "4096",
-            "--shutdown-grace-seconds", "5"]
+            "--shutdown-grace-seconds", "5", "--dtype", "bfloat16"]
     result = CliRunner().invoke(cli_app, args)
     assert result.exit_code == 0, result.output
     (s,) = got
     assert s.model == "model.gguf" and s.port == 9 and s.enable_prefix_caching is False
     assert s.max_num_seqs == 3 and s.api_key == "from-env" and s.max_model_len == 1024
     assert (s.served_model_name, s.block_size, s.num_kv_blocks, s.max_num_batched_tokens) == ("m", 32, 100, 512)
-    assert (s.max_request_body_bytes, s.shutdown_grace_seconds) == (4096, 5.0)
+    assert (s.max_request_body_bytes, s.shutdown_grace_seconds, s.dtype) == (4096, 5.0, "bfloat16")
 
     got.clear()
     result = CliRunner().invoke(cli_app, ["serve", "--api-key", "flag"])

@@ -85,7 +85,7 @@ def model_fingerprint(model: LlamaModel) -> str:
     same dtype; another model (or another random seed) gives another fingerprint."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str).encode())
     h.update(str(model.dtype).encode())
-    for tensor in (model.embed, model.norm, model.lm_head, model.layers[0].wqkv, model.layers[-1].w_down):
+    for tensor in (model.embed, model.norm, model.lm_head.weight, model.layers[0].wqkv.weight, model.layers[-1].w_down.weight):
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
         h.update(_bytes(flat[::step][:_FINGERPRINT_SAMPLES].cpu()))

@@ -17,6 +17,7 @@ Attention paths (all exact; no padding ever gets attention weight):
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -216,14 +217,49 @@ def _common_prefix_len(tables: list[list[int]]) -> int:
 # ---------------------------------------------------------------------------- model
 
 
+class Linear:
+    """`y = x @ weight.T` for x [N, in]. On CPU in float32 or bfloat16 the product runs on a
+    copy of the weight prepacked for oneDNN: on an AVX-512 EPYC, one core, a 2048 x 576 x 3072
+    product ran at 236 GFLOP/s against F.linear's 101 in float32 (219 vs 97 at 32 rows) and
+    473 vs 464 in bfloat16 (418 vs 348 at 32 rows). Each row's result does not depend on the
+    other rows (tests/engines/test_model.py checks it bitwise). Other devices and dtypes
+    (float64: the tests' oracle models) use F.linear. `weight` stays as given."""
+
+    __slots__ = ("weight", "_packed")
+
+    def __init__(self, weight: Tensor, rows_hint: int = 2048) -> None:
+        self.weight = weight
+        self._packed = _onednn_pack(weight, rows_hint)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self._packed is None:
+            return F.linear(x, self.weight)
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
+
+    @property
+    def packed(self) -> bool:
+        return self._packed is not None
+
+
+def _onednn_pack(weight: Tensor, rows_hint: int) -> Tensor | None:
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if not torch.backends.mkldnn.is_available() or os.environ.get("PARROT_CORE_ONEDNN", "1") == "0":
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows_hint)
+    except (RuntimeError, AttributeError):  # a build without these ops: the plain product
+        return None
+
+
 @dataclass
 class _Layer:
     attn_norm: Tensor
-    wqkv: Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]: q, k, v stacked
-    wo: Tensor
+    wqkv: Linear  # [(heads + 2 * kv_heads) * head_dim, hidden]: q, k, v stacked
+    wo: Linear
     mlp_norm: Tensor
-    w_gate_up: Tensor  # [2 * intermediate, hidden]: gate, up stacked
-    w_down: Tensor
+    w_gate_up: Linear  # [2 * intermediate, hidden]: gate, up stacked
+    w_down: Linear
 
 
 class LlamaModel:
@@ -248,18 +284,18 @@ class LlamaModel:
 
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
-        self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
+        self.lm_head = Linear(self.embed if config.tie_word_embeddings else w("lm_head.weight"))
         self.layers: list[_Layer] = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
             self.layers.append(
                 _Layer(
                     attn_norm=w(p + "input_layernorm.weight"),
-                    wqkv=torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
-                    wo=w(p + "self_attn.o_proj.weight"),
+                    wqkv=Linear(torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"])),
+                    wo=Linear(w(p + "self_attn.o_proj.weight")),
                     mlp_norm=w(p + "post_attention_layernorm.weight"),
-                    w_gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
-                    w_down=w(p + "mlp.down_proj.weight"),
+                    w_gate_up=Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])),
+                    w_down=Linear(w(p + "mlp.down_proj.weight")),
                 )
             )
         self._rope_len = 0
@@ -311,20 +347,20 @@ class LlamaModel:
         c = self.config
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         out = {"model.embed_tokens.weight": self.embed.clone(), "model.norm.weight": self.norm.clone()}
-        out["lm_head.weight"] = out["model.embed_tokens.weight"] if c.tie_word_embeddings else self.lm_head.clone()
+        out["lm_head.weight"] = out["model.embed_tokens.weight"] if c.tie_word_embeddings else self.lm_head.weight.clone()
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
-            wq, wk, wv = layer.wqkv.split([q, kv, kv])
-            gate, up = layer.w_gate_up.split(c.intermediate_size)
+            wq, wk, wv = layer.wqkv.weight.split([q, kv, kv])
+            gate, up = layer.w_gate_up.weight.split(c.intermediate_size)
             out[p + "input_layernorm.weight"] = layer.attn_norm.clone()
             out[p + "post_attention_layernorm.weight"] = layer.mlp_norm.clone()
             out[p + "self_attn.q_proj.weight"] = wq.clone()
             out[p + "self_attn.k_proj.weight"] = wk.clone()
             out[p + "self_attn.v_proj.weight"] = wv.clone()
-            out[p + "self_attn.o_proj.weight"] = layer.wo.clone()
+            out[p + "self_attn.o_proj.weight"] = layer.wo.weight.clone()
             out[p + "mlp.gate_proj.weight"] = gate.clone()
             out[p + "mlp.up_proj.weight"] = up.clone()
-            out[p + "mlp.down_proj.weight"] = layer.w_down.clone()
+            out[p + "mlp.down_proj.weight"] = layer.w_down.weight.clone()
         return out
 
     def _extend_rope(self, length: int) -> None:
@@ -358,7 +394,7 @@ class LlamaModel:
         last_layer = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.attn_norm, c.rms_norm_eps)
-            qkv = F.linear(h, layer.wqkv).view(num_tokens, n_q + 2 * n_kv, d)
+            qkv = layer.wqkv(h).view(num_tokens, n_q + 2 * n_kv, d)
             qk = _rope(qkv[:, : n_q + n_kv], cos, sin)
             q, k, v = qk[:, :n_q], qk[:, n_q:], qkv[:, n_q + n_kv :]
             kv.k[i].index_copy_(0, batch.slot_mapping, k)
@@ -369,16 +405,16 @@ class LlamaModel:
                 o, x = o[output_rows], x[output_rows]
             elif i == last_layer and not plan.all_last:  # only the last tokens' outputs are needed
                 o, x = o[plan.last_rows], x[plan.last_rows]
-            x = x + F.linear(o, layer.wo)
+            x = x + layer.wo(o)
             h = _rms_norm(x, layer.mlp_norm, c.rms_norm_eps)
-            gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.w_down)
+            gate, up = layer.w_gate_up(h).chunk(2, dim=-1)
+            x = x + layer.w_down(F.silu(gate) * up)
         return _rms_norm(x, self.norm, c.rms_norm_eps)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """[N, hidden] -> [N, vocab]."""
-        return F.linear(hidden, self.lm_head)
+        return self.lm_head(hidden)
 
     # -- attention ----------------------------------------------------------------------------
 
