@@ -196,6 +196,44 @@ def test_shared_prefix_group_next_to_other_work(tiny_llama):
     assert close(shared[3], hf_logits(model, fresh)[-1])
 
 
+@pytest.mark.parametrize("contiguous", [False, True], ids=["scattered", "contiguous"])
+def test_shared_prefix_chunks_equal_plain_path_and_hf(tiny_llama, contiguous):
+    """Chunks of several new tokens over a cached context that shares a block prefix attend the
+    prefix once for the whole group; every query row (not only the last) must equal the plain
+    path's, with unequal query counts (padding) and unequal cached suffixes (causal masks)."""
+    model = tiny_llama()
+    model.shared_prefix_min_tokens, model.shared_prefix_min_batch, model.shared_prefix_min_work = 4, 2, 0
+    cached_then_new = [(0, 5), (3, 4), (6, 3), (2, 5)]  # own tokens already cached, then computed now
+    kv, seqs = _shared_prefix_setup(model, [c + n + 1 for c, n in cached_then_new], contiguous=contiguous)
+    batch_seqs = []
+    for (tokens, table), (cached, new) in zip(seqs, cached_then_new):
+        own_start = 3 * BS
+        done = own_start + cached  # the setup computed more: those tokens are computed again, the same
+        batch_seqs.append((tokens[done : done + new], done + new, table))
+    batch = ForwardBatch.build(*zip(*batch_seqs), BS)
+    plan = model._plan(batch, BS)
+    assert len(plan.shared) == 1 and plan.shared[0].max_query == 5 and not plan.chunks and plan.decode is None
+    every_row = torch.arange(batch.token_ids.shape[0])
+    shared = model.forward(batch, kv, every_row)
+    model.enable_shared_prefix = False
+    assert model._plan(batch, BS).shared == [] and len(model._plan(batch, BS).chunks) == 4
+    plain = model.forward(batch, kv, every_row)
+    assert close(shared, plain, atol=1e-10)
+    model.enable_shared_prefix = True
+    last = model.compute_logits(shared[torch.tensor(batch.query_lens).cumsum(0) - 1])
+    for i, ((tokens, _), (cached, new)) in enumerate(zip(seqs, cached_then_new)):
+        assert close(last[i], hf_logits(model, tokens[: 3 * BS + cached + new])[-1]), i
+
+
+def test_shared_prefix_chunks_that_are_mostly_padding_attend_on_their_own(tiny_llama):
+    model = tiny_llama()
+    model.shared_prefix_min_tokens, model.shared_prefix_min_batch, model.shared_prefix_min_work = 4, 2, 0
+    kv, seqs = _shared_prefix_setup(model, [13, 3, 3, 3])
+    batch_seqs = [(t[3 * BS : 3 * BS + n], 3 * BS + n, table) for (t, table), n in zip(seqs, [12, 2, 2, 2])]
+    plan = model._plan(ForwardBatch.build(*zip(*batch_seqs), BS), BS)
+    assert plan.shared == [] and len(plan.chunks) == 4  # 4 x 12 padded query rows for 18 real ones
+
+
 def test_shared_prefix_thresholds_gate_the_path(tiny_llama):
     model = tiny_llama()  # default thresholds: far more shared work than this
     kv, seqs = _shared_prefix_setup(model, [1, 2, 3, 4, 5])
@@ -288,3 +326,43 @@ def test_linear_falls_back_to_the_plain_product(monkeypatch):
     assert torch.equal(Linear(weight)(x), torch.nn.functional.linear(x, weight))
     monkeypatch.setenv("PARROT_CORE_ONEDNN", "0")
     assert not Linear(weight.float()).packed
+
+
+def test_half_precision_decode_attention_equals_sdpa():
+    """`_attend_decodes` (the bfloat16/float16 decode path) against SDPA, with GQA and masks."""
+    from parrot_core.engines.builtin.model import _attend_decodes
+
+    g = torch.Generator().manual_seed(3)
+    b, n_q, n_kv, length, d = 5, 6, 2, 11, 8
+    q = torch.randn(b, n_q, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, length, n_kv, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, length, n_kv, d, generator=g, dtype=torch.float64)
+    lens = torch.tensor([11, 3, 7, 1, 10])
+    mask = (torch.arange(length)[None, :] < lens[:, None])[:, None, None, :]
+    for m in (None, mask):
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=m, enable_gqa=True
+        )[:, :, 0]
+        assert close(_attend_decodes(q, k, v, m), want, atol=1e-12)
+    got = _attend_decodes(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask).double()
+    want = _attend_decodes(q, k, v, mask)
+    assert (got - want).abs().max().item() < 0.05  # and it runs in bfloat16
+
+
+def test_bfloat16_model_with_every_attention_path_tracks_float32(tiny_llama):
+    """One bfloat16 step mixing a fresh prefill, a chunk over a cached context and plain decodes
+    stays close to the float64 model (bfloat16 rounding only)."""
+    ref_model = tiny_llama()
+    model = LlamaModel(ref_model.config, ref_model.state_dict_hf(), dtype=torch.bfloat16)
+    toks = {name: random_tokens(n, seed=80 + i) for i, (name, n) in enumerate({"a": 9, "b": 7, "c": 6, "d": 5}.items())}
+    tables = {"a": [0, 1, 2], "b": [3, 4], "c": [5, 6], "d": [7, 8]}
+    for mdl, dtype in ((model, torch.bfloat16), (ref_model, torch.float64)):
+        kv = KVCache.allocate(mdl.config, 10, BS, dtype)
+        step(mdl, kv, [(toks["a"][:8], 8, tables["a"]), (toks["b"][:4], 4, tables["b"]), (toks["d"][:4], 4, tables["d"])])
+        batch = [(toks["a"][8:], 9, tables["a"]), (toks["b"][4:], 7, tables["b"]), (toks["c"], 6, tables["c"])]
+        out = step(mdl, kv, batch + [(toks["d"][4:], 5, tables["d"])])  # two decodes (a, d) of unequal lengths
+        if mdl is model:
+            got = out.double()
+        else:
+            want = out
+    assert (got - want).abs().max().item() < 0.1 * want.abs().max().item()
