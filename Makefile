@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench vllm clean
 
 install: $(VENV)/.installed
 
@@ -26,5 +26,10 @@ test: install
 bench: install
 	$(PY) benchmarks/shared_prefix.py
 
+# vLLM's CPU build in its own environment (.venv-vllm: it pins its own torch and transformers)
+# and the default model exported for it, for benchmarks/vs_vllm.py
+vllm: install
+	$(PY) benchmarks/vs_vllm.py --setup
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-vllm build *.egg-info

@@ -1,15 +1,19 @@
-"""Speed of the builtin engine's model on the default model (float32, CPU).
+"""Speed of the builtin engine's model on the default model (CPU, float32 or bfloat16).
 
-Prints prefill throughput and decode step times (forward + logits + argmax) at a context of
-about 1056 tokens: B sequences that share a 1024-token prefix (the same KV blocks) plus 32 own
-tokens each, with the plain paged path and with the shared-prefix (cascade) path.
+Prints prefill throughput at 128/512/2048 tokens, decode step times (forward + logits + argmax)
+at batch 1/8/32 over contexts of ~256 and ~1024 tokens (B sequences sharing a prefix, the same KV
+blocks, plus 32 own tokens each) with the plain paged path and the shared-prefix (cascade)
+path, and the split of a served workload's wall time into model time and everything else.
+Writes JSON and a PNG to benchmarks/results/.
 
-    python benchmarks/model_speed.py [--threads 2] [--steps 5]
+    python benchmarks/model_speed.py [--threads 2] [--steps 5] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import time
 
@@ -73,33 +77,100 @@ def bench_decode(model: LlamaModel, kv: KVCache, tables: list[list[int]], batch:
     return statistics.median(times) * 1000
 
 
+def bench_engine_split(dtype: torch.dtype) -> dict[str, float]:
+    """Where a served step's time goes: 32 unique 256-token prompts -> 16 tokens through the
+    engine (greedy, EOS ignored); the model's forward passes against the whole wall time."""
+    import random
+
+    import parrot_core as P
+
+    rng = random.Random(0)
+    with P.Runtime(dtype=dtype, max_num_seqs=32, kv_cache_memory_gb=2.0) as rt:
+        prompts = [[rng.randrange(100, 49000) for _ in range(256)] for _ in range(32)]
+        rt.generate(prompts[:4], max_tokens=2, temperature=0.0, ignore_eos=True)  # warm-up
+        stats = rt.engine.stats
+        f0, s0 = stats["forward_seconds"], stats["steps"]
+        t = time.perf_counter()
+        rt.generate(prompts, max_tokens=16, temperature=0.0, ignore_eos=True)
+        wall = time.perf_counter() - t
+        return {"wall_s": wall, "forward_s": stats["forward_seconds"] - f0, "steps": stats["steps"] - s0}
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    pre = results["prefill_tok_s"]
+    a.bar([str(n) for n in pre], list(pre.values()))
+    a.set_xlabel("prompt tokens (one sequence)")
+    a.set_ylabel("prefill tokens/s")
+    for ctx, rows in results["decode_ms"].items():
+        for path_name in ("plain", "shared"):
+            b.plot([int(x) for x in rows], [r[path_name] for r in rows.values()], marker="o", label=f"ctx {ctx}, {path_name}")
+    b.set_xlabel("batch")
+    b.set_ylabel("decode step ms (forward + logits)")
+    b.legend()
+    fig.suptitle(f"builtin engine, SmolLM2-135M, {results['dtype']}, {results['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "model_speed_{dtype}.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
 
     t = time.perf_counter()
     loaded = load_gguf(default_model_path())
     load_s = time.perf_counter() - t
-    model = LlamaModel(loaded.config, loaded.weights)
+    model = LlamaModel(loaded.config, loaded.weights, dtype=dtype)
     del loaded
-    print(f"model {default_model_path().rsplit('/', 1)[-1]}  float32  threads={torch.get_num_threads()}  load {load_s:.2f} s")
+    print(f"model {default_model_path().rsplit('/', 1)[-1]}  {args.dtype}  threads={torch.get_num_threads()}  load {load_s:.2f} s")
+    results: dict = {"dtype": args.dtype, "threads": torch.get_num_threads(), "prefill_tok_s": {}, "decode_ms": {}}
 
     print("\nprefill (one fresh sequence)")
     print(f"{'tokens':>8} {'tok/s':>8}")
-    for n in (128, 512):
-        print(f"{n:>8} {bench_prefill(model, n, repeats=3):>8.0f}")
+    for n in (128, 512, 2048):
+        rate = bench_prefill(model, n, repeats=3)
+        results["prefill_tok_s"][n] = rate
+        print(f"{n:>8} {rate:>8.0f}")
 
-    kv, tables = setup_shared(model, 32, args.steps + 1)
-    print(f"\ndecode step (forward + logits), ctx ~{PREFIX + SUFFIX}, {PREFIX}-token prefix shared by the batch")
-    print(f"{'B':>4} {'plain ms':>9} {'shared ms':>10} {'speedup':>8} {'plain tok/s':>12} {'shared tok/s':>13}")
-    for b in (1, 8, 32):
-        plain = bench_decode(model, kv, tables, b, args.steps, shared=False)
-        casc = bench_decode(model, kv, tables, b, args.steps, shared=True)
-        print(f"{b:>4} {plain:>9.1f} {casc:>10.1f} {plain / casc:>7.2f}x {b / plain * 1000:>12.1f} {b / casc * 1000:>13.1f}")
+    global PREFIX
+    for prefix in (224, 992):  # contexts of ~256 and ~1024 tokens (prefix + 32 own tokens)
+        PREFIX = prefix
+        kv, tables = setup_shared(model, 32, args.steps + 1)
+        ctx = PREFIX + SUFFIX
+        results["decode_ms"][ctx] = {}
+        print(f"\ndecode step (forward + logits), ctx ~{ctx}, a {PREFIX}-token prefix shared by the batch")
+        print(f"{'B':>4} {'plain ms':>9} {'shared ms':>10} {'speedup':>8} {'plain tok/s':>12} {'shared tok/s':>13}")
+        for b in (1, 8, 32):
+            plain = bench_decode(model, kv, tables, b, args.steps, shared=False)
+            casc = bench_decode(model, kv, tables, b, args.steps, shared=True)
+            results["decode_ms"][ctx][b] = {"plain": plain, "shared": casc}
+            print(f"{b:>4} {plain:>9.1f} {casc:>10.1f} {plain / casc:>7.2f}x {b / plain * 1000:>12.1f} {b / casc * 1000:>13.1f}")
+
+    split = bench_engine_split(dtype)
+    results["engine_split"] = split
+    print(
+        f"\nengine, 32 unique 256-token prompts -> 16 tokens: {split['wall_s']:.2f} s wall, "
+        f"{split['forward_s']:.2f} s in the model ({split['forward_s'] / split['wall_s']:.0%}), {split['steps']} steps"
+    )
+    out = args.out.format(dtype=args.dtype)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    png = os.path.splitext(out)[0] + ".png"
+    plot(results, png)
+    print(f"wrote {out} and {png}")
 
 
 if __name__ == "__main__":

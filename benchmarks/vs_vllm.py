@@ -11,7 +11,8 @@ Figures: wall time of each timed pass and the ratio parrot-core / vLLM (below 1:
 faster); prompt tokens computed per prompt token sent (1 - cached / prompt, as each engine
 reports it: hardware-independent); identical greedy ids (requests whose ids match).
 
-    make vllm                                   # once: vLLM's CPU build into .venv-vllm (~1-2 min)
+    make vllm                                   # once: vLLM's CPU build into .venv-vllm (~1-2 min),
+                                                # and the model exported for it (--setup does both)
     python benchmarks/vs_vllm.py                # float32, every row
     python benchmarks/vs_vllm.py --dtype bfloat16
     python benchmarks/vs_vllm.py --rows 1 4     # a subset (row numbers as printed)
@@ -279,7 +280,11 @@ def main() -> None:
     ap.add_argument("--model-dir", default=None, help="the model's Hugging Face directory, already exported (default: export it)")
     ap.add_argument("--serve", action="store_true", help="`parrot-core serve` against `vllm serve` under `vllm bench serve`")
     ap.add_argument("--num-prompts", type=int, default=None, help="--serve: requests per run (default: each workload's own)")
+    ap.add_argument("--setup", action="store_true", help="only set up vLLM's environment and the exported model, then exit")
     args = ap.parse_args()
+    if args.setup:
+        print(vllm_python(args.vllm_venv), args.model_dir or exported_model(args.gguf))
+        return
     if args.serve:
         main_serve_mode(args)
         return

@@ -614,7 +614,15 @@ class LlamaModel:
         kp = self._ws.gather(2, k_pool, sh.prefix_slots)  # [Lp, kv, d]
         vp = self._ws.gather(3, v_pool, sh.prefix_slots)
         q_flat = qg.transpose(0, 1).reshape(n_kv, b * nq * g, d)
-        o_p, lse_p = _softmax_attend(torch.bmm(q_flat, kp.permute(1, 2, 0)), vp.transpose(0, 1))
+        if q.dtype in (torch.float32, torch.float64):
+            # the fused CPU flash kernel, which also returns the log-sum-exp: 4.5x faster here
+            # than GEMM + softmax for 3,072 queries x 1,024 keys per KV head (13.7 vs 62 ms)
+            o_p, lse_p = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q_flat[None], kp.transpose(0, 1)[None], vp.transpose(0, 1)[None], 0.0, False, scale=1.0
+            )[:2]
+            o_p, lse_p = o_p[0], lse_p[0, :, :, None].to(q.dtype)
+        else:  # bfloat16: GEMMs (oneDNN) are as fast or faster
+            o_p, lse_p = _softmax_attend(torch.bmm(q_flat, kp.permute(1, 2, 0)), vp.transpose(0, 1))
         o_p = o_p.view(n_kv, b, nq * g, d).transpose(0, 1)  # [B, kv, Q * g, d]
         lse_p = lse_p.view(n_kv, b, nq * g, 1).transpose(0, 1)
         # own suffixes, padded to the longest
