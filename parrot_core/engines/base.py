@@ -58,6 +58,15 @@ FINISH_ABORT = "abort"  # the caller went away
 MAX_LOGPROBS = 20  # the most alternatives a request may ask for per token (vLLM's default cap)
 
 
+def find_stop(text: str, stops: Sequence[str], checked_chars: int) -> int | None:
+    """Where the earliest of `stops` begins in `text`, or None. Only matches that reach past
+    the first `checked_chars` characters are looked for (the text before was already checked,
+    so a match there would have been found then)."""
+    start = max(0, checked_chars - max(len(s) for s in stops))
+    hits = [i for s in stops if (i := text.find(s, start)) >= 0]
+    return min(hits) if hits else None
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     """One token's log-probability under the model's raw distribution (log_softmax of the

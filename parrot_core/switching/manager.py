@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from parrot_core.contexts import Context
-from parrot_core.engines.base import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, SamplingParams, TokenLogprob
+from parrot_core.engines.base import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, SamplingParams, TokenLogprob, find_stop
 from parrot_core.errors import InvalidRequestError, RuntimeClosedError, UnknownGenerationError
 from parrot_core.frontend.runtime import ENGINE_ID, GenerateOutput, Runtime, StreamDelta
 from parrot_core.serve.scheduler import SchedTask
@@ -503,11 +503,10 @@ class SwitchingManager:
     @staticmethod
     def _cut_at_stop(gen: _Generation) -> bool:
         """As the engine matches stop strings, over the whole output's text."""
-        start = max(0, gen.sent_chars - max(len(s) for s in gen.params.stop))
-        hits = [i for s in gen.params.stop if (i := gen.text.find(s, start)) >= 0]
-        if not hits:
+        at = find_stop(gen.text, gen.params.stop, gen.sent_chars)
+        if at is None:
             return False
-        gen.text = gen.text[: min(hits)]
+        gen.text = gen.text[:at]
         return True
 
     def _delta(self, gen: _Generation, ids: list[int], reason: str | None, delta: Any, info: _Slice) -> SliceDelta:

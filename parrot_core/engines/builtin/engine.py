@@ -37,6 +37,7 @@ from parrot_core.engines.base import (
     SamplingParams,
     StructuredSpec,
     TokenLogprob,
+    find_stop,
 )
 from parrot_core.engines.builtin.block_pool import BlockPool
 from parrot_core.engines.builtin.config import EngineConfig
@@ -753,11 +754,10 @@ class BuiltinEngine:
     @staticmethod
     def _cut_at_stop(req: EngineRequest) -> bool:
         assert req.params is not None
-        start = max(0, req.sent_chars - max(len(s) for s in req.params.stop))
-        hits = [i for s in req.params.stop if (i := req.text.find(s, start)) >= 0]
-        if not hits:
+        at = find_stop(req.text, req.params.stop, req.sent_chars)
+        if at is None:
             return False
-        req.text = req.text[: min(hits)]
+        req.text = req.text[:at]
         return True
 
     def _finish(
