@@ -20,11 +20,12 @@ def demo(model: str = typer.Option(None, help="A llama GGUF file; default: the b
 @app.command()
 def run(program: str = typer.Argument(..., help="A Python file, e.g. examples/map_reduce.py."), args: list[str] = typer.Argument(None)) -> None:
     """Run a parrot-core program (a Python file using semantic functions) as `__main__`."""
+    import os
     import runpy
     import sys
 
     sys.argv = [program, *(args or [])]
-    sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(program)))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(program)))
     runpy.run_path(program, run_name="__main__")
 
 
@@ -40,21 +41,19 @@ def version() -> None:
 def export_hf(
     out_dir: str = typer.Argument(..., help="The directory to write (replaced with --overwrite)."),
     model: str = typer.Option(None, help="A llama GGUF file; default: the bundled SmolLM2-135M-Instruct."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (vLLM's names)."),
     overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it exists."),
 ) -> None:
     """Write a GGUF model as a Hugging Face safetensors directory (for vLLM or transformers)."""
-    import torch
-
+    from parrot_core.engines.builtin.config import dtype_from_name
     from parrot_core.engines.builtin.default_model import default_model_path
     from parrot_core.engines.builtin.export_hf import export_hf as run_export
+    from parrot_core.errors import InvalidRequestError
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise typer.BadParameter(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-    if __import__("os").path.exists(out_dir) and not overwrite:
-        raise typer.BadParameter(f"{out_dir!r} exists (add --overwrite to replace it)")
-    typer.echo(run_export(model or default_model_path(), out_dir, dtypes[dtype], overwrite=overwrite))
+    try:
+        typer.echo(run_export(model or default_model_path(), out_dir, dtype_from_name(dtype), overwrite=overwrite))
+    except (InvalidRequestError, FileExistsError) as e:
+        raise typer.BadParameter(f"{e} (add --overwrite to replace it)" if isinstance(e, FileExistsError) else str(e)) from e
 
 
 @app.command(name="serve")

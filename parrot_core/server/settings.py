@@ -24,17 +24,6 @@ ENV_PREFIX = "PARROT_CORE_"
 DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 1024 * 1024
 
 
-_DTYPES = {"auto": "float32", "float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
-
-
-def _torch_dtype(name: str) -> Any:
-    if name not in _DTYPES:
-        raise InvalidRequestError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
-    import torch
-
-    return getattr(torch, _DTYPES[name])
-
-
 def _doc(text: str, *, argument: bool = False) -> dict[str, Any]:
     return {"help": text, "argument": argument}
 
@@ -115,7 +104,7 @@ class ServeSettings:
 
     def engine_config(self) -> Any:
         """The `EngineConfig` these settings describe."""
-        from parrot_core.engines.builtin.config import EngineConfig
+        from parrot_core.engines.builtin.config import EngineConfig, dtype_from_name
 
         return EngineConfig(
             model=self.model,
@@ -126,7 +115,7 @@ class ServeSettings:
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             enable_prefix_caching=self.enable_prefix_caching,
-            dtype=_torch_dtype(self.dtype),
+            dtype=dtype_from_name(self.dtype),
         )
 
     def replace(self, **changes: Any) -> ServeSettings:

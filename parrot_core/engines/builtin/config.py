@@ -9,6 +9,17 @@ import torch
 from parrot_core.errors import InvalidRequestError
 
 
+# dtype names as vLLM's --dtype takes them ("auto": the GGUF's weights are dequantized to float32)
+DTYPE_NAMES = {"auto": "float32", "float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """The torch dtype a --dtype name means; `InvalidRequestError` naming the choices otherwise."""
+    if name not in DTYPE_NAMES:
+        raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+    return getattr(torch, DTYPE_NAMES[name])
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """`num_kv_blocks=None` sizes the pool from `kv_cache_memory_gb`. `max_model_len=None`
