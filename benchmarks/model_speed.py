@@ -24,7 +24,7 @@ from parrot_core.engines.builtin.gguf_loader import load_gguf
 from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel
 
 BS = 16
-PREFIX, SUFFIX = 1024, 32
+SUFFIX = 32  # own tokens of each sequence after the shared prefix
 
 
 def timed(fn, repeats: int) -> float:
@@ -45,26 +45,25 @@ def bench_prefill(model: LlamaModel, length: int, repeats: int) -> float:
     return length / timed(lambda: model.compute_logits(model.forward(batch, kv)), repeats)
 
 
-def setup_shared(model: LlamaModel, num_seqs: int, max_steps: int):
-    """KV holding a 1024-token prefix shared by `num_seqs` sequences, each with 32 own tokens."""
+def setup_shared(model: LlamaModel, prefix_len: int, num_seqs: int, max_steps: int):
+    """KV holding a `prefix_len`-token prefix shared by `num_seqs` sequences, each with SUFFIX own tokens."""
     own_blocks = -(-(SUFFIX + max_steps + 1) // BS)
-    n_prefix = PREFIX // BS
+    n_prefix = prefix_len // BS
     kv = KVCache.allocate(model.config, n_prefix + num_seqs * own_blocks, BS, dtype=model.dtype)
     vocab = model.config.vocab_size
-    prefix = torch.randint(0, vocab, (PREFIX,)).tolist()
+    prefix = torch.randint(0, vocab, (prefix_len,)).tolist()
     shared = list(range(n_prefix))
-    model.forward(ForwardBatch.build([prefix], [PREFIX], [shared], BS), kv)
+    model.forward(ForwardBatch.build([prefix], [prefix_len], [shared], BS), kv)
     tables = [shared + list(range(n_prefix + i * own_blocks, n_prefix + (i + 1) * own_blocks)) for i in range(num_seqs)]
     suffixes = [torch.randint(0, vocab, (SUFFIX,)).tolist() for _ in range(num_seqs)]
-    model.forward(ForwardBatch.build(suffixes, [PREFIX + SUFFIX] * num_seqs, tables, BS), kv)
+    model.forward(ForwardBatch.build(suffixes, [prefix_len + SUFFIX] * num_seqs, tables, BS), kv)
     return kv, tables
 
 
-def bench_decode(model: LlamaModel, kv: KVCache, tables: list[list[int]], batch: int, steps: int, shared: bool) -> float:
+def bench_decode(model: LlamaModel, kv: KVCache, tables: list[list[int]], ctx: int, batch: int, steps: int, shared: bool) -> float:
     model.enable_shared_prefix = shared
     # force the path under test (the defaults would pick plain for B=1)
     model.shared_prefix_min_batch, model.shared_prefix_min_tokens, model.shared_prefix_min_work = 1, BS, 0
-    ctx = PREFIX + SUFFIX
     times = []
     for s in range(steps + 1):  # step 0 is a warm-up
         fb = ForwardBatch.build([[1]] * batch, [ctx + s + 1] * batch, tables[:batch], BS)
@@ -144,17 +143,15 @@ def main() -> None:
         results["prefill_tok_s"][n] = rate
         print(f"{n:>8} {rate:>8.0f}")
 
-    global PREFIX
     for prefix in (224, 992):  # contexts of ~256 and ~1024 tokens (prefix + 32 own tokens)
-        PREFIX = prefix
-        kv, tables = setup_shared(model, 32, args.steps + 1)
-        ctx = PREFIX + SUFFIX
+        kv, tables = setup_shared(model, prefix, 32, args.steps + 1)
+        ctx = prefix + SUFFIX
         results["decode_ms"][ctx] = {}
-        print(f"\ndecode step (forward + logits), ctx ~{ctx}, a {PREFIX}-token prefix shared by the batch")
+        print(f"\ndecode step (forward + logits), ctx ~{ctx}, a {prefix}-token prefix shared by the batch")
         print(f"{'B':>4} {'plain ms':>9} {'shared ms':>10} {'speedup':>8} {'plain tok/s':>12} {'shared tok/s':>13}")
         for b in (1, 8, 32):
-            plain = bench_decode(model, kv, tables, b, args.steps, shared=False)
-            casc = bench_decode(model, kv, tables, b, args.steps, shared=True)
+            plain = bench_decode(model, kv, tables, ctx, b, args.steps, shared=False)
+            casc = bench_decode(model, kv, tables, ctx, b, args.steps, shared=True)
             results["decode_ms"][ctx][b] = {"plain": plain, "shared": casc}
             print(f"{b:>4} {plain:>9.1f} {casc:>10.1f} {plain / casc:>7.2f}x {b / plain * 1000:>12.1f} {b / casc * 1000:>13.1f}")
 

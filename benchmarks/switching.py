@@ -61,12 +61,20 @@ class Run:
     prompt_tokens: int  # the agents' prompts, once each
     prompt_tokens_computed: int  # engine counter over the run
     resumes: int  # turns after an agent's first
-    ttft_s: list[float]  # per agent: first token, seconds from the start
-    finish_s: list[float]  # per agent: last token
     outputs: list[list[int]]
+    # per agent, (time, tokens done) points of its progress, in time order: the first is its first token
+    progress: list[list[tuple[float, int]]] = field(repr=False)
     rounds: list[dict[str, int]] = field(default_factory=list)  # round-robin: per round min/max tokens
-    # per agent, (time, tokens done) points of its progress
-    progress: list[list[tuple[float, int]]] = field(default_factory=list, repr=False)
+
+    @property
+    def ttft_s(self) -> list[float]:
+        """Per agent: its first token, seconds from the start."""
+        return [points[0][0] for points in self.progress]
+
+    @property
+    def finish_s(self) -> list[float]:
+        """Per agent: its last token."""
+        return [points[-1][0] for points in self.progress]
 
     @property
     def recomputed(self) -> int:
@@ -112,19 +120,9 @@ def run_kv(rt: P.Runtime, prompts: list[list[int]], output_len: int, quantum: in
             progress[s.agent].append((s.first_token, done[s.agent] + 1))
         done[s.agent] += s.tokens
         progress[s.agent].append((s.end, done[s.agent]))
-    ttft = [min(s.first_token for s in result.slices if s.agent == a and s.first_token is not None) for a in range(len(prompts))]
-    return Run(
-        KV,
-        wall,
-        sum(map(len, prompts)),
-        rt.stats()["prompt_tokens_computed"] - before,
-        len(result.slices) - len(prompts),
-        ttft,
-        [max(s.end for s in result.slices if s.agent == a) for a in range(len(prompts))],
-        [o.token_ids for o in result.outputs],
-        _round_spread(result.rounds()),
-        progress,
-    )
+    computed = rt.stats()["prompt_tokens_computed"] - before
+    outputs = [o.token_ids for o in result.outputs]
+    return Run(KV, wall, sum(map(len, prompts)), computed, len(result.slices) - len(prompts), outputs, progress, _round_spread(result.rounds()))
 
 
 def _round_spread(rounds: list[dict[int, int]]) -> list[dict[str, int]]:
@@ -184,18 +182,8 @@ def run_recompute(rt: P.Runtime, prompts: list[list[int]], output_len: int, quan
     outputs, progress, rounds, resumes = asyncio.run(_recompute(rt, prompts, output_len, quantum, slots, bar, t0))
     wall = time.perf_counter() - t0
     rt.engine.wait_idle()
-    return Run(
-        RECOMPUTE,
-        wall,
-        sum(map(len, prompts)),
-        rt.stats()["prompt_tokens_computed"] - before,
-        resumes,
-        [p[0][0] for p in progress],
-        [p[-1][0] for p in progress],
-        outputs,
-        _round_spread(rounds),
-        progress,
-    )
+    computed = rt.stats()["prompt_tokens_computed"] - before
+    return Run(RECOMPUTE, wall, sum(map(len, prompts)), computed, resumes, outputs, progress, _round_spread(rounds))
 
 
 def run_fifo(rt: P.Runtime, prompts: list[list[int]], output_len: int, bar: tqdm) -> Run:
@@ -221,18 +209,8 @@ def run_fifo(rt: P.Runtime, prompts: list[list[int]], output_len: int, bar: tqdm
     asyncio.run(all_agents())
     wall = time.perf_counter() - t0
     rt.engine.wait_idle()
-    return Run(
-        FIFO,
-        wall,
-        sum(map(len, prompts)),
-        rt.stats()["prompt_tokens_computed"] - before,
-        0,
-        [p[0][0] for p in progress],
-        [p[-1][0] for p in progress],
-        outputs,
-        [],
-        progress,
-    )
+    computed = rt.stats()["prompt_tokens_computed"] - before
+    return Run(FIFO, wall, sum(map(len, prompts)), computed, 0, outputs, progress)
 
 
 def print_table(runs: list[Run]) -> None:
@@ -349,6 +327,8 @@ def main(argv: list[str] | None = None) -> list[Run]:
                 "results": [
                     {
                         **{k: v for k, v in asdict(r).items() if k not in ("outputs", "progress")},
+                        "ttft_s": r.ttft_s,
+                        "finish_s": r.finish_s,
                         "recomputed_tokens": r.recomputed,
                         "ttft_last_s": max(r.ttft_s),
                         "ttft_mean_s": statistics.mean(r.ttft_s),
