@@ -116,6 +116,23 @@ def client_for(server: Server, timeout: float = 120) -> openai.OpenAI:
 
 
 @pytest.fixture
+def real_served(real_model: Any, real_llama: Any, start_server: Callable[..., Server]) -> Iterator[Callable[..., tuple[Runtime, Server, openai.OpenAI]]]:
+    """Factory: `real_served(**engine_config)` -> (runtime, server, client) on the real default
+    model, served as "real". Each runtime is closed at teardown (the test settles it itself)."""
+    runtimes: list[Runtime] = []
+
+    def make(**config: Any) -> tuple[Runtime, Server, openai.OpenAI]:
+        rt = Runtime(engine=BuiltinEngine(real_llama, real_model.tokenizer, EngineConfig(**config), "real"))
+        runtimes.append(rt)
+        server = start_server(rt)
+        return rt, server, client_for(server)
+
+    yield make
+    for rt in runtimes:
+        rt.close()
+
+
+@pytest.fixture
 def served(tiny_runtime: Runtime, start_server: Callable[..., Server]) -> tuple[Runtime, Server, openai.OpenAI]:
     """The tiny runtime behind a running server, and a client for it."""
     server = start_server(tiny_runtime)

@@ -12,10 +12,8 @@ import pytest
 import torch
 
 from parrot_core import Runtime
-from parrot_core.engines.builtin.config import EngineConfig
-from parrot_core.engines.builtin.engine import BuiltinEngine
 from tests.engines.hf_oracle import hf_llama_from
-from tests.server.conftest import client_for, settle
+from tests.server.conftest import settle
 
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 LONG = " ".join(["The quick brown fox jumps over the lazy dog."] * 4)  # > 2 blocks of 16 tokens
@@ -151,36 +149,30 @@ def test_bad_logprob_requests_are_400_naming_the_field(served, route, body, para
 
 
 @pytest.mark.real_model
-def test_real_model_prompt_logprobs_match_transformers(real_model, real_llama, start_server):
-    engine = BuiltinEngine(real_llama, real_model.tokenizer, EngineConfig(block_size=16, num_kv_blocks=64, max_model_len=512), "real")
-    rt = Runtime(engine=engine)
-    try:
-        server = start_server(rt)
-        client = client_for(server)
-        text = "The history of the Roman Empire spans many centuries, and historians still argue about why it fell. " * 2
-        ids = rt.tokenize_prompt(text)
-        hf = hf_llama_from(real_llama)
-        with torch.no_grad():
-            ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), dim=-1)
-        rt.generate(text, max_tokens=1, temperature=0.0)  # the prompt's blocks are now in the prefix cache
-        assert rt.generate(text, max_tokens=1, temperature=0.0).cached_tokens >= 16
-        for max_tokens in (0, 1):
-            out = client.completions.create(model="real", prompt=text, echo=True, logprobs=5, max_tokens=max_tokens, temperature=0)
-            lp = out.choices[0].logprobs
-            assert out.usage.prompt_tokens_details.cached_tokens == 0  # computed, not taken from the cache
-            assert len(lp.token_logprobs) == len(ids) + max_tokens and lp.token_logprobs[0] is None
-            ours = torch.tensor(lp.token_logprobs[1 : len(ids)], dtype=torch.float64)
-            theirs = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
-            assert (ours - theirs).abs().max() < 1e-4
-            for i in range(1, len(ids)):  # the top 5 are transformers' top 5
-                top = torch.topk(ref[i - 1], 5)
-                got = sorted(lp.top_logprobs[i].values(), reverse=True)[:5]
-                assert got == pytest.approx(top.values.tolist(), abs=1e-4)
-            if max_tokens:
-                assert abs(lp.token_logprobs[-1] - float(ref[-1].max())) < 1e-4  # greedy: the top token
-        settle(rt)
-    finally:
-        rt.close()
+def test_real_model_prompt_logprobs_match_transformers(real_served, real_llama):
+    rt, _, client = real_served(block_size=16, num_kv_blocks=64, max_model_len=512)
+    text = "The history of the Roman Empire spans many centuries, and historians still argue about why it fell. " * 2
+    ids = rt.tokenize_prompt(text)
+    hf = hf_llama_from(real_llama)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), dim=-1)
+    rt.generate(text, max_tokens=1, temperature=0.0)  # the prompt's blocks are now in the prefix cache
+    assert rt.generate(text, max_tokens=1, temperature=0.0).cached_tokens >= 16
+    for max_tokens in (0, 1):
+        out = client.completions.create(model="real", prompt=text, echo=True, logprobs=5, max_tokens=max_tokens, temperature=0)
+        lp = out.choices[0].logprobs
+        assert out.usage.prompt_tokens_details.cached_tokens == 0  # computed, not taken from the cache
+        assert len(lp.token_logprobs) == len(ids) + max_tokens and lp.token_logprobs[0] is None
+        ours = torch.tensor(lp.token_logprobs[1 : len(ids)], dtype=torch.float64)
+        theirs = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        assert (ours - theirs).abs().max() < 1e-4
+        for i in range(1, len(ids)):  # the top 5 are transformers' top 5
+            top = torch.topk(ref[i - 1], 5)
+            got = sorted(lp.top_logprobs[i].values(), reverse=True)[:5]
+            assert got == pytest.approx(top.values.tolist(), abs=1e-4)
+        if max_tokens:
+            assert abs(lp.token_logprobs[-1] - float(ref[-1].max())) < 1e-4  # greedy: the top token
+    settle(rt)
 
 
 def test_echo_scoring_keeps_the_entry_of_a_generated_end_token(served):

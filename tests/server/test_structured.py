@@ -13,9 +13,6 @@ import openai
 import pydantic
 import pytest
 
-from parrot_core import Runtime
-from parrot_core.engines.builtin.config import EngineConfig
-from parrot_core.engines.builtin.engine import BuiltinEngine
 from tests.server.conftest import settle
 
 SCHEMA = {
@@ -94,20 +91,15 @@ class Pet(pydantic.BaseModel):
 
 
 @pytest.mark.real_model
-def test_real_model_beta_parse_returns_a_validated_pydantic_object(real_model, real_llama, start_server):
-    engine = BuiltinEngine(real_llama, real_model.tokenizer, EngineConfig(block_size=16, num_kv_blocks=128, max_model_len=1024), "real")
-    rt = Runtime(engine=engine)
-    try:
-        client = client_for(start_server(rt))
-        messages = [{"role": "user", "content": "Invent a pet. Answer in JSON with its name, species and age."}]
-        for seed in (0, 1):
-            completion = client.beta.chat.completions.parse(
-                model=rt.engine.model_name, messages=messages, response_format=Pet, max_tokens=60, seed=seed, temperature=0.7
-            )
-            message = completion.choices[0].message
-            assert completion.choices[0].finish_reason == "stop", message.content
-            assert isinstance(message.parsed, Pet)
-            assert Pet.model_validate_json(message.content) == message.parsed
-        settle(rt)
-    finally:
-        rt.close()
+def test_real_model_beta_parse_returns_a_validated_pydantic_object(real_served):
+    rt, _, client = real_served(block_size=16, num_kv_blocks=128, max_model_len=1024)
+    messages = [{"role": "user", "content": "Invent a pet. Answer in JSON with its name, species and age."}]
+    for seed in (0, 1):
+        completion = client.beta.chat.completions.parse(
+            model=rt.engine.model_name, messages=messages, response_format=Pet, max_tokens=60, seed=seed, temperature=0.7
+        )
+        message = completion.choices[0].message
+        assert completion.choices[0].finish_reason == "stop", message.content
+        assert isinstance(message.parsed, Pet)
+        assert Pet.model_validate_json(message.content) == message.parsed
+    settle(rt)

@@ -12,9 +12,6 @@ import jsonschema_rs
 import openai
 import pytest
 
-from parrot_core import Runtime
-from parrot_core.engines.builtin.config import EngineConfig
-from parrot_core.engines.builtin.engine import BuiltinEngine
 from parrot_core.engines.builtin.tokenizer import Tokenizer
 from parrot_core.engines.base import StructuredSpec
 from parrot_core.server.http_errors import APIError
@@ -287,29 +284,24 @@ def test_bad_tool_requests_are_400s_over_http(served):
 
 # -- the real model -----------------------------------------------------------------------------
 @pytest.mark.real_model
-def test_real_model_tool_calls_required_named_streaming_and_not(real_model, real_llama, start_server):
-    engine = BuiltinEngine(real_llama, real_model.tokenizer, EngineConfig(block_size=16, num_kv_blocks=256, max_model_len=2048), "real")
-    rt = Runtime(engine=engine)
-    try:
-        client = client_for(start_server(rt))
-        model = rt.engine.model_name
-        for choice_kind in ("required", NAMED):
-            out = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, tool_choice=choice_kind, max_tokens=80, temperature=0)
-            choice = out.choices[0]
-            assert choice.finish_reason == "tool_calls", choice
-            for call in choice.message.tool_calls:
-                check_call(call, {"get_weather"} if choice_kind == NAMED else set(SCHEMAS))
-        stream = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, tool_choice=NAMED, max_tokens=80, temperature=0, stream=True)
-        deltas = [d for chunk in stream for c in chunk.choices for d in (c.delta.tool_calls or [])]
-        assert deltas and deltas[0].index == 0 and deltas[0].function.name == "get_weather"
-        streamed = "".join(d.function.arguments or "" for d in deltas if d.index == 0)
-        assert streamed == out.choices[0].message.tool_calls[0].function.arguments  # greedy: the same call
-        # auto: whatever the model wrote is split into content and valid calls
-        auto = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, max_tokens=60, temperature=0, extra_body={"return_token_ids": True})
-        content, calls = parse_reply(rt.detokenize(auto.choices[0].token_ids), parse_tool_setup(TOOLS, "auto", None))
-        assert auto.choices[0].message.content == content and len(auto.choices[0].message.tool_calls or []) == len(calls)
-        for call in auto.choices[0].message.tool_calls or []:
-            check_call(call, set(SCHEMAS))
-        settle(rt)
-    finally:
-        rt.close()
+def test_real_model_tool_calls_required_named_streaming_and_not(real_served):
+    rt, _, client = real_served(block_size=16, num_kv_blocks=256, max_model_len=2048)
+    model = rt.engine.model_name
+    for choice_kind in ("required", NAMED):
+        out = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, tool_choice=choice_kind, max_tokens=80, temperature=0)
+        choice = out.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        for call in choice.message.tool_calls:
+            check_call(call, {"get_weather"} if choice_kind == NAMED else set(SCHEMAS))
+    stream = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, tool_choice=NAMED, max_tokens=80, temperature=0, stream=True)
+    deltas = [d for chunk in stream for c in chunk.choices for d in (c.delta.tool_calls or [])]
+    assert deltas and deltas[0].index == 0 and deltas[0].function.name == "get_weather"
+    streamed = "".join(d.function.arguments or "" for d in deltas if d.index == 0)
+    assert streamed == out.choices[0].message.tool_calls[0].function.arguments  # greedy: the same call
+    # auto: whatever the model wrote is split into content and valid calls
+    auto = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, max_tokens=60, temperature=0, extra_body={"return_token_ids": True})
+    content, calls = parse_reply(rt.detokenize(auto.choices[0].token_ids), parse_tool_setup(TOOLS, "auto", None))
+    assert auto.choices[0].message.content == content and len(auto.choices[0].message.tool_calls or []) == len(calls)
+    for call in auto.choices[0].message.tool_calls or []:
+        check_call(call, set(SCHEMAS))
+    settle(rt)
