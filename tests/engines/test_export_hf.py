@@ -16,6 +16,7 @@ from parrot_core.engines.builtin.default_model import default_model_path
 from parrot_core.engines.builtin.export_hf import export_hf
 from parrot_core.engines.builtin.gguf_loader import load_gguf
 from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel
+from parrot_core.engines.builtin.tokenizer import load_hf_tokenizer
 from parrot_core.errors import ModelLoadError
 
 from .test_gguf_real import _TOKENS, write_llama_gguf
@@ -56,6 +57,23 @@ def test_tiny_export_loads_in_transformers_with_identical_logits(tiny_llama, tmp
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["num_hidden_layers"], config["num_key_value_heads"], config["torch_dtype"]) == (2, 2, "float32")
     _assert_same_model(src, out, "ab ab a!b", atol=1e-5)
+
+
+def test_the_exported_tokenizer_loads_back_as_the_same_tokenizer(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("PARROT_CORE_CACHE_DIR", str(tmp_path / "cache"))
+    src = str(tmp_path / "tiny.gguf")
+    write_llama_gguf(src, tiny_llama(vocab_size=len(_TOKENS), dtype=torch.float32))
+    original = load_gguf(src).tokenizer
+    back = load_hf_tokenizer(export_hf(src, tmp_path / "hf"))
+    text = "ab ab a!b"
+    assert back.encode(text) == original.encode(text) and back.encode_prompt(text) == original.encode_prompt(text)
+    assert (back.bos_token_id, back.eos_token_id, back.add_bos_token) == (
+        original.bos_token_id, original.eos_token_id, original.add_bos_token,
+    )  # fmt: skip
+    messages = [{"role": "user", "content": text}]
+    assert back.apply_chat_template(messages) == original.apply_chat_template(messages)
+    with pytest.raises(ModelLoadError, match="tokenizer.json"):
+        load_hf_tokenizer(str(tmp_path))
 
 
 def test_existing_directory_is_kept_unless_overwrite(tiny_llama, tmp_path, monkeypatch):

@@ -212,6 +212,41 @@ def load_gguf_tokenizer(
     return Tokenizer(tok, bos_token_id=bos_token_id, eos_token_id=eos_token_id, chat_template=template, add_bos_token=add_bos)
 
 
+def load_hf_tokenizer(model_dir: str) -> Tokenizer:
+    """The tokenizer of a Hugging Face model directory: `tokenizer.json`, with BOS/EOS, whether
+    a BOS starts a prompt and the chat template from `tokenizer_config.json` (the files
+    `parrot-core export-hf` writes, and those of most HF models). `ModelLoadError` naming the
+    file when one is missing or unreadable."""
+    tok_path = os.path.join(model_dir, "tokenizer.json")
+    try:
+        tok = HFTokenizer.from_file(tok_path)
+    except Exception as e:  # missing or malformed: the tokenizers library raises plain Exceptions
+        raise ModelLoadError(f"cannot read the tokenizer {tok_path}: {e}") from None
+    config: dict[str, Any] = {}
+    config_path = os.path.join(model_dir, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot read {config_path}: {e}") from None
+
+    def token_id(name: str) -> int | None:
+        value = config.get(name)
+        if isinstance(value, dict):  # {"content": "<s>", ...} in older files
+            value = value.get("content")
+        return tok.token_to_id(value) if isinstance(value, str) else None
+
+    bos = token_id("bos_token")
+    return Tokenizer(
+        tok,
+        bos_token_id=bos,
+        eos_token_id=token_id("eos_token"),
+        chat_template=config.get("chat_template") if isinstance(config.get("chat_template"), str) else None,
+        add_bos_token=bool(config.get("add_bos_token", False)),
+    )
+
+
 def _write_atomic(path: str, text: str) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
