@@ -38,6 +38,16 @@ the file format and the `ContextKV` / `KVSpec` types):
 - `import_context(context_id, kv)`: create a root context holding those tokens with that KV,
   nothing computed, its full blocks registered in the prefix cache like computed ones. Atomic.
 - `reset_prefix_cache() -> int`: forget the cached prefixes of blocks nothing holds.
+
+Lifecycle and checks, which every engine a `Runtime` holds provides (blocking calls, made from
+a worker thread, never on the event loop):
+- `tokenizer`: a `Tokenizer` (engines/builtin/tokenizer.py), or None for an engine that only
+  takes token ids;
+- `close()`: idempotent; every queued or running request fails with `RuntimeClosedError`;
+  `closed` says whether it was called;
+- `context_ids() -> set[int]`: the contexts the engine holds now (the serve layer checks that
+  it agrees); `check_invariants()`: raise `InvariantError` if the engine's own bookkeeping is
+  broken.
 """
 
 from __future__ import annotations

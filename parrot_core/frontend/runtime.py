@@ -777,8 +777,8 @@ class Runtime:
         self.contexts.check_invariants()
         for engine_id, engine in self.core.engines.items():
             serve_ids = {c.context_id for c in self.contexts.contexts.values() if c.engine_id == engine_id}
-            engine_ids = engine.call(lambda e=engine: {c.context_id for c in e.tree.contexts()})
-            engine.check_invariants()
+            engine_ids = await asyncio.to_thread(engine.context_ids)
+            await asyncio.to_thread(engine.check_invariants)
             if serve_ids != engine_ids:
                 raise InvariantError(f"engine {engine_id!r}: serve contexts {sorted(serve_ids)} != engine contexts {sorted(engine_ids)}")
 

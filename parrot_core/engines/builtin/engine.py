@@ -351,6 +351,10 @@ class BuiltinEngine:
     def check_invariants(self) -> None:
         self.call(self.tree.check_invariants)
 
+    def context_ids(self) -> set[int]:
+        """The ids of the contexts the engine holds now."""
+        return self.call(lambda: {c.context_id for c in self.tree.contexts()})
+
     def reset_prefix_cache(self) -> int:
         """Forget the prefixes of free blocks (in-use KV is untouched). Returns how many."""
         return self.call(self.pool.reset_prefix_cache)
