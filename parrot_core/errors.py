@@ -64,6 +64,16 @@ class EngineError(ParrotError):
     """An engine call failed."""
 
 
+class EngineUnavailableError(EngineError):
+    """An engine is down or gone (closed, unreachable, dead, or failing every call): the work
+    placed on it fails with this, and new work goes to the other engines."""
+
+
+class UnsupportedByEngineError(InvalidRequestError):
+    """The engine cannot do what was asked (an optional engine capability it lacks, such as
+    carving contexts for chat sessions or saving KV); the message names both."""
+
+
 class OutOfBlocksError(EngineError):
     """The KV block pool cannot hold what was asked for right now."""
 

@@ -35,7 +35,7 @@ from parrot_core.contexts import Context
 from parrot_core.engines.base import FINISH_ABORT, SamplingParams
 from parrot_core.errors import InvalidRequestError, RequestTooLargeError, UnknownSessionError
 from parrot_core.frontend import saved_contexts
-from parrot_core.frontend.runtime import ENGINE_ID, GenerateOutput, Runtime, StreamDelta, _sampling_params, collect
+from parrot_core.frontend.runtime import GenerateOutput, Runtime, StreamDelta, _sampling_params, collect
 from parrot_core.frontend.saved_contexts import ContextFileError, ContextKV, PathLike
 from parrot_core.serve.scheduler import SchedTask
 
@@ -236,7 +236,7 @@ class ChatSession:
                 work = await self._carve(root, before, plan.keep)
                 ids: list[int] = []
                 pieces: list[str] = []
-                task = SchedTask(None, [len(plan.new_ids)], params.max_tokens, required_engine=ENGINE_ID, prior_tokens=work.chain_tokens)
+                task = SchedTask(None, [len(plan.new_ids)], params.max_tokens, required_engine=work.engine_id, prior_tokens=work.chain_tokens)
                 async with rt.core.scheduler.admit(task):
                     rt.contexts.record_fill(work, len(plan.new_ids))
                     async with contextlib.aclosing(rt._stream_in(work, params, plan.new_ids)) as deltas:
@@ -342,13 +342,13 @@ class ChatSession:
         """A new context under `root`'s (or a new root context) holding the first `keep`
         tokens of the sequence `state` holds, sharing their KV (nothing is computed)."""
         rt = self._rt
-        ctx = rt.contexts.new_context(ENGINE_ID) if root is None else rt.contexts.fork_context(root.context)
+        ctx = rt.contexts.new_context(rt.engine_id) if root is None else rt.contexts.fork_context(root.context)
         base = len(root.token_ids) if root else 0
         if keep > base:
             hint = self._hint(state)
             assert hint is not None, "tokens to keep but no context holding them"
             try:
-                await rt.engine.split(ctx.context_id, hint[0].context_id, len(hint[1]) - keep)
+                await rt._split(ctx, hint[0], len(hint[1]) - keep)
                 rt.contexts.record_fill(ctx, keep - base)
             except BaseException:
                 rt.contexts.free_context(ctx)

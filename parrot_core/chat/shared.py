@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from parrot_core.chat.transcript import common_prefix_len
 from parrot_core.contexts import Context
-from parrot_core.frontend.runtime import ENGINE_ID, Runtime
+from parrot_core.frontend.runtime import Runtime
 
 
 @dataclass(eq=False)
@@ -55,7 +55,7 @@ class SharedPrefixes:
             if filled:
                 return prefix, 0
             self.release(prefix)  # its filler failed and dropped it from the map: try again
-        ctx = self._rt.contexts.new_context(ENGINE_ID)
+        ctx = self._rt.contexts.new_context(self._rt.engine_id)
         prefix = SharedPrefix(text, tuple(token_ids), ctx, asyncio.get_running_loop().create_future())
         self._by_text[text] = prefix
         try:
@@ -92,7 +92,7 @@ class SharedPrefixes:
             source, source_ids = hint
             reused = common_prefix_len(source_ids, token_ids)
             if reused:
-                await rt.engine.split(ctx.context_id, source.context_id, len(source_ids) - reused)
+                await rt._split(ctx, source, len(source_ids) - reused)
                 rt.contexts.record_fill(ctx, reused)
         rest = list(token_ids[reused:])
         if not rest:

@@ -39,6 +39,10 @@ the file format and the `ContextKV` / `KVSpec` types):
   nothing computed, its full blocks registered in the prefix cache like computed ones. Atomic.
 - `reset_prefix_cache() -> int`: forget the cached prefixes of blocks nothing holds.
 
+Optional: `suspendable` (true): suspendable generations (`parrot_core.switching`) may read the
+engine's context tree (`tree`, `call`) to tell resident KV from evicted; only the builtin
+engine has it.
+
 Lifecycle and checks, which every engine a `Runtime` holds provides (blocking calls, made from
 a worker thread, never on the event loop):
 - `tokenizer`: a `Tokenizer` (engines/builtin/tokenizer.py), or None for an engine that only
@@ -60,12 +64,22 @@ from typing import Any, Protocol, runtime_checkable
 
 import llguidance
 
-from parrot_core.errors import InvalidRequestError
+from parrot_core.errors import InvalidRequestError, UnsupportedByEngineError
 
 FINISH_LENGTH = "length"  # max_tokens reached
 FINISH_STOP = "stop"  # EOS, a stop token id or a stop string
 FINISH_ABORT = "abort"  # the caller went away
 MAX_LOGPROBS = 20  # the most alternatives a request may ask for per token (vLLM's default cap)
+
+
+def capability(engine: Any, name: str, purpose: str) -> Any:
+    """The engine's optional method `name` (see the module docstring), or
+    `UnsupportedByEngineError` saying that `purpose` needs it and this engine lacks it."""
+    method = getattr(engine, name, None)
+    if method is None:
+        kind = type(engine).__name__
+        raise UnsupportedByEngineError(f"{purpose} needs an engine with `{name}`; {kind} ({engine.model_name!r}) has none")
+    return method
 
 
 def find_stop(text: str, stops: Sequence[str], checked_chars: int) -> int | None:

@@ -1,7 +1,9 @@
-"""`Runtime`: the in-process core. It owns an asyncio loop in a background thread, one engine
-(the builtin engine on the default model unless told otherwise) and the serve layer's
-`ServeCoreContextManager`, so every KV context the engine holds is a serve-layer `Context`
-whose reference count and token count describe it.
+"""`Runtime`: the in-process core. It owns an asyncio loop in a background thread, one or more
+engines (the builtin engine on the default model unless told otherwise) and the serve layer's
+`ServeCoreContextManager`, so every KV context an engine holds is a serve-layer `Context`
+whose reference count and token count describe it. With several engines, every piece of work
+is placed by the global scheduler (prefix affinity first, then load; serve/scheduler.py), and
+the work on one context (a handle, a chat session, a continuation) stays on its engine.
 
 Synchronous methods run their coroutine on the runtime's loop and block; `a`-prefixed
 methods are the same coroutines for async callers (they hop onto the runtime's loop too).
@@ -18,14 +20,14 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
 
 from parrot_core.contexts import Context
-from parrot_core.engines.base import STRUCTURED_KINDS, SamplingParams, TokenLogprob, split_structured
+from parrot_core.engines.base import STRUCTURED_KINDS, Engine, SamplingParams, TokenLogprob, capability, split_structured
 from parrot_core.engines.builtin.config import EngineConfig
 from parrot_core.engines.builtin.engine import BuiltinEngine
 from parrot_core.errors import InvalidRequestError, InvariantError, RuntimeClosedError, UnknownContextError
@@ -38,7 +40,6 @@ from parrot_core.serve.scheduler import SchedTask
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Prompt = str | Sequence[int]
-ENGINE_ID = "builtin-0"
 EXPIRY_PERIOD_S = 10.0
 CLOSE_GRACE_S = 5.0  # how long close() lets in-flight calls unwind before cancelling them
 _CURRENT: list[Runtime] = []  # runtimes entered with `with`, innermost last
@@ -131,8 +132,8 @@ class Runtime:
         kv_cache_memory_gb: float = 1.0,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
-        engine: BuiltinEngine | None = None,
-        engines: Sequence[BuiltinEngine] | None = None,
+        engine: Engine | None = None,
+        engines: Sequence[Engine] | None = None,
         latency_cap: int = 4,
         constant_prefix_timeout: float = 600.0,
         session_timeout: float | None = None,
@@ -157,10 +158,14 @@ class Runtime:
                 device=device,
             )
             engine = BuiltinEngine.from_gguf(model, config)
-        self.engine = engine
+        self.engine = engine  # the first engine: chat sessions, suspendable generations and saved contexts live there
         all_engines = list(engines or [engine])
+        if len({id(e) for e in all_engines}) != len(all_engines):
+            raise InvalidRequestError("the same engine is given twice")
+        self.engine_ids = _engine_ids(all_engines)
+        self.engine_id = self.engine_ids[0]
         self.core = ServeCore(
-            {ENGINE_ID if i == 0 else f"builtin-{i}": e for i, e in enumerate(all_engines)},
+            dict(zip(self.engine_ids, all_engines)),
             latency_cap=latency_cap,
             constant_prefix_timeout=constant_prefix_timeout,
             session_timeout=session_timeout,
@@ -294,6 +299,24 @@ class Runtime:
         if self.engine.tokenizer is None:
             raise InvalidRequestError("this engine has no tokenizer: pass token ids")
         return self.engine.tokenizer
+
+    def engine_of(self, ctx: Context) -> Any:
+        """The engine that holds `ctx`."""
+        return self.core.engines[ctx.engine_id]
+
+    async def _split(self, ctx: Context, source: Context, drop_last: int) -> None:
+        """Make the new engine context `ctx` hold `source`'s tokens but its last `drop_last`,
+        sharing their KV (the engine's optional `split`; chat sessions need it)."""
+        split = capability(self.engine_of(ctx), "split", "chat sessions (carving a turn's context from the last one)")
+        await split(ctx.context_id, source.context_id, drop_last)
+
+    async def _place_root(self, prompt_ids: Sequence[int] = ()) -> Hashable:
+        """The engine a new root context goes to: the one that ran the longest prefix of
+        `prompt_ids`, else the least loaded (the global scheduler's choice for plain work)."""
+        keys = self.core.scheduler.affinity.keys(prompt_ids) if len(self.core.engines) > 1 else ()
+        work = SchedTask(None, [len(prompt_ids)], 0, prefix_keys=keys)
+        async with self.core.scheduler.admit(work) as engine_id:
+            return engine_id
 
     def tokenize_prompt(self, text: str) -> list[int]:
         """`text` as the start of a sequence: with the model's BOS if it asks for one."""
@@ -530,9 +553,10 @@ class Runtime:
         """A fresh context holding the prompt and its generation: one engine request (prefill
         and first sample in one step), placed like all other work; freed at the end, also
         when abandoned."""
-        work = SchedTask(None, [len(prompt_ids)], params.max_tokens, required_engine=ENGINE_ID)
-        async with self.core.scheduler.admit(work):
-            ctx = self.contexts.new_context(ENGINE_ID)
+        keys = self.core.scheduler.affinity.keys(prompt_ids) if len(self.core.engines) > 1 else ()
+        work = SchedTask(None, [len(prompt_ids)], params.max_tokens, prefix_keys=keys)
+        async with self.core.scheduler.admit(work) as engine_id:
+            ctx = self.contexts.new_context(engine_id)
             try:
                 self.contexts.record_fill(ctx, len(prompt_ids))
                 async with contextlib.aclosing(self._stream_in(ctx, params, prompt_ids)) as deltas:  # reconciled before the free
@@ -558,7 +582,7 @@ class Runtime:
         self.contexts.reserve_generate(ctx, params.max_tokens)
         produced = 0
         try:
-            async for delta in self.engine.generate(ctx.context_id, ctx.parent_context_id, params, prompt_ids):
+            async for delta in self.engine_of(ctx).generate(ctx.context_id, ctx.parent_context_id, params, prompt_ids):
                 produced += len(delta.token_ids)
                 yield delta
         finally:
@@ -580,7 +604,7 @@ class Runtime:
         async with self.core.scheduler.admit(work):
             if not ctx.alive:  # freed, or dropped by reset(): the engine must not create it anew
                 raise UnknownContextError(f"context {ctx.context_id} is not alive (freed, or dropped by reset())")
-            result = await self.engine.fill(ctx.context_id, ctx.parent_context_id, prompt_ids)
+            result = await self.engine_of(ctx).fill(ctx.context_id, ctx.parent_context_id, prompt_ids)
             self.contexts.record_fill(ctx, len(prompt_ids))
             return result.cached_tokens
 
@@ -602,7 +626,7 @@ class Runtime:
                 yield item
 
     async def _stream_forks(self, prompt_ids: list[int], params: list[SamplingParams]) -> AsyncIterator[tuple[int, StreamDelta]]:
-        parent = self.contexts.new_context(ENGINE_ID)
+        parent = self.contexts.new_context(await self._place_root(prompt_ids))
         parent_held = True
         children: list[Context] = []
         out: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
@@ -683,11 +707,11 @@ class Runtime:
         return self._run(self._open(None))
 
     async def _open(self, parent: Context | None) -> ContextHandle:
-        ctx = self.contexts.new_context(ENGINE_ID) if parent is None else self.contexts.fork_context(parent)
+        ctx = self.contexts.new_context(await self._place_root()) if parent is None else self.contexts.fork_context(parent)
         try:
             # An empty fill creates the engine context now, so a fork holds its parent's
             # tokens as of the fork, whatever the parent does next.
-            await self.engine.fill(ctx.context_id, ctx.parent_context_id, [])
+            await self.engine_of(ctx).fill(ctx.context_id, ctx.parent_context_id, [])
         except BaseException:
             self.contexts.free_context(ctx)
             raise
@@ -879,3 +903,15 @@ def _is_batch(prompts: Any) -> bool:
     return isinstance(prompts, Sequence) and not isinstance(prompts, str) and any(
         isinstance(p, (str, Sequence)) for p in prompts
     )
+
+
+def _engine_ids(engines: Sequence[Any]) -> list[str]:
+    """Ids for the engines, in order: the kind and a count per kind ("builtin-0", "vllm-0",
+    "builtin-1", ...). Metrics label and scheduler key."""
+    seen: dict[str, int] = {}
+    ids = []
+    for engine in engines:
+        kind = type(engine).__name__.lower().removesuffix("engine") or "engine"
+        ids.append(f"{kind}-{seen.get(kind, 0)}")
+        seen[kind] = seen.get(kind, 0) + 1
+    return ids

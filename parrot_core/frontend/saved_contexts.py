@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from parrot_core.contexts import Context
+from parrot_core.engines.base import capability
 from parrot_core.engines.builtin import kv_io
 from parrot_core.engines.builtin.kv_io import ContextFileError, ContextKV
 from parrot_core.errors import UnknownContextError
@@ -41,8 +42,9 @@ async def save_context(rt: Runtime, ctx: Context, path: PathLike, extra: Mapping
         raise UnknownContextError(f"context {ctx.context_id} is not alive (freed, or dropped by reset())")
     engine = rt.core.engines[ctx.engine_id]
     work = SchedTask(None, [0], 0, required_engine=ctx.engine_id, prior_tokens=ctx.chain_tokens)
+    export = capability(engine, "export_context", "saving a context")
     async with rt.core.scheduler.admit(work):
-        kv = await engine.export_context(ctx.context_id)
+        kv = await export(ctx.context_id)
     if extra:
         kv = dataclasses.replace(kv, extra=dict(extra))
     await asyncio.to_thread(kv_io.write_context_file, path, kv, engine.kv_spec)
@@ -61,22 +63,19 @@ async def load_context(rt: Runtime, path: PathLike, session_id: str | None = Non
 async def read_context(rt: Runtime, path: PathLike) -> ContextKV:
     """The saved context at `path` (tokens, KV, `extra`), read and checked against the
     runtime's engine as `load_context` does; changes nothing."""
-    from parrot_core.frontend.runtime import ENGINE_ID
-
-    return await asyncio.to_thread(kv_io.read_context_file, path, rt.core.engines[ENGINE_ID].kv_spec)
+    spec = capability(rt.engine, "kv_spec", "loading a saved context")
+    return await asyncio.to_thread(kv_io.read_context_file, path, spec)
 
 
 async def import_context(rt: Runtime, kv: ContextKV, session_id: str | None = None) -> Context:
     """A new root context holding `kv` (from `read_context`), as `load_context` makes it.
     Atomic: on an error nothing is left behind."""
-    from parrot_core.frontend.runtime import ENGINE_ID
-
-    engine = rt.core.engines[ENGINE_ID]
-    work = SchedTask(None, [len(kv.token_ids)], 0, required_engine=ENGINE_ID)
+    import_kv = capability(rt.engine, "import_context", "loading a saved context")
+    work = SchedTask(None, [len(kv.token_ids)], 0, required_engine=rt.engine_id)
     async with rt.core.scheduler.admit(work):
-        ctx = rt.contexts.new_context(ENGINE_ID, session_id)
+        ctx = rt.contexts.new_context(rt.engine_id, session_id)
         try:
-            await engine.import_context(ctx.context_id, kv)
+            await import_kv(ctx.context_id, kv)
             rt.contexts.record_fill(ctx, len(kv.token_ids))
         except BaseException:
             if ctx.alive:  # reset() may have released it already

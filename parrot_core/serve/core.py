@@ -156,7 +156,7 @@ class ServeCore:
         self.clock = clock
         self.engines: dict[Hashable, Any] = {}
         self.contexts = ServeCoreContextManager(constant_prefix_timeout=constant_prefix_timeout, clock=clock)
-        self.scheduler = GlobalScheduler(self.contexts, latency_cap=latency_cap)
+        self.scheduler = GlobalScheduler(self.contexts, latency_cap=latency_cap, clock=clock)
         self.constants = Namespace(GLOBAL_SCOPE, clock=clock)
         self.sessions: dict[str, Session] = {}
         self.session_timeout = session_timeout
@@ -174,7 +174,8 @@ class ServeCore:
         self.engines[engine_id] = engine
         self.contexts.register_engine(engine_id, engine)
         capacity = info.num_blocks_total * info.block_size
-        self.scheduler.add_engine(engine_id, engine.model_name, capacity, getattr(engine, "max_model_len", None))
+        is_closed = (lambda: bool(engine.closed)) if hasattr(engine, "closed") else None
+        self.scheduler.add_engine(engine_id, engine.model_name, capacity, getattr(engine, "max_model_len", None), is_closed)
 
     def remove_engine(self, engine_id: Hashable) -> None:
         self.scheduler.remove_engine(engine_id)
@@ -236,5 +237,6 @@ class ServeCore:
         return removed
 
     async def close(self) -> None:
+        self.scheduler.close()
         for sid in list(self.sessions):
             await self.remove_session(sid)

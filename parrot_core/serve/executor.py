@@ -108,6 +108,7 @@ class ChainExecutor:
         stask = core.new_sched_task(ctask, [len(t) for t in token_lists], params.max_tokens, chain, parent)
         engine_id = await core.scheduler.place(stask)
         ctask.engine_id = engine_id
+        error: BaseException | None = None
         try:
             contexts = core.contexts.set_task_contexts(ctask)
             if retained_key is not None:
@@ -118,12 +119,15 @@ class ChainExecutor:
             if nxt is not None:  # output k+1 will fork from this output's context
                 self._retained[chain.chain_id] = (contexts[-1], core.contexts.retain(contexts[-1], self.session_id))
             chain.gen.sv.set(text)
+        except BaseException as e:
+            error = e
+            raise
         finally:
             if retained_key is not None:
                 core.contexts.release(retained_key)
             if ctask.contexts:
                 core.contexts.free_task_contexts(ctask)
-            core.scheduler.finish(stask)
+            core.scheduler.finish(stask, error)
 
     async def _fill_and_generate(
         self, engine_id: Hashable, contexts: list[Context], token_lists: list[list[int]], params: SamplingParams

@@ -22,8 +22,19 @@ Policy, for the task (or task group) at the head of the queue:
 - An engine qualifies if it serves the model, has room for the tokens the task adds (or has no
   placed work at all), and keeps every LATENCY task on it within `latency_cap` tasks.
 - Among qualifying engines, the one holding the longest cached prefix wins (affinity beats
-  any capacity tie-break); then LATENCY tasks go to the least loaded engine and THROUGHPUT
-  tasks pack onto the busiest one that still has room.
+  any capacity tie-break); then LATENCY tasks and plain requests (work without serve-layer
+  contexts) go to the least loaded engine and THROUGHPUT program tasks pack onto the busiest
+  one that still has room. A task's cached prefix on an engine is
+  what the context manager's prefix cache says (programs), or, for work without serve-layer
+  contexts (plain requests), what `PrefixAffinity` remembers of the prompts sent there.
+
+Engine health (failure isolation): the outcome of every placed task is reported when it
+finishes. An engine is down while it is closed, after a call failed with
+`EngineUnavailableError`, or after `FAILURES_TO_DOWN` engine failures in a row with no success
+between; a down engine gets no new work for `DOWN_COOLDOWN_S`, then one task tries it again.
+Only the work on it fails: queued work that must run there (a continuation of its contexts)
+fails with `EngineUnavailableError`, other work goes to the engines that are up, and work that
+no engine that is up could take fails at once instead of waiting.
 """
 
 from __future__ import annotations
@@ -31,12 +42,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Hashable
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 from parrot_core.contexts import ContextTask, ServeCoreContextManager
-from parrot_core.errors import InvalidRequestError, RequestTooLargeError
+from parrot_core.errors import EngineError, EngineUnavailableError, InvalidRequestError, OutOfBlocksError, RequestTooLargeError, RuntimeClosedError
 from parrot_core.graph import PerfCriteria, TaskGroup
+from parrot_core.serve.affinity import PrefixAffinity
+
+log = logging.getLogger(__name__)
+FAILURES_TO_DOWN = 3  # engine failures in a row that take an engine out of placement
+DOWN_COOLDOWN_S = 30.0  # how long a down engine gets no new work before it is tried again
 
 
 @dataclass(eq=False)
@@ -51,6 +69,10 @@ class EngineSlot:
     units: dict[tuple, int] = field(default_factory=dict)  # unit -> tasks of it placed here
     latency_units: set[tuple] = field(default_factory=set)
     pending_tokens: dict[int, int] = field(default_factory=dict)  # task seq -> tokens it adds until it finishes
+    is_closed: Callable[[], bool] = lambda: False  # the engine was closed (it went away)
+    failures_in_a_row: int = 0
+    down_until: float = 0.0  # no new work before this time (clock of the scheduler)
+    down_reason: str = ""
 
 
 @dataclass(eq=False)
@@ -68,6 +90,7 @@ class SchedTask:
     models: tuple[str, ...] = ()
     required_engine: Hashable | None = None  # a continuation runs where its parent context is
     prior_tokens: int = 0  # tokens the work's context already holds (a continuation, a handle)
+    prefix_keys: Sequence[int] = ()  # `PrefixAffinity` keys of the prompt of work without a context task
     seq: int = field(default_factory=itertools.count().__next__)
     placed: asyncio.Future[Hashable] | None = None
     engine_id: Hashable | None = None
@@ -78,22 +101,84 @@ class SchedTask:
 
 
 class GlobalScheduler:
-    def __init__(self, contexts: ServeCoreContextManager, *, latency_cap: int = 4, app_fifo: bool = True) -> None:
+    def __init__(
+        self,
+        contexts: ServeCoreContextManager,
+        *,
+        latency_cap: int = 4,
+        app_fifo: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.contexts = contexts
         self.latency_cap = latency_cap
         self.app_fifo = app_fifo
+        self.clock = clock
         self.engines: dict[Hashable, EngineSlot] = {}
         self.queue: list[SchedTask] = []
+        self.affinity = PrefixAffinity()
+        self.closed = False
         self._pass_pending = False
 
-    def add_engine(self, engine_id: Hashable, model_name: str, capacity_tokens: int, max_model_len: int | None = None) -> None:
+    def close(self) -> None:
+        """The core is shutting down: queued and later work fails with `RuntimeClosedError`
+        (not as an engine failure, though the engines close next)."""
+        self.closed = True
+        for task in self.queue:
+            if task.placed is not None and not task.placed.done():
+                task.placed.set_exception(RuntimeClosedError("the runtime was closed before this work was placed"))
+        self.queue.clear()
+
+    def add_engine(
+        self,
+        engine_id: Hashable,
+        model_name: str,
+        capacity_tokens: int,
+        max_model_len: int | None = None,
+        is_closed: Callable[[], bool] | None = None,
+    ) -> None:
         """`capacity_tokens`: the KV slots of the engine's pool; `max_model_len`: the longest
-        sequence it runs (default: no limit beyond the pool)."""
-        self.engines[engine_id] = EngineSlot(engine_id, model_name, capacity_tokens, max_model_len or capacity_tokens)
+        sequence it runs (default: no limit beyond the pool); `is_closed`: whether the engine
+        went away (then it takes no work)."""
+        slot = EngineSlot(engine_id, model_name, capacity_tokens, max_model_len or capacity_tokens)
+        if is_closed is not None:
+            slot.is_closed = is_closed
+        self.engines[engine_id] = slot
         self._schedule()
 
     def remove_engine(self, engine_id: Hashable) -> None:
         self.engines.pop(engine_id, None)
+        self.affinity.forget_engine(engine_id)
+        self._schedule()
+
+    # -- engine health -------------------------------------------------------------------
+    def is_up(self, slot: EngineSlot) -> bool:
+        return not slot.is_closed() and self.clock() >= slot.down_until
+
+    def down_engines(self) -> dict[Hashable, str]:
+        """The engines that take no new work now, with why."""
+        return {e.engine_id: ("closed" if e.is_closed() else e.down_reason) for e in self.engines.values() if not self.is_up(e)}
+
+    def report(self, engine_id: Hashable | None, error: BaseException | None) -> None:
+        """A task placed on `engine_id` finished, with `error` or fine. Only engine failures
+        count against the engine: a bad request, a cancellation or a full pool do not."""
+        slot = self.engines.get(engine_id)
+        if slot is None:
+            return
+        if error is None:
+            slot.failures_in_a_row = 0
+            return
+        if isinstance(error, EngineUnavailableError):
+            self._take_down(slot, str(error))
+        elif isinstance(error, EngineError) and not isinstance(error, OutOfBlocksError):
+            slot.failures_in_a_row += 1
+            if slot.failures_in_a_row >= FAILURES_TO_DOWN:
+                self._take_down(slot, f"{slot.failures_in_a_row} failures in a row, the last: {error}")
+
+    def _take_down(self, slot: EngineSlot, reason: str) -> None:
+        log.warning("engine %r is down for %.0f s: %s", slot.engine_id, DOWN_COOLDOWN_S, reason)
+        slot.down_until = self.clock() + DOWN_COOLDOWN_S
+        slot.down_reason = reason
+        self._schedule_soon()
 
     @contextlib.asynccontextmanager
     async def admit(self, task: SchedTask) -> AsyncIterator[Hashable]:
@@ -101,17 +186,26 @@ class GlobalScheduler:
         scheduler.admit(task) as engine_id: ...`. Leaving the block (also by an error or a
         cancellation) finishes the task, which may let queued work in."""
         engine_id = await self.place(task)
+        error: BaseException | None = None
         try:
             yield engine_id
+        except BaseException as e:
+            error = e
+            raise
         finally:
-            self.finish(task)
+            self.finish(task, error)
 
     async def place(self, task: SchedTask) -> Hashable:
         """Queue `task`; returns the engine it was placed on. Raises a typed error at once for
         work that no engine could ever take (unknown model, too long for every engine)."""
+        if self.closed:
+            raise RuntimeClosedError("the runtime is closed")
         if task.models and not any(e.model_name in task.models for e in self.engines.values()):
             raise InvalidRequestError(f"no engine serves any of the models {list(task.models)}")
         fitting = [e for e in self.engines.values() if not task.models or e.model_name in task.models]
+        unavailable = self._unavailable(task)
+        if unavailable is not None:
+            raise unavailable
         needed = sum(task.fill_tokens) + task.prior_tokens + task.max_tokens
         biggest = max((e.capacity_tokens for e in fitting), default=0)
         if needed > biggest:
@@ -134,8 +228,11 @@ class GlobalScheduler:
                 self.finish(task)
             raise
 
-    def finish(self, task: SchedTask) -> None:
-        """The task left its engine: its load is gone; queued tasks may fit now."""
+    def finish(self, task: SchedTask, error: BaseException | None = None) -> None:
+        """The task left its engine, fine or with `error` (see `report`): its load is gone;
+        queued tasks may fit now."""
+        if task.engine_id is not None and not isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            self.report(task.engine_id, error)
         slot = self.engines.get(task.engine_id)
         if slot is not None and task.seq in slot.pending_tokens:
             del slot.pending_tokens[task.seq]
@@ -162,7 +259,30 @@ class GlobalScheduler:
         self._schedule()
 
     # -- the policy ----------------------------------------------------------------------
+    def _unavailable(self, task: SchedTask) -> EngineUnavailableError | None:
+        """The error for work that no engine that is up could run, or None."""
+        if task.required_engine is not None:
+            slot = self.engines.get(task.required_engine)
+            if slot is None or not self.is_up(slot):
+                why = "removed" if slot is None else ("closed" if slot.is_closed() else slot.down_reason)
+                return EngineUnavailableError(f"engine {task.required_engine!r}, which holds this work's context, is down ({why})")
+            return None
+        fitting = [e for e in self.engines.values() if not task.models or e.model_name in task.models]
+        if fitting and not any(self.is_up(e) for e in fitting):
+            down = self.down_engines()
+            return EngineUnavailableError(f"every engine that could run this is down: {down}")
+        return None
+
+    def _fail_unplaceable(self) -> None:
+        for task in list(self.queue):
+            error = self._unavailable(task)
+            if error is not None:
+                self.queue.remove(task)
+                if task.placed is not None and not task.placed.done():
+                    task.placed.set_exception(error)
+
     def _schedule(self) -> None:
+        self._fail_unplaceable()
         if self.app_fifo:
             self.queue.sort(key=lambda t: (-t.depth, t.seq))
         placed_any = True
@@ -194,16 +314,20 @@ class GlobalScheduler:
             candidates.append((sum(here), slot))
         if not candidates:
             return None
-        latency = any(t.criteria is PerfCriteria.LATENCY for t in group)
+        # LATENCY work and plain work (no serve-layer contexts: a request, not a program) spread
+        # by load; THROUGHPUT program work packs.
+        spread = any(t.criteria is PerfCriteria.LATENCY or t.context_task is None for t in group)
 
         def rank(item: tuple[int, EngineSlot]) -> tuple:
             affinity, slot = item
             tasks, free = len(slot.units), slot.capacity_tokens - self._load(slot)
-            return (affinity, -tasks, free) if latency else (affinity, tasks, -free)
+            return (affinity, -tasks, free) if spread else (affinity, tasks, -free)
 
         return max(candidates, key=rank)[1]
 
     def _qualifies(self, slot: EngineSlot, group: list[SchedTask], cached_here: list[int]) -> bool:
+        if not self.is_up(slot):
+            return False
         models = group[0].models
         if models and slot.model_name not in models:
             return False
@@ -229,7 +353,9 @@ class GlobalScheduler:
     def _cached_by_engine(self, task: SchedTask) -> dict[Hashable, int]:
         """One prefix-cache query (it covers every engine) per task and decision."""
         if task.context_task is None:
-            return dict.fromkeys(self.engines, 0)
+            known = self.affinity.match(task.prefix_keys) if task.prefix_keys and len(self.engines) > 1 else {}
+            prompt = sum(task.fill_tokens)
+            return {e: min(known.get(e, 0), prompt) for e in self.engines}
         return {
             m.engine_id: sum(task.fill_tokens[: m.nodes]) for m in self.contexts.query_prefixes_in_engines(task.context_task)
         }
@@ -242,6 +368,8 @@ class GlobalScheduler:
     def _assign(self, task: SchedTask, slot: EngineSlot, new_tokens: int) -> None:
         self.queue.remove(task)
         task.engine_id = slot.engine_id
+        if task.prefix_keys:
+            self.affinity.record(slot.engine_id, task.prefix_keys)
         slot.pending_tokens[task.seq] = new_tokens
         slot.units[task.unit] = slot.units.get(task.unit, 0) + 1
         if task.criteria is PerfCriteria.LATENCY:

@@ -43,9 +43,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from parrot_core.contexts import Context
-from parrot_core.engines.base import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, SamplingParams, TokenLogprob, find_stop
+from parrot_core.engines.base import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, SamplingParams, TokenLogprob, capability, find_stop
 from parrot_core.errors import InvalidRequestError, RuntimeClosedError, UnknownGenerationError
-from parrot_core.frontend.runtime import ENGINE_ID, GenerateOutput, Runtime, StreamDelta
+from parrot_core.frontend.runtime import GenerateOutput, Runtime, StreamDelta
 from parrot_core.serve.scheduler import SchedTask
 
 FINISH_SUSPENDED = "suspended"
@@ -175,6 +175,7 @@ class SwitchingManager:
         its id (one this owner has in use is an error); None makes one up. Checks everything
         at once (a typed error before any KV is taken)."""
         _check_limits(time_limit, token_quantum)
+        capability(self.rt.engine, "suspendable", "suspending and resuming a generation (its KV state)")
         if params.structured is not None:
             raise InvalidRequestError("structured output cannot be suspended (its grammar state is not kept): leave out time_limit/token_quantum/pid")
         if params.stop and self.rt.engine.tokenizer is None:
@@ -279,6 +280,7 @@ class SwitchingManager:
         from parrot_core.switching.round_robin import run_round_robin
 
         _check_limits(time_limit, token_quantum)
+        capability(self.rt.engine, "suspendable", "round-robin generation (suspending and resuming)")
         slots = self.rt.engine.config.max_num_seqs if slots is None else slots
         return await run_round_robin(self, prompts, params, token_quantum=token_quantum, time_limit=time_limit, slots=slots)
 
@@ -396,12 +398,12 @@ class SwitchingManager:
                 prior_output_tokens=prior,
                 prompt_logprobs=gen.params.prompt_logprobs if first else None,
             )
-            engine_id = ENGINE_ID if gen.ctx is None else gen.ctx.engine_id
+            engine_id = rt.engine_id if gen.ctx is None else gen.ctx.engine_id
             prior_tokens = 0 if gen.ctx is None else gen.ctx.chain_tokens
             work = SchedTask(None, [len(prompt)], budget, required_engine=engine_id, prior_tokens=prior_tokens)
             async with rt.core.scheduler.admit(work):
                 if gen.ctx is None:
-                    gen.ctx = rt.contexts.new_context(ENGINE_ID)
+                    gen.ctx = rt.contexts.new_context(rt.engine_id)
                     rt.contexts.record_fill(gen.ctx, len(prompt))
                 elif not gen.ctx.alive:
                     raise UnknownGenerationError(f"generation {gen.pid!r} was dropped (reset)")

@@ -155,3 +155,126 @@ def test_model_mismatch_is_a_typed_error():
     t.models = ("gpt-9",)
     with pytest.raises(InvalidRequestError, match="no engine serves"):
         asyncio.run(sched.place(t))
+
+
+# -- plain requests: prefix affinity without serve-layer contexts ---------------------------
+def plain(i, prompt, criteria=THR, max_tokens=10, sched=None):
+    keys = sched.affinity.keys(prompt) if sched is not None else ()
+    return SchedTask(None, [len(prompt)], max_tokens, criteria, prefix_keys=keys, seq=i)
+
+
+def test_plain_requests_sharing_a_prefix_follow_it_to_one_engine_over_the_less_loaded_one():
+    _, sched = make()
+    shared = list(range(256))
+
+    async def main():
+        first = plain(1, shared + [1000], sched=sched)
+        where = await sched.place(first)
+        # plain work goes to the least loaded engine, unless another holds its prefix
+        followers = [plain(10 + i, shared + [2000 + i], sched=sched) for i in range(3)]
+        placed = [await sched.place(t) for t in followers]
+        stranger = await sched.place(plain(20, list(range(5000, 5300)), sched=sched))
+        return where, placed, stranger
+
+    where, placed, stranger = asyncio.run(main())
+    assert placed == [where] * 3
+    assert stranger != where
+
+
+# -- engine health: a failing engine fails only its own work --------------------------------
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_with_clock(engines=("e0", "e1")):
+    mgr = ServeCoreContextManager()
+    clock = FakeClock()
+    sched = GlobalScheduler(mgr, clock=clock)
+    closed = dict.fromkeys(engines, False)
+    for e in engines:
+        mgr.register_engine(e)
+        sched.add_engine(e, "model", 100_000, is_closed=lambda e=e: closed[e])
+    return sched, clock, closed
+
+
+def run_on(sched, engine, error):
+    """Place a task on `engine` and finish it with `error` (None: fine)."""
+    t = task(hash((engine, repr(error), id(error))) % 10**9)
+    t.required_engine = engine
+    assert asyncio.run(sched.place(t)) == engine
+    sched.finish(t, error)
+
+
+def test_engine_failures_in_a_row_take_it_down_and_new_work_goes_elsewhere_until_the_cooldown():
+    from parrot_core.errors import EngineError, EngineUnavailableError
+    from parrot_core.serve.scheduler import DOWN_COOLDOWN_S, FAILURES_TO_DOWN
+
+    sched, clock, _ = make_with_clock()
+    for _ in range(FAILURES_TO_DOWN - 1):
+        run_on(sched, "e0", EngineError("step failed"))
+    run_on(sched, "e0", None)  # a success in between: the count starts again
+    for _ in range(FAILURES_TO_DOWN - 1):
+        run_on(sched, "e0", EngineError("step failed"))
+    assert sched.down_engines() == {}
+    run_on(sched, "e0", EngineError("step failed"))
+    assert "e0" in sched.down_engines() and "step failed" in sched.down_engines()["e0"]
+    # THROUGHPUT work packs onto one engine: with e0 up it would go there (first, and tied)
+    assert {asyncio.run(sched.place(task(100 + i))) for i in range(4)} == {"e1"}
+    stuck = task(200)
+    stuck.required_engine = "e0"  # a continuation of a context on e0 fails at once, typed
+    with pytest.raises(EngineUnavailableError, match="e0"):
+        asyncio.run(sched.place(stuck))
+    clock.now += DOWN_COOLDOWN_S
+    assert sched.down_engines() == {}  # tried again after the cooldown
+    run_on(sched, "e0", None)
+
+
+def test_request_errors_never_count_against_an_engine():
+    from parrot_core.errors import InvalidRequestError, OutOfBlocksError, UnknownContextError
+    from parrot_core.serve.scheduler import FAILURES_TO_DOWN
+
+    sched, _, _ = make_with_clock()
+    for error in [InvalidRequestError("bad"), OutOfBlocksError("full"), UnknownContextError("gone"), asyncio.CancelledError()]:
+        for _ in range(FAILURES_TO_DOWN):
+            run_on(sched, "e0", error)
+    assert sched.down_engines() == {}
+
+
+def test_an_unavailable_or_closed_engine_is_down_at_once_and_work_with_nowhere_to_go_fails_without_waiting():
+    from parrot_core.errors import EngineUnavailableError
+
+    sched, _, closed = make_with_clock()
+    run_on(sched, "e0", EngineUnavailableError("connection refused"))
+    assert sched.down_engines() == {"e0": "connection refused"}
+    closed["e1"] = True
+    assert sched.down_engines()["e1"] == "closed"
+    with pytest.raises(EngineUnavailableError, match="every engine"):
+        asyncio.run(sched.place(task(1)))
+    assert sched.queue == []
+
+
+def test_queued_work_that_must_run_on_an_engine_fails_when_it_goes_down():
+    from parrot_core.errors import EngineUnavailableError
+
+    sched, _, closed = make_with_clock(engines=("e0",))
+    sched.engines["e0"].capacity_tokens = 150
+
+    async def main():
+        first = task(1, fill=100)
+        await sched.place(first)
+        waiting = task(2, fill=100)
+        waiting.required_engine = "e0"
+        pending = asyncio.ensure_future(sched.place(waiting))
+        await asyncio.sleep(0.01)
+        assert not pending.done()  # waits for capacity
+        closed["e0"] = True
+        sched.finish(first, EngineUnavailableError("gone"))
+        with pytest.raises(EngineUnavailableError):
+            await asyncio.wait_for(pending, 5)
+
+    asyncio.run(main())
+    assert sched.queue == []

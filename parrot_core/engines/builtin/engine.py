@@ -68,6 +68,8 @@ _GRAMMAR_CACHE = 64  # compiled grammars kept (a fresh matcher is a copy of the 
 class BuiltinEngine:
     """Implements `parrot_core.engines.base.Engine` over a `LlamaModel` on CPU or GPU."""
 
+    suspendable = True  # suspendable generations read its context tree (`tree`, `call`)
+
     def __init__(self, model: LlamaModel, tokenizer: Tokenizer | None, config: EngineConfig, model_name: str = "model") -> None:
         self.config = config
         self.model = model
