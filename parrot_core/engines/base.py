@@ -39,6 +39,9 @@ the file format and the `ContextKV` / `KVSpec` types):
   nothing computed, its full blocks registered in the prefix cache like computed ones. Atomic.
 - `reset_prefix_cache() -> int`: forget the cached prefixes of blocks nothing holds.
 
+Optional: `vocab_size` (token ids are below it) and `max_num_seqs` (sequences it runs at
+once), which the server checks requests against.
+
 Optional: `suspendable` (true): suspendable generations (`parrot_core.switching`) may read the
 engine's context tree (`tree`, `call`) to tell resident KV from evicted; only the builtin
 engine has it.

@@ -300,6 +300,28 @@ class Runtime:
             raise InvalidRequestError("this engine has no tokenizer: pass token ids")
         return self.engine.tokenizer
 
+    # -- what the engines can take, together ------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence every engine runs (work may go to any of them)."""
+        return min(e.max_model_len for e in self.core.engines.values())
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The model's vocabulary size (token ids are below it), or None if no engine says."""
+        sizes = [v for e in self.core.engines.values() if (v := getattr(e, "vocab_size", None))]
+        return min(sizes) if sizes else None
+
+    @property
+    def capacity_tokens(self) -> int:
+        """The KV slots of the largest engine: the most one request can ever hold."""
+        return max(i.num_blocks_total * i.block_size for i in (e.runtime_info() for e in self.core.engines.values()))
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences the engines run at once, together (64 for an engine that does not say)."""
+        return sum(getattr(e, "max_num_seqs", 64) for e in self.core.engines.values())
+
     def engine_of(self, ctx: Context) -> Any:
         """The engine that holds `ctx`."""
         return self.core.engines[ctx.engine_id]
@@ -768,24 +790,32 @@ class Runtime:
 
     # -- introspection -----------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
-        info = self.engine.runtime_info()
-        queries = info.prefix_cache_queries
+        """Blocks, contexts and counters, summed over the engines (`engine_stats()` has them
+        per engine)."""
+        infos = [e.runtime_info() for e in self.core.engines.values()]
+        queries = sum(i.prefix_cache_queries for i in infos)
+        hits = sum(i.prefix_cache_hits for i in infos)
         return {
-            "blocks_total": info.num_blocks_total,
-            "blocks_free": info.num_blocks_free,
-            "blocks_cached": info.num_blocks_cached,
-            "blocks_used": info.num_blocks_used,
+            "blocks_total": sum(i.num_blocks_total for i in infos),
+            "blocks_free": sum(i.num_blocks_free for i in infos),
+            "blocks_cached": sum(i.num_blocks_cached for i in infos),
+            "blocks_used": sum(i.num_blocks_used for i in infos),
             "contexts_live": self._run(self._count_contexts()),
-            "engine_contexts": info.num_contexts,
+            "engine_contexts": sum(i.num_contexts for i in infos),
             "prefix_cache_queries": queries,
-            "prefix_cache_hits": info.prefix_cache_hits,
-            "prefix_cache_hit_rate": info.prefix_cache_hits / queries if queries else 0.0,
-            "prompt_tokens_computed": info.prompt_tokens_computed,
-            "generation_tokens": info.generation_tokens,
-            "num_preemptions": info.num_preemptions,
+            "prefix_cache_hits": hits,
+            "prefix_cache_hit_rate": hits / queries if queries else 0.0,
+            "prompt_tokens_computed": sum(i.prompt_tokens_computed for i in infos),
+            "generation_tokens": sum(i.generation_tokens for i in infos),
+            "num_preemptions": sum(i.num_preemptions for i in infos),
             "context_forks": self.contexts.forks_total,
             "context_cache_hits": self.contexts.cache_hits_total,
         }
+
+    def engine_stats(self) -> dict[str, Any]:
+        """Each engine's `RuntimeInfo`, by engine id, and whether the scheduler counts it down."""
+        down = self.core.scheduler.down_engines()
+        return {eid: {"info": e.runtime_info(), "down": down.get(eid)} for eid, e in self.core.engines.items()}
 
     async def _count_contexts(self) -> int:
         return len(self.contexts.contexts)

@@ -73,6 +73,7 @@ class EngineSlot:
     failures_in_a_row: int = 0
     down_until: float = 0.0  # no new work before this time (clock of the scheduler)
     down_reason: str = ""
+    placed_total: int = 0
 
 
 @dataclass(eq=False)
@@ -321,7 +322,10 @@ class GlobalScheduler:
         def rank(item: tuple[int, EngineSlot]) -> tuple:
             affinity, slot = item
             tasks, free = len(slot.units), slot.capacity_tokens - self._load(slot)
-            return (affinity, -tasks, free) if spread else (affinity, tasks, -free)
+            if not spread:
+                return (affinity, tasks, -free)
+            # ties: less KV held by live contexts, then fewer placements so far (round robin)
+            return (affinity, -tasks, free, -self.contexts.engine_load(slot.engine_id), -slot.placed_total)
 
         return max(candidates, key=rank)[1]
 
@@ -371,6 +375,7 @@ class GlobalScheduler:
         if task.prefix_keys:
             self.affinity.record(slot.engine_id, task.prefix_keys)
         slot.pending_tokens[task.seq] = new_tokens
+        slot.placed_total += 1
         slot.units[task.unit] = slot.units.get(task.unit, 0) + 1
         if task.criteria is PerfCriteria.LATENCY:
             slot.latency_units.add(task.unit)

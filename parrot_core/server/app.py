@@ -69,7 +69,7 @@ class ServeState:
         rt = self.runtime
         if rt is None:
             raise APIError(503, "the model is still loading", headers={"Retry-After": "1"})
-        if self.draining or rt.closed or rt.engine.closed:
+        if self.draining or rt.closed or all(getattr(e, "closed", False) for e in rt.core.engines.values()):
             raise APIError(503, "the server is shutting down")
         return rt
 
@@ -109,7 +109,7 @@ class ServeState:
         """Count `sequences` in flight, or raise: 400 if more than could ever be admitted at
         once, 429 (with Retry-After) if the bound is reached now. Returns an idempotent release."""
         rt = self.require_runtime()
-        limit = rt.engine.config.max_num_seqs + self.settings.max_waiting_requests
+        limit = rt.max_num_seqs + self.settings.max_waiting_requests
         if sequences > limit:
             raise APIError(400, f"this request has {sequences} sequences; the server admits at most {limit} at once", param="n")
         if self.in_flight + sequences > limit:
@@ -167,7 +167,7 @@ def metrics(request: Request) -> Response:  # sync: scraping blocks on the runti
 def flush_cache(request: Request) -> FlushCacheResponse:
     """Forget the prefixes held by free KV blocks; in-use KV is untouched."""
     rt = get_state(request).require_runtime()
-    return FlushCacheResponse(flushed_blocks=rt.engine.reset_prefix_cache())
+    return FlushCacheResponse(flushed_blocks=rt.flush_cache())
 
 
 @ops.get("/version", response_model=VersionResponse)

@@ -227,7 +227,7 @@ class ChatSessions:
         """The deltas of `messages` (ending with a user message) run as a turn of `key`'s
         session, for `_Seq.source`. `requested`: max_tokens, or None for all the room left."""
         history, text = list(messages[:-1]), messages[-1]["content"]
-        config = ChatSessionConfig(max_context_length=rt.engine.max_model_len, cache_warmup=False)
+        config = ChatSessionConfig(max_context_length=rt.max_model_len, cache_warmup=False)
 
         async def turn() -> AsyncIterator[StreamDelta]:
             while True:

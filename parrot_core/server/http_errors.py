@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from parrot_core.errors import InvalidRequestError, NotFoundError, OutOfBlocksError, RuntimeClosedError
+from parrot_core.errors import EngineUnavailableError, InvalidRequestError, NotFoundError, OutOfBlocksError, RuntimeClosedError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def api_error_from(exc: BaseException) -> APIError:
         return APIError(404, str(exc))
     if isinstance(exc, RuntimeClosedError):
         return APIError(503, "the server is shutting down")
-    if isinstance(exc, OutOfBlocksError):
+    if isinstance(exc, (OutOfBlocksError, EngineUnavailableError)):
         return APIError(503, f"{exc}; retry later", headers={"Retry-After": "1"})
     log.error("request failed", exc_info=exc)
     return APIError(500, "internal server error (see the server log)")

@@ -227,7 +227,7 @@ async def _score_only(deltas: AsyncIterator[StreamDelta]) -> AsyncIterator[Strea
 def _check_ids(rt: Runtime, ids: Sequence[int], param: str) -> None:
     if not ids:
         raise APIError(400, f"{param} must not be empty", param=param)
-    vocab = rt.engine.model.config.vocab_size
+    vocab = rt.vocab_size or 2**31
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"token ids must be in [0, {vocab}); got {bad[:5]}", param=param)
@@ -235,8 +235,8 @@ def _check_ids(rt: Runtime, ids: Sequence[int], param: str) -> None:
 
 def _max_tokens_for(rt: Runtime, prompt_len: int, requested: int | None, prompt_param: str) -> int:
     """`requested`, or all the room left when None; 400 if prompt + completion cannot fit."""
-    max_len = rt.engine.max_model_len
-    pool_tokens = rt.engine.pool.num_blocks * rt.engine.config.block_size
+    max_len = rt.max_model_len
+    pool_tokens = rt.capacity_tokens
     wanted = requested if requested is not None else max(1, min(max_len, pool_tokens) - prompt_len)
     total = prompt_len + wanted
     param = prompt_param if requested is None or prompt_len >= max_len else "max_tokens"
@@ -278,7 +278,7 @@ def _sequences(
 
 def _check_vocab(rt: Runtime, sampling: dict[str, Any]) -> None:
     """Token ids in sampling options (stop_token_ids, logit_bias) must be in the vocabulary."""
-    vocab = rt.engine.model.config.vocab_size
+    vocab = rt.vocab_size or 2**31
     for name in ("stop_token_ids", "logit_bias"):
         bad = [t for t in sampling[name] if t >= vocab]
         if bad:
@@ -653,7 +653,7 @@ async def list_models(request: Request) -> ModelList:
     state = get_state(request)
     rt = state.require_runtime()
     name = state.served_model_name
-    card = ModelCard(id=name, created=state.created, root=rt.engine.model_name, max_model_len=rt.engine.max_model_len)
+    card = ModelCard(id=name, created=state.created, root=rt.engine.model_name, max_model_len=rt.max_model_len)
     return ModelList(data=[card])
 
 
@@ -964,7 +964,7 @@ async def tokenizer_info(request: Request) -> TokenizerInfoResponse:
         eos_token=text(tok.eos_token_id),
         pad_token=None,
         chat_template=tok.chat_template,
-        model_max_length=rt.engine.max_model_len,
+        model_max_length=rt.max_model_len,
         add_bos_token=tok.add_bos_token,
     )
 
@@ -995,7 +995,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     if body.return_token_strs:
         tokenizer = rt.engine.tokenizer
         strs = [tokenizer.id_to_token(t) or "" for t in tokens]
-    return TokenizeResponse(count=len(tokens), max_model_len=rt.engine.max_model_len, tokens=tokens, token_strs=strs)
+    return TokenizeResponse(count=len(tokens), max_model_len=rt.max_model_len, tokens=tokens, token_strs=strs)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
@@ -1003,7 +1003,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     state = get_state(request)
     rt = state.require_runtime()
     state.check_model(body.model)
-    vocab = rt.engine.model.config.vocab_size
+    vocab = rt.vocab_size or 2**31
 
     def decode() -> str:
         bad = [t for t in body.tokens if t >= vocab]

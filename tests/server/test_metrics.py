@@ -67,9 +67,11 @@ def test_named_series_exist_and_counters_only_grow(client):
         assert name in first, (name, sorted(first))
     for name in COUNTERS:
         assert any(key[0] == name + "_total" and ("model_name", "tiny") in key[1] for key in first[name]), first[name]
+    engine = (("engine", "builtin-0"), ("model_name", "tiny"))
+    assert first["parrot_core:engine_up"][("parrot_core:engine_up", engine)] == 1
     reasons = {dict(key[1])["finished_reason"] for key in first["parrot_core:request_success"] if key[0].endswith("_total")}
     assert "length" in reasons
-    assert first["parrot_core:kv_blocks_total"][("parrot_core:kv_blocks_total", (("model_name", "tiny"),))] == 128
+    assert first["parrot_core:kv_blocks_total"][("parrot_core:kv_blocks_total", engine)] == 128
     traffic(client, "second")
     second = scrape(client)
     grew = set()
@@ -93,9 +95,9 @@ def test_named_series_exist_and_counters_only_grow(client):
 
 def test_engine_counters_never_go_back():
     snap = {"prefix_cache_queries": 100, "prefix_cache_hits": 40, "prompt_tokens_computed": 60, "num_preemptions": 2,
-            "context_forks": 3, "kv_cache_usage_perc": 0.5, "blocks_total": 8, "blocks_free": 4, "blocks_cached": 0,
-            "num_running": 1, "num_waiting": 0, "contexts_live": 1}
-    metrics = ServeMetrics(lambda: dict(snap), lambda: "m")
+            "kv_cache_usage_perc": 0.5, "blocks_total": 8, "blocks_free": 4, "blocks_cached": 0,
+            "num_running": 1, "num_waiting": 0, "up": 1}
+    metrics = ServeMetrics(lambda: {"context_forks": 3, "contexts_live": 1, "engines": {"e0": dict(snap)}}, lambda: "m")
 
     def value(name: str) -> float:
         text = metrics.render().decode()
@@ -159,3 +161,32 @@ def test_stats_line_and_idle_self_check(client, tiny_runtime, caplog):
     finally:
         state.in_flight = 0
         tiny_runtime.check_invariants = real_check
+
+
+def test_every_engine_has_its_own_series(real_model, tiny_text_llama):
+    import torch
+
+    from parrot_core import Runtime
+    from parrot_core.engines.builtin.config import EngineConfig
+    from parrot_core.engines.builtin.engine import BuiltinEngine
+
+    def engine(blocks: int) -> BuiltinEngine:
+        config = EngineConfig(block_size=16, num_kv_blocks=blocks, max_model_len=256, dtype=torch.float32)
+        return BuiltinEngine(tiny_text_llama, real_model.tokenizer, config, "tiny")
+
+    rt = Runtime(engines=[engine(128), engine(64)])
+    try:
+        with TestClient(create_app(rt, ServeSettings(served_model_name="tiny", log_stats_interval=0))) as client:
+            traffic(client, "two")
+            for e in rt.core.engines.values():
+                e.wait_idle()
+            got = scrape(client)
+        blocks = {dict(k[1])["engine"]: v for k, v in got["parrot_core:kv_blocks_total"].items()}
+        assert blocks == {"builtin-0": 128, "builtin-1": 64}
+        up = {dict(k[1])["engine"]: v for k, v in got["parrot_core:engine_up"].items()}
+        assert up == {"builtin-0": 1, "builtin-1": 1}
+        queries = {dict(k[1])["engine"]: v for k, v in got["parrot_core:prefix_cache_queries"].items() if k[0].endswith("_total")}
+        assert set(queries) == {"builtin-0", "builtin-1"} and sum(queries.values()) > 0
+        rt.check_invariants()
+    finally:
+        rt.close()

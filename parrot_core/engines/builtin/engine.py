@@ -18,6 +18,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -70,7 +71,34 @@ class BuiltinEngine:
 
     suspendable = True  # suspendable generations read its context tree (`tree`, `call`)
 
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer | None, config: EngineConfig, model_name: str = "model") -> None:
+    def __init__(
+        self,
+        model: LlamaModel | str | os.PathLike[str] | None = None,
+        tokenizer: Tokenizer | None = None,
+        config: EngineConfig | None = None,
+        model_name: str | None = None,
+        **options: Any,
+    ) -> None:
+        """`BuiltinEngine()` runs the default model, `BuiltinEngine("model.gguf")` a llama GGUF
+        file; `options` are `EngineConfig` fields (block_size, num_kv_blocks, max_num_seqs,
+        dtype, ...). Given a `LlamaModel`, its `tokenizer` (or None: token ids only) and
+        `config` go with it."""
+        if options:
+            if config is not None:
+                raise InvalidRequestError("give either config or EngineConfig fields as options, not both")
+            try:
+                config = EngineConfig(**options)
+            except TypeError as e:
+                raise InvalidRequestError(f"unknown engine option: {e}") from None
+        config = config or EngineConfig()
+        if model is None or isinstance(model, (str, os.PathLike)):
+            from parrot_core.engines.builtin.default_model import default_model_path
+            from parrot_core.engines.builtin.gguf_loader import load_gguf
+
+            loaded = load_gguf(str(model or config.model or default_model_path()), dtype=config.dtype, device=config.device)
+            model = LlamaModel(loaded.config, loaded.weights, dtype=config.dtype, device=config.device)
+            tokenizer, model_name = loaded.tokenizer, model_name or loaded.model_name
+        model_name = model_name or "model"
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -100,13 +128,8 @@ class BuiltinEngine:
 
     @classmethod
     def from_gguf(cls, path: str | None = None, config: EngineConfig | None = None) -> BuiltinEngine:
-        from parrot_core.engines.builtin.default_model import default_model_path
-        from parrot_core.engines.builtin.gguf_loader import load_gguf
-
-        config = config or EngineConfig()
-        loaded = load_gguf(path or config.model or default_model_path(), dtype=config.dtype, device=config.device)
-        model = LlamaModel(loaded.config, loaded.weights, dtype=config.dtype, device=config.device)
-        return cls(model, loaded.tokenizer, config, model_name=loaded.model_name)
+        """The engine over a llama GGUF file (None: `config.model`, else the default model)."""
+        return cls(path, config=config)
 
     # -- the engine protocol -------------------------------------------------------------
     async def fill(self, context_id: int, parent_context_id: int | None, token_ids: Sequence[int]) -> FillResult:
@@ -352,6 +375,14 @@ class BuiltinEngine:
 
     def check_invariants(self) -> None:
         self.call(self.tree.check_invariants)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.config.max_num_seqs
 
     def context_ids(self) -> set[int]:
         """The ids of the contexts the engine holds now."""
