@@ -342,10 +342,13 @@ class ChatSession:
         """A new context under `root`'s (or a new root context) holding the first `keep`
         tokens of the sequence `state` holds, sharing their KV (nothing is computed)."""
         rt = self._rt
-        ctx = rt.contexts.new_context(rt.engine_id) if root is None else rt.contexts.fork_context(root.context)
+        hint = self._hint(state)
+        if root is not None:
+            ctx = rt.contexts.fork_context(root.context)
+        else:  # beside the context it takes tokens from (split shares KV within one engine)
+            ctx = rt.contexts.new_context(hint[0].engine_id if hint is not None else rt._place_root(state.token_ids))
         base = len(root.token_ids) if root else 0
         if keep > base:
-            hint = self._hint(state)
             assert hint is not None, "tokens to keep but no context holding them"
             try:
                 await rt._split(ctx, hint[0], len(hint[1]) - keep)

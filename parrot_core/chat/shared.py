@@ -55,7 +55,9 @@ class SharedPrefixes:
             if filled:
                 return prefix, 0
             self.release(prefix)  # its filler failed and dropped it from the map: try again
-        ctx = self._rt.contexts.new_context(self._rt.engine_id)
+        # beside the context it takes tokens from (split shares KV within one engine)
+        engine_id = hint[0].engine_id if hint is not None and hint[0].alive else self._rt._place_root(token_ids)
+        ctx = self._rt.contexts.new_context(engine_id)
         prefix = SharedPrefix(text, tuple(token_ids), ctx, asyncio.get_running_loop().create_future())
         self._by_text[text] = prefix
         try:

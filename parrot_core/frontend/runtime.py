@@ -332,13 +332,11 @@ class Runtime:
         split = capability(self.engine_of(ctx), "split", "chat sessions (carving a turn's context from the last one)")
         await split(ctx.context_id, source.context_id, drop_last)
 
-    async def _place_root(self, prompt_ids: Sequence[int] = ()) -> Hashable:
+    def _place_root(self, prompt_ids: Sequence[int] = ()) -> Hashable:
         """The engine a new root context goes to: the one that ran the longest prefix of
-        `prompt_ids`, else the least loaded (the global scheduler's choice for plain work)."""
+        `prompt_ids`, else the least loaded (the global scheduler's `pick`)."""
         keys = self.core.scheduler.affinity.keys(prompt_ids) if len(self.core.engines) > 1 else ()
-        work = SchedTask(None, [len(prompt_ids)], 0, prefix_keys=keys)
-        async with self.core.scheduler.admit(work) as engine_id:
-            return engine_id
+        return self.core.scheduler.pick(keys)
 
     def tokenize_prompt(self, text: str) -> list[int]:
         """`text` as the start of a sequence: with the model's BOS if it asks for one."""
@@ -648,7 +646,7 @@ class Runtime:
                 yield item
 
     async def _stream_forks(self, prompt_ids: list[int], params: list[SamplingParams]) -> AsyncIterator[tuple[int, StreamDelta]]:
-        parent = self.contexts.new_context(await self._place_root(prompt_ids))
+        parent = self.contexts.new_context(self._place_root(prompt_ids))
         parent_held = True
         children: list[Context] = []
         out: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
@@ -729,7 +727,7 @@ class Runtime:
         return self._run(self._open(None))
 
     async def _open(self, parent: Context | None) -> ContextHandle:
-        ctx = self.contexts.new_context(await self._place_root()) if parent is None else self.contexts.fork_context(parent)
+        ctx = self.contexts.new_context(self._place_root()) if parent is None else self.contexts.fork_context(parent)
         try:
             # An empty fill creates the engine context now, so a fork holds its parent's
             # tokens as of the fork, whatever the parent does next.

@@ -229,6 +229,24 @@ class GlobalScheduler:
                 self.finish(task)
             raise
 
+    def pick(self, prefix_keys: Sequence[int] = (), models: tuple[str, ...] = ()) -> Hashable:
+        """The engine a new root context (a handle, a chat session's prefix) goes to, now: the
+        one that ran the longest prefix (`PrefixAffinity` keys), then the least loaded, among
+        the engines that are up. Places no work. `EngineUnavailableError` if none is up."""
+        probe = SchedTask(None, [0], 0, models=models, prefix_keys=prefix_keys)
+        error = self._unavailable(probe)
+        if error is not None:
+            raise error
+        cached = {probe.seq: self._cached_by_engine(probe)}
+        slot = self._choose([probe], cached)
+        if slot is None:  # every engine is full: the least loaded one that is up
+            up = [e for e in self.engines.values() if self.is_up(e) and (not models or e.model_name in models)]
+            slot = min(up, key=self._load)
+        if prefix_keys:
+            self.affinity.record(slot.engine_id, prefix_keys)
+        slot.placed_total += 1
+        return slot.engine_id
+
     def finish(self, task: SchedTask, error: BaseException | None = None) -> None:
         """The task left its engine, fine or with `error` (see `report`): its load is gone;
         queued tasks may fit now."""

@@ -25,6 +25,7 @@ from parrot_core.frontend.runtime import Runtime
 from parrot_core.server.app import ServeState, create_app
 from parrot_core.server.http_errors import APIError
 from parrot_core.server.program_api import forget_removed_sessions
+from parrot_core.server.engine_specs import build_engines
 from parrot_core.server.settings import ServeSettings
 
 log = logging.getLogger("parrot_core.server")
@@ -34,20 +35,10 @@ ABORTED_WAIT_S = 10.0  # how long aborted requests get to end their responses
 
 
 def build_runtime(settings: ServeSettings) -> Runtime:
-    """The Runtime the settings describe (the default model unless `settings.model`)."""
-    c = settings.engine_config()
-    return Runtime(
-        settings.model,
-        block_size=c.block_size,
-        num_kv_blocks=c.num_kv_blocks,
-        enable_prefix_caching=c.enable_prefix_caching,
-        max_num_seqs=c.max_num_seqs,
-        max_num_batched_tokens=c.max_num_batched_tokens,
-        max_model_len=c.max_model_len,
-        kv_cache_memory_gb=c.kv_cache_memory_gb,
-        dtype=c.dtype,
-        session_timeout=settings.session_timeout,
-    )
+    """The Runtime the settings describe: its `--engine` engines (the builtin engine over
+    `settings.model`, the default model unless given, by default)."""
+    engines = build_engines(settings.engine_specs(), settings)
+    return Runtime(engines=engines, session_timeout=settings.session_timeout)
 
 
 class StatsLogger:

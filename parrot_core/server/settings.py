@@ -33,6 +33,13 @@ class ServeSettings:
     """Settings of one server. Engine fields mean what `EngineConfig`'s fields mean."""
 
     model: str | None = field(default=None, metadata=_doc("A llama GGUF file; default: the bundled SmolLM2-135M-Instruct.", argument=True))
+    engine: str = field(
+        default="builtin",
+        metadata=_doc(
+            "The engines, comma-separated: builtin[:GGUF], vllm:MODEL_DIR, openai:MODEL@BASE_URL (e.g."
+            " builtin,builtin for two builtin engines), or a JSON file listing them (see engine_specs.py)."
+        ),
+    )
     host: str = field(default="127.0.0.1", metadata=_doc("Address to bind."))
     port: int = field(default=8000, metadata=_doc("Port to bind (0 picks a free one)."))
     block_size: int = field(default=16, metadata=_doc("Tokens per KV block."))
@@ -101,6 +108,7 @@ class ServeSettings:
         if self.shutdown_grace_seconds < 0:
             raise InvalidRequestError(f"shutdown_grace_seconds must be >= 0, got {self.shutdown_grace_seconds}")
         self.engine_config()  # validates the engine fields now, not when the model is loaded
+        self.engine_specs()
 
     def engine_config(self) -> Any:
         """The `EngineConfig` these settings describe."""
@@ -117,6 +125,12 @@ class ServeSettings:
             enable_prefix_caching=self.enable_prefix_caching,
             dtype=dtype_from_name(self.dtype),
         )
+
+    def engine_specs(self) -> list[Any]:
+        """The engines `engine` names (`server/engine_specs.py`), parsed and checked."""
+        from parrot_core.server.engine_specs import parse_engine_specs
+
+        return parse_engine_specs(self.engine)
 
     def replace(self, **changes: Any) -> ServeSettings:
         return dataclasses.replace(self, **changes)
