@@ -21,6 +21,7 @@ from parrot_core import errors, graph
 from parrot_core.chat import ChatSession, ChatSessionConfig, ChatSessionManager
 from parrot_core.engines.base import SamplingParams
 from parrot_core.engines.builtin.engine import BuiltinEngine
+from parrot_core.engines.openai import OpenAIEngine
 from parrot_core.engines.builtin.kv_io import ContextFileError
 from parrot_core.frontend.function import Input, Output, native_function, semantic_function, variable
 from parrot_core.frontend.remote import connect
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LATENCY",
+    "OpenAIEngine",
     "THROUGHPUT",
     "BuiltinEngine",
     "ChatSession",

@@ -40,7 +40,8 @@ text* is its ancestors' text plus its own. The engine keeps no KV and computes n
   dialects), `prior_output_tokens` (resuming a sliced generation).
 - Errors: a 4xx answer (or an error event of that kind in the stream) is an
   `InvalidRequestError` with the server's message; an unreachable server, a 5xx or a broken
-  stream is an `EngineError` naming the URL. After `close()`, queued and running calls and
+  stream is an `EngineError` naming the URL (`EngineUnavailableError` when it cannot be reached:
+  a runtime with several engines then sends new work elsewhere). After `close()`, queued and running calls and
   every later call raise `RuntimeClosedError`.
 - Capacity: no KV is held here, so `runtime_info` reports a synthetic pool of
   `max_num_seqs * max_model_len` tokens (in blocks of `SYNTHETIC_BLOCK_SIZE`, all free): the
@@ -71,7 +72,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from parrot_core.engines.base import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, FillResult, GenerationDelta, RuntimeInfo, SamplingParams
 from parrot_core.engines.builtin.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
-from parrot_core.errors import EngineError, InvalidRequestError, InvariantError, ModelLoadError, RuntimeClosedError
+from parrot_core.errors import EngineError, EngineUnavailableError, InvalidRequestError, InvariantError, ModelLoadError, RuntimeClosedError
 
 SYNTHETIC_BLOCK_SIZE = 16
 DEFAULT_TIMEOUT_S = 600.0
@@ -512,6 +513,8 @@ class OpenAIEngine:
                             finish = _finish(choice["finish_reason"])
         except (InvalidRequestError, EngineError):
             raise
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # the server is gone: the core takes it out of placement
+            raise EngineUnavailableError(f"cannot reach the OpenAI-compatible server at {url}: {type(e).__name__}: {e}") from None
         except httpx.HTTPError as e:
             raise EngineError(f"the OpenAI-compatible server at {url} failed: {type(e).__name__}: {e}") from None
         except (ValueError, TypeError, AttributeError) as e:  # JSON that is not an event

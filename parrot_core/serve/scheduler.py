@@ -32,9 +32,10 @@ Engine health (failure isolation): the outcome of every placed task is reported 
 finishes. An engine is down while it is closed, after a call failed with
 `EngineUnavailableError`, or after `FAILURES_TO_DOWN` engine failures in a row with no success
 between; a down engine gets no new work for `DOWN_COOLDOWN_S`, then one task tries it again.
-Only the work on it fails: queued work that must run there (a continuation of its contexts)
-fails with `EngineUnavailableError`, other work goes to the engines that are up, and work that
-no engine that is up could take fails at once instead of waiting.
+Only the work on it fails, and new work goes to the engines that are up; a down engine still
+gets the work that can only run there (a continuation of its contexts, or any work when no
+other engine is up), since it may have recovered. Work that only closed (or removed) engines
+could run fails at once with `EngineUnavailableError` instead of waiting.
 """
 
 from __future__ import annotations
@@ -240,8 +241,8 @@ class GlobalScheduler:
         cached = {probe.seq: self._cached_by_engine(probe)}
         slot = self._choose([probe], cached)
         if slot is None:  # every engine is full: the least loaded one that is up
-            up = [e for e in self.engines.values() if self.is_up(e) and (not models or e.model_name in models)]
-            slot = min(up, key=self._load)
+            usable = [e for e in self.engines.values() if self._usable(e, models) and (not models or e.model_name in models)]
+            slot = min(usable, key=self._load)
         if prefix_keys:
             self.affinity.record(slot.engine_id, prefix_keys)
         slot.placed_total += 1
@@ -278,18 +279,26 @@ class GlobalScheduler:
         self._schedule()
 
     # -- the policy ----------------------------------------------------------------------
+    def _usable(self, slot: EngineSlot, models: tuple[str, ...]) -> bool:
+        """Up, or down but not closed while no other engine for `models` is up (then trying
+        it is better than failing: it may have recovered)."""
+        if slot.is_closed():
+            return False
+        if self.clock() >= slot.down_until:
+            return True
+        return not any(self.is_up(e) for e in self.engines.values() if e is not slot and (not models or e.model_name in models))
+
     def _unavailable(self, task: SchedTask) -> EngineUnavailableError | None:
-        """The error for work that no engine that is up could run, or None."""
+        """The error for work that no engine could run now (closed or removed), or None."""
         if task.required_engine is not None:
             slot = self.engines.get(task.required_engine)
-            if slot is None or not self.is_up(slot):
-                why = "removed" if slot is None else ("closed" if slot.is_closed() else slot.down_reason)
-                return EngineUnavailableError(f"engine {task.required_engine!r}, which holds this work's context, is down ({why})")
+            if slot is None or slot.is_closed():
+                why = "removed" if slot is None else "closed"
+                return EngineUnavailableError(f"engine {task.required_engine!r}, which holds this work's context, is {why}")
             return None
         fitting = [e for e in self.engines.values() if not task.models or e.model_name in task.models]
-        if fitting and not any(self.is_up(e) for e in fitting):
-            down = self.down_engines()
-            return EngineUnavailableError(f"every engine that could run this is down: {down}")
+        if fitting and not any(self._usable(e, task.models) for e in fitting):
+            return EngineUnavailableError(f"every engine that could run this is gone: {self.down_engines()}")
         return None
 
     def _fail_unplaceable(self) -> None:
@@ -348,9 +357,10 @@ class GlobalScheduler:
         return max(candidates, key=rank)[1]
 
     def _qualifies(self, slot: EngineSlot, group: list[SchedTask], cached_here: list[int]) -> bool:
-        if not self.is_up(slot):
-            return False
         models = group[0].models
+        required = group[0].required_engine == slot.engine_id
+        if not (self._usable(slot, models) or (required and not slot.is_closed())):
+            return False
         if models and slot.model_name not in models:
             return False
         if any(t.required_engine is not None and t.required_engine != slot.engine_id for t in group):

@@ -224,10 +224,10 @@ def test_engine_failures_in_a_row_take_it_down_and_new_work_goes_elsewhere_until
     assert "e0" in sched.down_engines() and "step failed" in sched.down_engines()["e0"]
     # THROUGHPUT work packs onto one engine: with e0 up it would go there (first, and tied)
     assert {asyncio.run(sched.place(task(100 + i))) for i in range(4)} == {"e1"}
-    stuck = task(200)
-    stuck.required_engine = "e0"  # a continuation of a context on e0 fails at once, typed
-    with pytest.raises(EngineUnavailableError, match="e0"):
-        asyncio.run(sched.place(stuck))
+    held = task(200)
+    held.required_engine = "e0"  # a continuation of a context on e0 can only run there: it is tried
+    assert asyncio.run(sched.place(held)) == "e0"
+    sched.finish(held)
     clock.now += DOWN_COOLDOWN_S
     assert sched.down_engines() == {}  # tried again after the cooldown
     run_on(sched, "e0", None)
@@ -244,16 +244,20 @@ def test_request_errors_never_count_against_an_engine():
     assert sched.down_engines() == {}
 
 
-def test_an_unavailable_or_closed_engine_is_down_at_once_and_work_with_nowhere_to_go_fails_without_waiting():
+def test_an_unavailable_engine_is_down_at_once_and_work_that_only_closed_engines_could_run_fails_without_waiting():
     from parrot_core.errors import EngineUnavailableError
 
     sched, _, closed = make_with_clock()
     run_on(sched, "e0", EngineUnavailableError("connection refused"))
     assert sched.down_engines() == {"e0": "connection refused"}
+    assert asyncio.run(sched.place(task(1))) == "e1"
     closed["e1"] = True
     assert sched.down_engines()["e1"] == "closed"
-    with pytest.raises(EngineUnavailableError, match="every engine"):
-        asyncio.run(sched.place(task(1)))
+    # e0 is only cooling down and no other engine is up: it is tried rather than failing
+    assert asyncio.run(sched.place(task(2))) == "e0"
+    closed["e0"] = True
+    with pytest.raises(EngineUnavailableError, match="gone"):
+        asyncio.run(sched.place(task(3)))
     assert sched.queue == []
 
 
