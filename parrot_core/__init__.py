@@ -22,6 +22,7 @@ from parrot_core.chat import ChatSession, ChatSessionConfig, ChatSessionManager
 from parrot_core.engines.base import SamplingParams
 from parrot_core.engines.builtin.engine import BuiltinEngine
 from parrot_core.engines.openai import OpenAIEngine
+from parrot_core.engines.vllm import VLLMEngine
 from parrot_core.engines.builtin.kv_io import ContextFileError
 from parrot_core.frontend.function import Input, Output, native_function, semantic_function, variable
 from parrot_core.frontend.remote import connect
@@ -38,6 +39,7 @@ __all__ = [
     "LATENCY",
     "OpenAIEngine",
     "THROUGHPUT",
+    "VLLMEngine",
     "BuiltinEngine",
     "ChatSession",
     "ChatSessionConfig",

@@ -8,14 +8,16 @@ then its own) and leaves the KV to vLLM's automatic prefix caching.
 The rules:
 - A fill appends its tokens to the context and warms vLLM's prefix cache with a one-token
   request (max_tokens=1, greedy; the sampled token is dropped) over the context's whole path,
-  returning once vLLM has computed it. `FillResult.cached_tokens` is vLLM's `num_cached_tokens`
-  of that request. A fill that adds no tokens computes nothing. A plain request is one generate:
-  no fill.
+  returning once vLLM has computed it. A fill that adds no tokens computes nothing. A plain
+  request is one generate: no fill.
 - A generate appends its prompt ids to the context, sends the whole path as one request and
   streams the sampled ids back (each joins the context; an EOS / stop token id that ends it does
-  not, and comes as `stop_token_id`). `cached_tokens` is vLLM's `num_cached_tokens`: prefix-cache
-  hits over the whole path sent, not only over the prompt this generate carried (vLLM holds no
-  KV between requests, so the context's own earlier tokens are served by the cache too).
+  not, and comes as `stop_token_id`).
+- `cached_tokens` (of a fill or a generate) means what it means on every engine: of the tokens
+  this call appended, how many the prefix cache supplied: vLLM's `num_cached_tokens` for the
+  whole path, less the tokens the context held before the call (vLLM keeps no KV between
+  requests, so those are served by its cache too; `runtime_info()`'s prefix-cache counters
+  count them, over whole paths).
 - Guaranteed: outputs are exactly what vLLM computes for the full path; a prefix vLLM evicted
   (we may still hold its context) is recomputed, never wrong. Not guaranteed: that a filled
   context's KV is still cached when it is next used (vLLM evicts by LRU under memory pressure;
@@ -156,7 +158,7 @@ class VLLMEngine:
             if reason not in ("stop", "length"):
                 raise EngineError(f"fill of context {context_id} was aborted" if reason in (None, "abort") else f"fill of context {context_id} ended with {reason!r}")
             self._count(len(path), cached)
-            return FillResult(context_id, len(tokens), cached)
+            return FillResult(context_id, len(tokens), _own_share(cached, len(path), len(tokens)))
         finally:
             with self._lock:
                 self._busy.discard(context_id)
@@ -179,8 +181,8 @@ class VLLMEngine:
             async with contextlib.aclosing(self._request(context_id, path, vparams)) as stream:
                 async for out in stream:
                     if cached is None:
-                        cached = out.num_cached_tokens or 0
-                        self._count(len(path), cached)
+                        self._count(len(path), out.num_cached_tokens or 0)
+                        cached = _own_share(out.num_cached_tokens or 0, len(path), len(prompt))
                     delta = self._delta(ctx, out, params, path, len(prompt), cached)
                     yield delta
                     if delta.finish_reason is not None:
@@ -506,3 +508,9 @@ def _prompt_logprobs(per_token: Any, path: list[int], carried: int, k: int) -> l
         entries = per_token[i]
         out.append(None if entries is None else _token_logprob(dict(entries), path[i], k))
     return out
+
+
+def _own_share(path_hits: int, path_len: int, appended: int) -> int:
+    """Of the last `appended` tokens of a path of `path_len`, how many are among the first
+    `path_hits` tokens (those vLLM's prefix cache supplied)."""
+    return max(0, min(appended, path_hits - (path_len - appended)))

@@ -109,18 +109,27 @@ def test_a_fork_of_a_filled_context_hits_the_prefix_cache(engine):
     parent = [(7 * i + 3) % 5000 + 100 for i in range(100)]  # tokens no other test sends
     full_blocks = len(parent) // BLOCK * BLOCK
 
+    hits = lambda: engine.runtime_info().prefix_cache_hits  # noqa: E731 - over whole paths
+
     async def go():
         first = await engine.fill(20_000, None, parent)
+        before_fork = hits()
         fork = await engine.fill(20_001, 20_000, [11, 12, 13])
+        fork_hits = hits() - before_fork
         _, deltas = await generate(engine, 20_002, 20_000, [14, 15], max_tokens=2, temperature=0.0)
-        return first, fork, deltas
+        generate_hits = hits() - before_fork - fork_hits
+        again = await engine.fill(20_003, None, parent)  # the same tokens in a new root: they are cached
+        return first, fork, fork_hits, generate_hits, deltas, again
 
-    first, fork, deltas = run(go())
+    first, fork, fork_hits, generate_hits, deltas, again = run(go())
+    assert again.num_tokens == 100 and again.cached_tokens >= full_blocks
     assert (first.num_tokens, first.cached_tokens) == (100, 0)  # nothing cached before
-    assert fork.num_tokens == 3 and fork.cached_tokens >= full_blocks
-    assert deltas[0].cached_tokens >= full_blocks
+    # each fork's request found the parent's full blocks in vLLM's cache ...
+    assert fork_hits >= full_blocks and generate_hits >= full_blocks
+    # ... and reports, like every engine, what the cache gave of the tokens it appended
+    assert (fork.num_tokens, fork.cached_tokens) == (3, 0) and deltas[0].cached_tokens == 0
     assert engine.token_ids(20_001) == parent + [11, 12, 13]
-    for cid in (20_002, 20_001, 20_000):
+    for cid in (20_003, 20_002, 20_001, 20_000):
         engine.free_context(cid)
 
 
