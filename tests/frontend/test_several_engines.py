@@ -149,3 +149,29 @@ def test_an_engine_that_goes_away_fails_the_contexts_it_held_and_new_work_goes_e
         assert rt.new_context().context.engine_id == "builtin-0"
     finally:
         rt.close()
+
+
+def test_an_unreachable_remote_engine_is_taken_out_and_work_goes_to_the_builtin_one(tiny_llama, reference):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: the server went away
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    remote = P.OpenAIEngine(f"http://127.0.0.1:{port}/v1", "model", max_model_len=256)
+    rt = P.Runtime(engines=[engine(tiny_llama(seed=0)), remote])
+    try:
+        assert rt.engine_ids == ["builtin-0", "openai-0"]
+        results = []
+        for i in range(6):
+            ids = prompt(500 + i, 10)
+            try:
+                results.append(rt.generate(ids, max_tokens=3, **GREEDY).token_ids == reference(ids, 3))
+            except EngineUnavailableError as e:
+                assert str(port) in str(e)
+                results.append("unavailable")
+        assert results.count("unavailable") == 1  # the first call placed there; then it is down
+        assert all(r is True for r in results if r != "unavailable")
+        assert "openai-0" in rt.core.scheduler.down_engines()
+        rt.check_invariants()
+    finally:
+        rt.close()
