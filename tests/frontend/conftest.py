@@ -10,7 +10,8 @@ from parrot_core.engines.builtin.engine import BuiltinEngine
 
 def assert_no_leak(rt: Runtime) -> None:
     """With every handle freed: no context is live and every block is free or cached-free."""
-    rt.engine.wait_idle()
+    for engine in rt.core.engines.values():
+        engine.wait_idle()
     rt.check_invariants()
     stats = rt.stats()
     assert stats["contexts_live"] == 0 and stats["engine_contexts"] == 0, stats

@@ -45,6 +45,12 @@ def prompt(seed: int, n: int, prefix: list[int] | None = None) -> list[int]:
     return (prefix or []) + torch.randint(1, 100, (n,), generator=g).tolist()
 
 
+def concurrently(fn: Any, items: list[Any]) -> list[Any]:
+    """`fn` over `items` from as many threads, results in order."""
+    with concurrent.futures.ThreadPoolExecutor(len(items)) as pool:
+        return list(pool.map(fn, items))
+
+
 def per_engine(rt: P.Runtime, field: str) -> dict[str, int]:
     return {eid: getattr(s["info"], field) for eid, s in rt.engine_stats().items()}
 
@@ -77,19 +83,15 @@ def test_plain_requests_sharing_a_prefix_land_on_the_engine_that_ran_it(tiny_lla
         other = next(e for e in ran if e != holder)
         assert ran[other] == 0
         followers = [shared + prompt(10 + i, 5) for i in range(6)]
-        with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            outs = list(pool.map(lambda ids: rt.generate(ids, max_tokens=4, **GREEDY), followers))
+        outs = concurrently(lambda ids: rt.generate(ids, max_tokens=4, **GREEDY), followers)
         assert [o.token_ids for o in outs] == [reference(ids, 4) for ids in followers]
         assert per_engine(rt, "prompt_tokens_computed")[other] == 0  # all of them went to the holder
         assert all(o.cached_tokens >= 124 for o in outs)  # and found the prefix in its cache
         # unrelated concurrent work spreads over both engines by load
         strangers = [prompt(100 + i, 40) for i in range(6)]
-        with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            outs = list(pool.map(lambda ids: rt.generate(ids, max_tokens=8, **GREEDY), strangers))
+        outs = concurrently(lambda ids: rt.generate(ids, max_tokens=8, **GREEDY), strangers)
         assert [o.token_ids for o in outs] == [reference(ids, 8) for ids in strangers]
         assert per_engine(rt, "prompt_tokens_computed")[other] > 0
-        for e in rt.core.engines.values():
-            e.wait_idle()
         assert_no_leak(rt)
     finally:
         rt.close()
@@ -106,8 +108,7 @@ def test_a_broken_engine_fails_only_its_own_calls_and_new_work_goes_to_the_other
             except EngineError as e:
                 return e
 
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            first_wave = list(pool.map(call, prompts))
+        first_wave = concurrently(call, prompts)
         failed = [r for r in first_wave if isinstance(r, EngineError)]
         assert 1 <= len(failed) < len(prompts)  # load spread some onto the broken engine
         assert all("engine step failed" in str(e) for e in failed)
@@ -120,12 +121,9 @@ def test_a_broken_engine_fails_only_its_own_calls_and_new_work_goes_to_the_other
                 break
             call(prompt(300 + i, 12))
         assert "builtin-1" in rt.core.scheduler.down_engines()
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            second_wave = list(pool.map(call, prompts))
+        second_wave = concurrently(call, prompts)
         assert [r.token_ids for r in second_wave] == [reference(ids, 5) for ids in prompts]
         assert rt.engine_stats()["builtin-1"]["down"]
-        for e in rt.core.engines.values():
-            e.wait_idle()
         assert_no_leak(rt)
     finally:
         rt.close()

@@ -20,12 +20,17 @@ def whole_chunk_lcp(x: list[int], y: list[int]) -> int:
     return n - n % CHUNK
 
 
-@settings(max_examples=300, deadline=None)
-@given(ops, prompts)
-def test_match_is_each_engines_longest_shared_whole_chunk_prefix(sent, query):
+def recorded(sent: list[tuple[str, list[int]]]) -> PrefixAffinity:
     affinity = PrefixAffinity(chunk_tokens=CHUNK)
     for engine, prompt in sent:
         affinity.record(engine, affinity.keys(prompt))
+    return affinity
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops, prompts)
+def test_match_is_each_engines_longest_shared_whole_chunk_prefix(sent, query):
+    affinity = recorded(sent)
     expected = {}
     for engine, prompt in sent:
         n = whole_chunk_lcp(prompt, query)
@@ -37,9 +42,7 @@ def test_match_is_each_engines_longest_shared_whole_chunk_prefix(sent, query):
 @settings(max_examples=100, deadline=None)
 @given(ops, prompts)
 def test_a_forgotten_engine_has_no_affinity_and_the_others_keep_theirs(sent, query):
-    affinity = PrefixAffinity(chunk_tokens=CHUNK)
-    for engine, prompt in sent:
-        affinity.record(engine, affinity.keys(prompt))
+    affinity = recorded(sent)
     before = affinity.match(affinity.keys(query))
     affinity.forget_engine("a")
     assert affinity.match(affinity.keys(query)) == {e: n for e, n in before.items() if e != "a"}
