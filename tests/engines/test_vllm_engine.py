@@ -240,6 +240,25 @@ def test_programs_and_the_context_api_run_unchanged(rt, builtin_rt):
     assert rt.engine.context_ids() == {c.context_id for c in rt.contexts.contexts.values()}
 
 
+def chat_turns(runtime) -> list[tuple[str, int]]:
+    with runtime.chat(system="You are a terse assistant.") as chat:
+        return [(o.text, o.cached_tokens) for o in (chat.send(q, max_tokens=8, temperature=0.0) for q in ("Name a fruit.", "Another one?"))]
+
+
+def test_chat_sessions_run_unchanged_and_what_an_engine_cannot_do_is_a_typed_error(rt, builtin_rt):
+    ours, builtin = chat_turns(rt), chat_turns(builtin_rt)
+    assert [t for t, _ in ours] == [t for t, _ in builtin]
+    assert ours[1][1] > 0  # the second turn reuses the first's tokens (vLLM's prefix cache)
+    with pytest.raises(P.errors.UnsupportedByEngineError, match="VLLMEngine"):
+        rt.generate("Once upon a time", max_tokens=8, token_quantum=4)
+    with pytest.raises(P.errors.UnsupportedByEngineError, match="saving a context"):
+        with rt.new_context() as ctx:
+            ctx.fill("Hello")
+            ctx.save(os.devnull)
+    rt.check_invariants()
+    assert rt.engine.context_ids() == {c.context_id for c in rt.contexts.contexts.values()}
+
+
 def test_close_fails_running_and_later_calls(rt):  # last: it closes the module's engine
     engine = rt.engine
 
