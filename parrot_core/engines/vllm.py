@@ -58,6 +58,7 @@ from parrot_core.engines.base import (
 from parrot_core.engines.builtin.tokenizer import load_hf_tokenizer
 from parrot_core.errors import (
     EngineError,
+    EngineUnavailableError,
     InvalidRequestError,
     InvariantError,
     RequestTooLargeError,
@@ -436,7 +437,8 @@ class VLLMEngine:
             except (VLLMValidationError, ValueError) as e:
                 raise InvalidRequestError(str(e)) from None
             except EngineDeadError:
-                raise RuntimeClosedError("the engine was closed") if self._closed else EngineError("vLLM's engine died")
+                # a dead engine stays dead: a runtime with several engines sends new work elsewhere
+                raise RuntimeClosedError("the engine was closed") if self._closed else EngineUnavailableError("vLLM's engine died")
 
         def finished(f: concurrent.futures.Future[None]) -> None:
             with self._lock:
