@@ -1,10 +1,15 @@
-"""Many agents on few slots: KV-based switching vs recompute-from-scratch switching vs FIFO.
+"""Many agents on few slots: KV-based vs text-based vs recompute-from-scratch switching vs FIFO.
 
 A agents (distinct prompts of about P tokens) each generate O greedy tokens (EOS ignored) on
-an engine that runs S sequences at once (`max_num_seqs`). Three ways to share the S slots:
+an engine that runs S sequences at once (`max_num_seqs`). Four ways to share the S slots:
 
 - KV-based switching: `rt.round_robin(..., token_quantum=Q)`: each agent runs Q tokens, is
   suspended with its KV kept, and the next one takes the slot; a resume computes nothing again.
+- text-based switching: the same round robin on an `OpenAIEngine` against parrot-core's own
+  OpenAI-compatible server (in this process, over the same engine configuration, prefix
+  caching on): a turn is one streamed request; a resume re-sends the prompt plus the text so
+  far and the server's prefix cache supplies the full blocks it still holds. Its figures are
+  the served engine's.
 - recompute-from-scratch switching: the same turns, but a turn after the first re-sends the
   prompt plus the output so far (as token ids) as a fresh prompt, with prefix caching off:
   what a switch costs when no KV is kept (AIOS's behaviour: "the saved KV is never fed back").
@@ -16,7 +21,8 @@ prompt's first prefill and the one pending token each resume computes, which an 
 run computes as a decode), time to finish everything, time to first token of the last agent
 (and the mean), and fairness: Jain's index of per-agent progress sampled over the run (1 = all
 agents equally far along) and, for the round-robin modes, per round the fewest and most tokens
-an agent added. The KV-based and FIFO outputs are also compared token for token.
+an agent added. The outputs are also compared token for token (text-based: the client's
+re-tokenization of the streamed text).
 
     python benchmarks/switching.py            # 16 agents, 4 slots, P~48, O=64, Q=16
     python benchmarks/switching.py --quick    # 8 agents, 2 slots, O=24, Q=8
@@ -46,11 +52,16 @@ from parrot_core.engines.builtin.default_model import default_model_path  # noqa
 from parrot_core.engines.builtin.engine import BuiltinEngine  # noqa: E402
 from parrot_core.engines.builtin.gguf_loader import load_gguf  # noqa: E402
 from parrot_core.engines.builtin.model import LlamaModel  # noqa: E402
+from parrot_core.engines.openai import OpenAIEngine  # noqa: E402
+from parrot_core.server.app import create_app  # noqa: E402
+from parrot_core.server.server import Server  # noqa: E402
+from parrot_core.server.settings import ServeSettings  # noqa: E402
 
 KV = "KV-based switching"
+TEXT = "text-based switching"
 RECOMPUTE = "recompute from scratch"
 FIFO = "FIFO (no switching)"
-MODES = (KV, RECOMPUTE, FIFO)
+MODES = (KV, TEXT, RECOMPUTE, FIFO)
 SAMPLES = 20  # progress snapshots for the fairness index
 
 
@@ -107,11 +118,30 @@ def make_runtime(model: LlamaModel, loaded, slots: int, caching: bool) -> P.Runt
 
 
 def run_kv(rt: P.Runtime, prompts: list[list[int]], output_len: int, quantum: int, slots: int, bar: tqdm) -> Run:
-    before = rt.stats()["prompt_tokens_computed"]
+    return _round_robin(KV, rt, rt, prompts, output_len, quantum, slots, bar)
+
+
+def run_text(served: P.Runtime, model_name: str, tokenizer, prompts: list[list[int]], output_len: int, quantum: int, slots: int, bar: tqdm) -> Run:
+    """The round robin through an `OpenAIEngine` against `served` behind our own server."""
+    settings = ServeSettings(port=0, log_stats_interval=0)
+    server = Server(create_app(served, settings), settings, log_level="warning").start_in_thread()
+    client = None
+    try:
+        client = P.Runtime(engine=OpenAIEngine(server.url, model_name, tokenizer=tokenizer, max_num_seqs=slots))
+        return _round_robin(TEXT, client, served, prompts, output_len, quantum, slots, bar)
+    finally:
+        if client is not None:
+            client.close()
+        server.stop_thread()
+
+
+def _round_robin(mode: str, rt: P.Runtime, computing: P.Runtime, prompts: list[list[int]], output_len: int, quantum: int, slots: int, bar: tqdm) -> Run:
+    """`rt.round_robin`; `computing`: the runtime whose engine does the work (counted)."""
+    before = computing.stats()["prompt_tokens_computed"]
     t0 = time.perf_counter()
     result = rt.round_robin(prompts, max_tokens=output_len, token_quantum=quantum, slots=slots, ignore_eos=True, temperature=0.0)
     wall = time.perf_counter() - t0
-    rt.engine.wait_idle()
+    computing.engine.wait_idle()
     bar.update(len(prompts))
     progress: list[list[tuple[float, int]]] = [[] for _ in prompts]
     done = [0] * len(prompts)
@@ -120,9 +150,9 @@ def run_kv(rt: P.Runtime, prompts: list[list[int]], output_len: int, quantum: in
             progress[s.agent].append((s.first_token, done[s.agent] + 1))
         done[s.agent] += s.tokens
         progress[s.agent].append((s.end, done[s.agent]))
-    computed = rt.stats()["prompt_tokens_computed"] - before
+    computed = computing.stats()["prompt_tokens_computed"] - before
     outputs = [o.token_ids for o in result.outputs]
-    return Run(KV, wall, sum(map(len, prompts)), computed, len(result.slices) - len(prompts), outputs, progress, _round_spread(result.rounds()))
+    return Run(mode, wall, sum(map(len, prompts)), computed, len(result.slices) - len(prompts), outputs, progress, _round_spread(result.rounds()))
 
 
 def _round_spread(rounds: list[dict[int, int]]) -> list[dict[str, int]]:
@@ -293,6 +323,8 @@ def main(argv: list[str] | None = None) -> list[Run]:
                 rt.generate(prompts[0][:8], max_tokens=2)  # warm up (not counted)
                 if mode == KV:
                     runs[mode] = run_kv(rt, prompts, args.output_len, args.quantum, args.slots, bar)
+                elif mode == TEXT:
+                    runs[mode] = run_text(rt, loaded.model_name, tok, prompts, args.output_len, args.quantum, args.slots, bar)
                 elif mode == RECOMPUTE:
                     runs[mode] = run_recompute(rt, prompts, args.output_len, args.quantum, args.slots, bar)
                 else:
@@ -309,7 +341,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
     print_table(ordered)
     same = {
         f"{a} vs {b}": sum(x == y for x, y in zip(runs[a].outputs, runs[b].outputs))
-        for a, b in ((KV, FIFO), (KV, RECOMPUTE), (RECOMPUTE, FIFO))
+        for a, b in ((KV, FIFO), (TEXT, FIFO), (KV, RECOMPUTE), (RECOMPUTE, FIFO))
     }
     print("\nidentical outputs (agents): " + "; ".join(f"{k}: {v}/{args.agents}" for k, v in same.items()))
     print(

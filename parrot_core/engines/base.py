@@ -42,9 +42,17 @@ the file format and the `ContextKV` / `KVSpec` types):
 Optional: `vocab_size` (token ids are below it) and `max_num_seqs` (sequences it runs at
 once), which the server checks requests against.
 
-Optional: `suspendable` (true): suspendable generations (`parrot_core.switching`) may read the
-engine's context tree (`tree`, `call`) to tell resident KV from evicted; only the builtin
-engine has it.
+Optional, for suspendable generations (`parrot_core.switching`): two reads that are posted
+when called (in order with the engine's other work: one made before a `generate` sees the
+context before the generate touches it) and awaited on the event loop:
+- `context_tokens(context_id) -> Awaitable[list[int]]`: the context's whole token sequence
+  (ancestors included); after an aborted generate, what it appended, handed out or not.
+- `kv_residency(context_ids) -> Awaitable[dict[int, tuple[int, int]]]`: for each of those
+  contexts the engine holds, (its tokens, those whose KV is computed). An engine of text
+  contexts (no KV here) reports 0 computed; what its server's cache supplies shows up only
+  as a generate's `cached_tokens`.
+- `check_resumable(params)` (if present): `InvalidRequestError` if a generation sampled with
+  `params` cannot be continued across slices (`prior_output_tokens`) on this engine.
 
 Lifecycle and checks, which every engine a `Runtime` holds provides (blocking calls, made from
 a worker thread, never on the event loop):

@@ -37,7 +37,17 @@ text* is its ancestors' text plus its own. The engine keeps no KV and computes n
   `response_format`, regex / choice as vLLM's `structured_outputs`. What cannot be expressed
   is an `InvalidRequestError` naming the field: logprobs and prompt_logprobs (servers report
   token strings, not our ids), a Lark `grammar` (servers read grammars in their own
-  dialects), `prior_output_tokens` (resuming a sliced generation).
+  dialects).
+- Suspendable generations (`parrot_core.switching`, text-based switching): a slice is one
+  streamed request. Generated text joins the context as it is handed out, so when the
+  consumer stops (a suspension closes the stream) the context holds exactly the text the
+  caller got and `context_tokens` reports no unread tail; a resume (`prior_output_tokens >
+  0`) sends the prompt plus that text and the server re-tokenizes it (exact for greedy output
+  whenever the generated text tokenizes back to the ids generated, as natural text does).
+  `min_tokens` is sent less the prior output. What a fresh request cannot continue is refused
+  (`check_resumable`): presence / frequency penalties (they count earlier output) and a seed
+  with temperature > 0 (the server's random stream restarts). `kv_residency` reports nothing
+  computed here: the server's cache shows in `cached_tokens` (its usage) instead.
 - Errors: a 4xx answer (or an error event of that kind in the stream) is an
   `InvalidRequestError` with the server's message; an unreachable server, a 5xx or a broken
   stream is an `EngineError` naming the URL (`EngineUnavailableError` when it cannot be reached:
@@ -72,7 +82,15 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from parrot_core.engines.base import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, FillResult, GenerationDelta, RuntimeInfo, SamplingParams
 from parrot_core.engines.builtin.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
-from parrot_core.errors import EngineError, EngineUnavailableError, InvalidRequestError, InvariantError, ModelLoadError, RuntimeClosedError
+from parrot_core.errors import (
+    EngineError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    InvariantError,
+    ModelLoadError,
+    RuntimeClosedError,
+    UnknownContextError,
+)
 
 SYNTHETIC_BLOCK_SIZE = 16
 DEFAULT_TIMEOUT_S = 600.0
@@ -354,7 +372,7 @@ class OpenAIEngine:
             if getattr(p, name) is not None:
                 raise InvalidRequestError(f"{name} is not supported by OpenAIEngine (servers report token strings, not token ids)")
         if p.prior_output_tokens:
-            raise InvalidRequestError("prior_output_tokens is not supported by OpenAIEngine (a sliced generation cannot be resumed)")
+            self.check_resumable(p)
         if self.byte_codec:
             for name in ("stop_token_ids", "logit_bias"):
                 if getattr(p, name):
@@ -379,7 +397,7 @@ class OpenAIEngine:
             "top_k": (p.top_k if p.top_k > 0 else -1, -1),
             "min_p": (p.min_p, 0.0),
             "repetition_penalty": (p.repetition_penalty, 1.0),
-            "min_tokens": (p.min_tokens, 0),
+            "min_tokens": (max(0, p.min_tokens - p.prior_output_tokens), 0),  # a resume: the prior output counted
             "ignore_eos": (p.ignore_eos, False),
             "stop_token_ids": (list(p.stop_token_ids), []),
         }
@@ -399,6 +417,38 @@ class OpenAIEngine:
             else:
                 body["structured_outputs"] = {"choice": list(spec.choice or ())}
         return body
+
+    def check_resumable(self, params: SamplingParams) -> None:
+        """`InvalidRequestError` naming the field if a generation sampled with `params` cannot
+        be continued by a fresh request on the prompt plus its text so far."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(params, name):
+                raise InvalidRequestError(
+                    f"{name} cannot be suspended on OpenAIEngine: it counts the earlier output, which a resumed request sends as prompt"
+                )
+        if params.seed is not None and params.temperature > 0:
+            raise InvalidRequestError(
+                "seed (with temperature > 0) cannot be suspended on OpenAIEngine: a resumed request restarts the server's random stream"
+            )
+
+    def context_tokens(self, context_id: int) -> asyncio.Future[list[int]]:
+        """The context's whole token sequence (the ids of its path's segments): what the
+        generates handed out, no more. Unknown: `UnknownContextError`."""
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            ctx = self._contexts.get(context_id)
+            if ctx is None:
+                future.set_exception(UnknownContextError(f"unknown context {context_id}"))
+            else:
+                future.set_result([t for seg in ctx.segments for t in seg.ids])
+        return future
+
+    def kv_residency(self, context_ids: Sequence[int]) -> asyncio.Future[dict[int, tuple[int, int]]]:
+        """(tokens, 0) for each of these contexts held here: no KV is computed here."""
+        future: asyncio.Future[dict[int, tuple[int, int]]] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            future.set_result({cid: (self._contexts[cid].num_tokens, 0) for cid in context_ids if cid in self._contexts})
+        return future
 
     async def generate(
         self,

@@ -20,6 +20,13 @@ What carries over a suspension, so that the slices together are the uninterrupte
   which context tokens are output (penalties, `min_tokens`) and how far a seeded generator has
   advanced.
 
+Any engine with the reads `context_tokens` and `kv_residency` (engines/base.py) runs them. On
+an engine of text contexts (`OpenAIEngine`, text-based switching) a slice is one streamed
+request: a suspension closes the stream, the context keeps exactly the text handed out, and a
+resume sends the prompt plus that text (the server re-tokenizes it; its prefix cache, if any,
+supplies what it still holds); the engine's `check_resumable(params)` refuses at the start
+what a text resume cannot carry over.
+
 Pids are per owner (`None` for in-process callers; the server uses the caller's API key), so
 one owner never sees, resumes or discards another's generations, whatever pids they choose.
 Suspended generations are bounded: at most `max_suspended` (the least recently suspended are
@@ -38,7 +45,7 @@ import re
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +56,7 @@ from parrot_core.frontend.runtime import GenerateOutput, Runtime, StreamDelta
 from parrot_core.serve.scheduler import SchedTask
 
 FINISH_SUSPENDED = "suspended"
+_DEFAULT_SLOTS = 64  # round robin on an engine that does not say how many sequences it runs
 _PID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 
@@ -58,7 +66,11 @@ class SliceDelta(StreamDelta):
     slice: `output_tokens`, the generation's output so far (all slices), and
     `recomputed_tokens`, the tokens of the context the slice had to compute again before
     sampling (0 while its KV stayed resident; the last token sampled before a suspension was
-    never computed and is not counted)."""
+    never computed and is not counted). On an engine of text contexts: the context's tokens
+    (its own count) less those its server reported cached (its usage), less that last token
+    (the server's own figure when the text tokenizes back to its ids); a slice cut
+    short here (its time limit, a stop string) closes the stream before the usage comes and
+    counts every token but that one."""
 
     pid: str = ""
     output_tokens: int = 0
@@ -124,7 +136,8 @@ class _Slice:
 
     resumed: bool
     recomputed: int = 0
-    cached: int = 0  # first slice: the prompt tokens the prefix cache supplied
+    cached: int = 0  # the tokens the engine's (or its server's) prefix cache supplied
+    uncomputed: int = 0  # resumed: the context's tokens without KV when the slice started
     first: bool = True
 
 
@@ -175,7 +188,7 @@ class SwitchingManager:
         its id (one this owner has in use is an error); None makes one up. Checks everything
         at once (a typed error before any KV is taken)."""
         _check_limits(time_limit, token_quantum)
-        capability(self.rt.engine, "suspendable", "suspending and resuming a generation (its KV state)")
+        _check_engine(self.rt.engine, params, "suspending and resuming a generation")
         if params.structured is not None:
             raise InvalidRequestError("structured output cannot be suspended (its grammar state is not kept): leave out time_limit/token_quantum/pid")
         if params.stop and self.rt.engine.tokenizer is None:
@@ -280,8 +293,8 @@ class SwitchingManager:
         from parrot_core.switching.round_robin import run_round_robin
 
         _check_limits(time_limit, token_quantum)
-        capability(self.rt.engine, "suspendable", "round-robin generation (suspending and resuming)")
-        slots = self.rt.engine.config.max_num_seqs if slots is None else slots
+        _check_engine(self.rt.engine, params, "round-robin generation (suspending and resuming)")
+        slots = getattr(self.rt.engine, "max_num_seqs", _DEFAULT_SLOTS) if slots is None else slots
         return await run_round_robin(self, prompts, params, token_quantum=token_quantum, time_limit=time_limit, slots=slots)
 
     # -- listing and freeing -------------------------------------------------------------------
@@ -345,38 +358,23 @@ class SwitchingManager:
 
     async def _resident(self, context_ids: Sequence[int]) -> dict[int, bool]:
         """Whether each context's KV is in the engine: every token but the last sampled one
-        (which a resume computes anyway) computed."""
+        (which a resume computes anyway) computed. (Never, on an engine of text contexts.)"""
         if not context_ids:
             return {}
-        engine = self.rt.engine
+        residency = await self.rt.engine.kv_residency(context_ids)
+        return {cid: computed >= tokens - 1 for cid, (tokens, computed) in residency.items()}
 
-        def read() -> dict[int, bool]:
-            out = {}
-            for cid in context_ids:
-                if cid in engine.tree:
-                    ctx = engine.tree.get(cid)
-                    out[cid] = ctx.num_computed >= len(ctx.token_ids) - 1
-            return out
-
-        return await asyncio.to_thread(engine.call, read)
-
-    def _uncomputed(self, context_id: int) -> asyncio.Future[int]:
-        """How many of the context's tokens lack KV, read on the engine thread by the command
-        posted now: before the slice's generate starts (posted at its first iteration), with
-        no wait for the engine's current step."""
-        engine = self.rt.engine
-
-        def read() -> int:
-            ctx = engine.tree.get(context_id)
-            return len(ctx.token_ids) - ctx.num_computed
-
-        return asyncio.wrap_future(engine._submit(read))
+    async def _uncomputed(self, read: Awaitable[dict[int, tuple[int, int]]], context_id: int) -> int:
+        """How many of the context's tokens lacked KV when `read` (`kv_residency`, called
+        before the slice's generate starts) was taken."""
+        tokens, computed = (await read).get(context_id, (0, 0))  # gone (reset): the generate aborts
+        return tokens - computed
 
     async def _tail(self, context_id: int, start: int) -> list[int]:
         """The context's tokens from position `start` (after an aborted slice: what the engine
-        sampled that the slice did not read)."""
-        engine = self.rt.engine
-        return await asyncio.to_thread(engine.call, lambda: list(engine.tree.get(context_id).token_ids[start:]))
+        sampled that the slice did not read; nothing, on an engine whose context only takes
+        what it handed out)."""
+        return (await self.rt.engine.context_tokens(context_id))[start:]
 
     # -- one slice -------------------------------------------------------------------------------
     async def _run(self, gen: _Generation, time_limit: float | None, token_quantum: int | None) -> AsyncIterator[SliceDelta]:
@@ -425,7 +423,9 @@ class SwitchingManager:
         assert ctx is not None
         loop = asyncio.get_running_loop()
         start_len = len(gen.prompt_ids) + len(gen.output_ids)
-        uncomputed = None if prompt else self._uncomputed(ctx.context_id)
+        # Read now, before the generate is posted (at its first iteration), with no wait for
+        # the engine's current step.
+        residency = None if prompt else rt.engine.kv_residency([ctx.context_id])
         rt.contexts.reserve_generate(ctx, params.max_tokens)
         produced = 0
         info = _Slice(resumed=not prompt)
@@ -441,11 +441,14 @@ class SwitchingManager:
                             delta = await anext(stream)
                     except TimeoutError:  # time is up: the engine request was aborted
                         break
-                    if info.first:
-                        info.first = False
-                        info.cached = delta.cached_tokens
-                        if uncomputed is not None:  # the pending token a resume always computes is no recompute
-                            info.recomputed = max(0, await uncomputed - delta.cached_tokens - 1)
+                    if info.first and residency is not None:
+                        info.uncomputed = await self._uncomputed(residency, ctx.context_id)
+                    info.first = False
+                    # The slice's cached tokens: every delta of a KV engine carries the figure; a
+                    # text engine's last one carries its server's (none if the slice is cut first).
+                    info.cached = max(info.cached, delta.cached_tokens)
+                    if info.resumed:  # the pending token a resume always computes is no recompute
+                        info.recomputed = max(0, info.uncomputed - info.cached - 1)
                     ids = list(delta.token_ids)
                     cut = self._take(gen, ids)
                     produced += len(ids) if cut is None else cut
@@ -608,6 +611,16 @@ def _head(logprobs: list[TokenLogprob] | None, n: int) -> list[TokenLogprob] | N
 
 def _positive(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _check_engine(engine: Any, params: SamplingParams, purpose: str) -> None:
+    """The engine has the reads suspension needs (`UnsupportedByEngineError`), and can resume
+    a generation of these params (its `check_resumable`, when it has one)."""
+    for name in ("context_tokens", "kv_residency"):
+        capability(engine, name, purpose)
+    check = getattr(engine, "check_resumable", None)
+    if check is not None:
+        check(params)
 
 
 def _check_limits(time_limit: float | None, token_quantum: int | None) -> None:

@@ -69,8 +69,6 @@ _GRAMMAR_CACHE = 64  # compiled grammars kept (a fresh matcher is a copy of the 
 class BuiltinEngine:
     """Implements `parrot_core.engines.base.Engine` over a `LlamaModel` on CPU or GPU."""
 
-    suspendable = True  # suspendable generations read its context tree (`tree`, `call`)
-
     def __init__(
         self,
         model: LlamaModel | str | os.PathLike[str] | None = None,
@@ -281,6 +279,23 @@ class BuiltinEngine:
         token. Atomic: on any error (a taken id, bad shapes or ids, too long, no room even after
         evicting idle contexts: `OutOfBlocksError`) nothing changes."""
         await self._on_thread(lambda: self._import_now(context_id, kv))
+
+    # -- reads for suspendable generations (optional protocol methods) --------------------
+    def context_tokens(self, context_id: int) -> asyncio.Future[list[int]]:
+        """The context's whole token sequence, read on the engine thread by the command posted
+        now (after an aborted generate: every token it sampled). Unknown: `UnknownContextError`."""
+        return asyncio.wrap_future(self._submit(lambda: list(self.tree.get(context_id).token_ids)))
+
+    def kv_residency(self, context_ids: Sequence[int]) -> asyncio.Future[dict[int, tuple[int, int]]]:
+        """(tokens, tokens with KV computed) of each of these contexts the engine holds, read
+        on the engine thread by the command posted now: before any generate posted later."""
+        ids = list(context_ids)
+
+        def read() -> dict[int, tuple[int, int]]:
+            held = (self.tree.get(cid) for cid in ids if cid in self.tree)
+            return {ctx.context_id: (len(ctx.token_ids), ctx.num_computed) for ctx in held}
+
+        return asyncio.wrap_future(self._submit(read))
 
     async def _on_thread(self, fn: Callable[[], T]) -> T:
         """`call` for async callers: run `fn` on the engine thread without blocking the loop."""
