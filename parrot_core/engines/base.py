@@ -93,6 +93,18 @@ def capability(engine: Any, name: str, purpose: str) -> Any:
     return method
 
 
+def check_resumable_by_resend(params: SamplingParams, engine: str) -> None:
+    """For engines that keep no sampling state between requests (vLLM, OpenAI-compatible
+    servers), where a resumed generation is a fresh request over the prompt plus the output so
+    far: `InvalidRequestError` naming what such a request cannot continue (penalties that count
+    only the output, a seeded random stream)."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(params, name):
+            raise InvalidRequestError(f"{name} cannot be suspended on {engine}: it counts the earlier output, which a resumed request sends as prompt")
+    if params.seed is not None and params.temperature > 0:
+        raise InvalidRequestError(f"seed (with temperature > 0) cannot be suspended on {engine}: a resumed request restarts the random stream")
+
+
 def find_stop(text: str, stops: Sequence[str], checked_chars: int) -> int | None:
     """Where the earliest of `stops` begins in `text`, or None. Only matches that reach past
     the first `checked_chars` characters are looked for (the text before was already checked,
@@ -356,7 +368,11 @@ class GenerationDelta:
     `prompt_logprobs` (when asked, on the first delta only): one entry per prompt token the
     generate carried, None for a token with nothing before it in the context.
     `stop_token_id` (last delta only): the EOS or stop token id that ended the generation; it
-    is not output (`token_ids`, `text`) and does not join the context."""
+    is not output (`token_ids`, `text`) and does not join the context.
+    `reused_tokens` (engines that keep no KV per context, whose every request carries the
+    context's whole sequence: vLLM, OpenAI-compatible servers; None on others): of that whole
+    sequence, how many tokens their prefix cache supplied (the context's earlier tokens too),
+    in the counting of whoever computed them (a remote server counts its own tokens)."""
 
     token_ids: list[int]
     text: str = ""
@@ -365,6 +381,7 @@ class GenerationDelta:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     stop_token_id: int | None = None
+    reused_tokens: int | None = None
 
 
 @dataclass(frozen=True)

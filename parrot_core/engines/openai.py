@@ -9,8 +9,10 @@ text* is its ancestors' text plus its own. The engine keeps no KV and computes n
   returns at once (`cached_tokens` 0). The reuse rule: every `generate` sends the context's
   whole path text as one prompt, and the *server's* own prefix cache finds what earlier
   requests computed (vLLM's and SGLang's automatic prefix caching, llama.cpp's slot cache,
-  parrot-core's block cache); the `cached_tokens` a generate reports is the server's
-  `usage.prompt_tokens_details.cached_tokens` (0 when the server does not report it).
+  parrot-core's block cache); a generate reports the server's
+  `usage.prompt_tokens_details.cached_tokens` (0 when the server does not report it) as
+  `reused_tokens` (the whole path), and as `cached_tokens` the part of it past the path's
+  earlier tokens, of the tokens the generate carried (as on every engine; in our counting).
 - `generate` sends `path text + text of the prompt ids` to `POST /v1/completions` (stream,
   `n=1`, `stream_options.include_usage`) and streams the server's text back. Each delta's
   `token_ids` are `tokenizer.encode(piece)` of its text: re-tokenized here, not the server's
@@ -80,7 +82,16 @@ import httpx
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from parrot_core.engines.base import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, FillResult, GenerationDelta, RuntimeInfo, SamplingParams
+from parrot_core.engines.base import (
+    FINISH_ABORT,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    FillResult,
+    GenerationDelta,
+    RuntimeInfo,
+    SamplingParams,
+    check_resumable_by_resend,
+)
 from parrot_core.engines.builtin.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
 from parrot_core.errors import (
     EngineError,
@@ -421,15 +432,7 @@ class OpenAIEngine:
     def check_resumable(self, params: SamplingParams) -> None:
         """`InvalidRequestError` naming the field if a generation sampled with `params` cannot
         be continued by a fresh request on the prompt plus its text so far."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(params, name):
-                raise InvalidRequestError(
-                    f"{name} cannot be suspended on OpenAIEngine: it counts the earlier output, which a resumed request sends as prompt"
-                )
-        if params.seed is not None and params.temperature > 0:
-            raise InvalidRequestError(
-                "seed (with temperature > 0) cannot be suspended on OpenAIEngine: a resumed request restarts the server's random stream"
-            )
+        check_resumable_by_resend(params, "OpenAIEngine")
 
     def context_tokens(self, context_id: int) -> asyncio.Future[list[int]]:
         """The context's whole token sequence (the ids of its path's segments): what the
@@ -470,6 +473,7 @@ class OpenAIEngine:
             client, slots = self._client_here()
             if segment is not None:
                 ctx.add(segment)
+            carried, path_tokens = (len(segment.ids) if segment else 0), ctx.num_tokens
             job = _Job(context_id, asyncio.Queue())
             job.task = asyncio.get_running_loop().create_task(self._stream(client, slots, body, job, ctx.num_tokens))
             # after whatever the task handed over; alone when it was cancelled (even before it started)
@@ -494,8 +498,11 @@ class OpenAIEngine:
                         raise RuntimeClosedError("the engine was closed while this generation ran")
                     yield GenerationDelta([], "", FINISH_ABORT, 0)
                     return
-                finish_reason, cached = event  # type: ignore[misc]
-                yield GenerationDelta([], "", finish_reason, cached)
+                finish_reason, reused = event  # type: ignore[misc]
+                # the server's cache figure covers the whole path it was sent; of the tokens this
+                # call carried, the share past the path's earlier tokens (in our counting)
+                cached = max(0, min(carried, reused - (path_tokens - carried)))
+                yield GenerationDelta([], "", finish_reason, cached, reused_tokens=reused)
                 return
         finally:
             task = job.task

@@ -21,8 +21,11 @@ The rules:
 - Guaranteed: outputs are exactly what vLLM computes for the full path; a prefix vLLM evicted
   (we may still hold its context) is recomputed, never wrong. Not guaranteed: that a filled
   context's KV is still cached when it is next used (vLLM evicts by LRU under memory pressure;
-  `set_pinned` is not offered), nor `prior_output_tokens` (a resumed generation's sampling
-  state): that is refused with `InvalidRequestError`.
+  `set_pinned` is not offered).
+- Suspendable generations: a resume (`prior_output_tokens`) is a fresh request over the prompt
+  plus the output so far, so greedy (and unseeded) generations continue exactly;
+  `check_resumable` refuses what a fresh request cannot continue (penalties that count only the
+  output, a seeded stream).
 - `cache_salt` goes on every request: contexts of engines with different salts never share
   cached KV, even on one vLLM instance.
 
@@ -37,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import math
 import threading
@@ -54,6 +58,7 @@ from parrot_core.engines.base import (
     SamplingParams,
     StructuredSpec,
     TokenLogprob,
+    check_resumable_by_resend,
 )
 from parrot_core.engines.builtin.tokenizer import load_hf_tokenizer
 from parrot_core.errors import (
@@ -178,13 +183,15 @@ class VLLMEngine:
             ctx.token_ids.extend(prompt)
             path = list(ctx.token_ids)
         cached: int | None = None
+        reused = 0
         try:
             async with contextlib.aclosing(self._request(context_id, path, vparams)) as stream:
                 async for out in stream:
                     if cached is None:
-                        self._count(len(path), out.num_cached_tokens or 0)
-                        cached = _own_share(out.num_cached_tokens or 0, len(path), len(prompt))
-                    delta = self._delta(ctx, out, params, path, len(prompt), cached)
+                        reused = out.num_cached_tokens or 0
+                        self._count(len(path), reused)
+                        cached = _own_share(reused, len(path), len(prompt))
+                    delta = dataclasses.replace(self._delta(ctx, out, params, path, len(prompt), cached), reused_tokens=reused)
                     yield delta
                     if delta.finish_reason is not None:
                         return
@@ -264,6 +271,27 @@ class VLLMEngine:
     def context_ids(self) -> set[int]:
         with self._lock:
             return set(self._contexts)
+
+    # -- suspendable generations (parrot_core.switching): a resume is a fresh request ------------
+    def check_resumable(self, params: SamplingParams) -> None:
+        check_resumable_by_resend(params, "VLLMEngine")
+
+    def context_tokens(self, context_id: int) -> asyncio.Future[list[int]]:
+        """The context's whole token path (what its generates handed out). `UnknownContextError`."""
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        try:
+            future.set_result(self.token_ids(context_id))
+        except UnknownContextError as e:
+            future.set_exception(e)
+        return future
+
+    def kv_residency(self, context_ids: Sequence[int]) -> asyncio.Future[dict[int, tuple[int, int]]]:
+        """(tokens, 0) for each of these contexts held here: the KV is vLLM's cache's, so none
+        is known to be resident; a resume's `reused_tokens` says what the cache supplied."""
+        future: asyncio.Future[dict[int, tuple[int, int]]] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            future.set_result({cid: (len(self._contexts[cid].token_ids), 0) for cid in context_ids if cid in self._contexts})
+        return future
 
     def check_invariants(self) -> None:
         with self._lock:
@@ -360,8 +388,6 @@ class VLLMEngine:
         from vllm import SamplingParams as VParams
         from vllm.sampling_params import RequestOutputKind
 
-        if params.prior_output_tokens:
-            raise InvalidRequestError("prior_output_tokens: the vLLM engine does not support resuming a generation's sampling state")
         return VParams(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
@@ -372,7 +398,7 @@ class VLLMEngine:
             stop=list(params.stop) or None,
             stop_token_ids=list(params.stop_token_ids) or None,
             ignore_eos=params.ignore_eos,
-            min_tokens=params.min_tokens,
+            min_tokens=max(0, params.min_tokens - params.prior_output_tokens),  # a resume: the prior output counted
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
             repetition_penalty=params.repetition_penalty,

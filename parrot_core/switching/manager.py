@@ -446,7 +446,7 @@ class SwitchingManager:
                     info.first = False
                     # The slice's cached tokens: every delta of a KV engine carries the figure; a
                     # text engine's last one carries its server's (none if the slice is cut first).
-                    info.cached = max(info.cached, delta.cached_tokens)
+                    info.cached = max(info.cached, delta.cached_tokens if delta.reused_tokens is None else delta.reused_tokens)
                     if info.resumed:  # the pending token a resume always computes is no recompute
                         info.recomputed = max(0, info.uncomputed - info.cached - 1)
                     ids = list(delta.token_ids)

@@ -202,8 +202,8 @@ def test_structured_output_and_logprobs(engine):
 
 
 def test_typed_errors(engine, monkeypatch):
-    with pytest.raises(InvalidRequestError, match="prior_output_tokens.*vLLM engine does not support"):
-        run(generate(engine, 50_000, None, [1, 2, 3], max_tokens=2, prior_output_tokens=1))
+    with pytest.raises(InvalidRequestError, match="seed.*VLLMEngine"):  # a seeded stream cannot be resumed by a fresh request
+        engine.check_resumable(SamplingParams(max_tokens=2, temperature=0.8, seed=1))
     with pytest.raises(InvalidRequestError, match="parent context 987654"):
         run(engine.fill(50_001, 987654, [1, 2]))
     with pytest.raises(InvalidRequestError, match="token ids must be integers"):
@@ -245,12 +245,25 @@ def chat_turns(runtime) -> list[tuple[str, int]]:
         return [(o.text, o.cached_tokens) for o in (chat.send(q, max_tokens=8, temperature=0.0) for q in ("Name a fruit.", "Another one?"))]
 
 
-def test_chat_sessions_run_unchanged_and_what_an_engine_cannot_do_is_a_typed_error(rt, builtin_rt):
+def sliced(runtime, prompt: str, pid: str) -> tuple[list[int], str]:
+    out = runtime.generate(prompt, max_tokens=14, temperature=0.0, ignore_eos=True, token_quantum=5, pid=pid)
+    ids, text = list(out.token_ids), out.text
+    while out.finish_reason == "suspended":
+        out = runtime.resume(pid, token_quantum=5)
+        ids, text = ids + list(out.token_ids), text + out.text
+    return ids, text
+
+
+def test_chat_sessions_and_suspend_resume_run_unchanged_and_saving_is_a_typed_error(rt, builtin_rt):
     ours, builtin = chat_turns(rt), chat_turns(builtin_rt)
     assert [t for t, _ in ours] == [t for t, _ in builtin]
     assert ours[1][1] > 0  # the second turn reuses the first's tokens (vLLM's prefix cache)
-    with pytest.raises(P.errors.UnsupportedByEngineError, match="VLLMEngine"):
-        rt.generate("Once upon a time", max_tokens=8, token_quantum=4)
+    # suspended every 5 tokens and resumed: a resume is a fresh request over prompt + output
+    whole = builtin_rt.generate("Once upon a time", max_tokens=14, temperature=0.0, ignore_eos=True)
+    assert sliced(rt, "Once upon a time", "v1") == sliced(builtin_rt, "Once upon a time", "b1") == (whole.token_ids, whole.text)
+    assert rt.suspended() == []
+    with pytest.raises(InvalidRequestError, match="seed"):
+        rt.generate("Once upon a time", max_tokens=8, token_quantum=4, temperature=0.8, seed=3)
     with pytest.raises(P.errors.UnsupportedByEngineError, match="saving a context"):
         with rt.new_context() as ctx:
             ctx.fill("Hello")
