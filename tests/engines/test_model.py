@@ -383,3 +383,40 @@ def test_bfloat16_shared_prefix_path_tracks_the_plain_path(tiny_llama, queries):
     model.enable_shared_prefix = False
     plain = step(model, kv, batch_seqs).double()
     assert (shared - plain).abs().max().item() < 0.05 * plain.abs().max().item()
+
+
+def test_one_model_serves_several_engine_threads_at_once(tiny_llama):
+    """Two engines may share one LlamaModel (one set of weights): its forward keeps per-call
+    scratch (gather buffers) per thread, so concurrent forwards never see each other's."""
+    import threading
+
+    model = tiny_llama(seed=0)
+    bs = 4
+
+    def scattered_decode(seed: int) -> tuple[ForwardBatch, KVCache]:
+        g = torch.Generator().manual_seed(seed)
+        kv = KVCache.allocate(model.config, 64, bs, dtype=model.dtype)
+        for layer in range(len(kv.k)):
+            kv.k[layer].copy_(torch.randn(kv.k[layer].shape, generator=g, dtype=model.dtype))
+            kv.v[layer].copy_(torch.randn(kv.v[layer].shape, generator=g, dtype=model.dtype))
+        tables = [torch.randperm(64, generator=g)[:8].tolist() for _ in range(6)]  # not consecutive: gathered
+        lens = [20 + 2 * i + seed for i in range(6)]
+        tokens = torch.randint(1, 100, (6,), generator=g).tolist()
+        return ForwardBatch.build([[t] for t in tokens], lens, tables, bs), kv
+
+    work = [scattered_decode(s) for s in (0, 1)]
+    expected = [model.forward(b, kv).clone() for b, kv in work]
+    mismatches = []
+
+    def run(i: int) -> None:
+        batch, kv = work[i]
+        for _ in range(40):
+            if not torch.equal(model.forward(batch, kv), expected[i]):
+                mismatches.append(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert mismatches == []

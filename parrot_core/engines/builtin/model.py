@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -306,7 +307,7 @@ class LlamaModel:
             )
         self._rope_len = 0
         self._extend_rope(config.max_position_embeddings)
-        self._ws = _Workspace()
+        self._workspaces = threading.local()  # per thread: engines on other threads may share this model
         # Cascade attention for a group of decode sequences sharing a block prefix pays a fixed
         # cost of small ops per layer; it wins once members x shared tokens is large enough.
         # Measured (SmolLM2-135M, 2 CPU threads): break-even near 2048, -13% step time at 4096
@@ -369,6 +370,14 @@ class LlamaModel:
             out[p + "mlp.up_proj.weight"] = up.clone()
             out[p + "mlp.down_proj.weight"] = layer.w_down.weight.clone()
         return out
+
+    @property
+    def _ws(self) -> _Workspace:
+        """This thread's gather buffers (a model may serve several engine threads at once)."""
+        ws = getattr(self._workspaces, "ws", None)
+        if ws is None:
+            ws = self._workspaces.ws = _Workspace()
+        return ws
 
     def _extend_rope(self, length: int) -> None:
         # computed in float32 then cast, as transformers does, so float64 runs match it exactly
