@@ -112,3 +112,15 @@ def test_cli_exports_the_default_model_exactly(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "--overwrite" in again.stderr  # an existing export is kept
     _assert_same_model(default_model_path(), str(out), "The capital of France is Paris. Naïve café 123", atol=5e-4)
+    # and transformers' greedy generation from the export is the builtin engine's, id for id
+    import parrot_core as P
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    with P.Runtime() as rt:
+        for prompt in ("The capital of France is", "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n"):
+            ids = rt.tokenize_prompt(prompt)
+            out = rt.generate(ids, max_tokens=12, temperature=0.0)
+            ours = out.token_ids + ([out.stop_token_id] if out.stop_token_id is not None else [])  # HF keeps the EOS
+            with torch.no_grad():
+                theirs = hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :]
+            assert ours == theirs.tolist(), prompt
