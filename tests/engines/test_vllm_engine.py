@@ -133,6 +133,22 @@ def test_a_fork_of_a_filled_context_hits_the_prefix_cache(engine):
         engine.free_context(cid)
 
 
+def test_a_cache_salt_keeps_prefixes_apart(engine, monkeypatch):
+    tokens = [(11 * i + 5) % 5000 + 100 for i in range(96)]  # tokens no other test sends
+    hits = lambda: engine.runtime_info().prefix_cache_hits  # noqa: E731
+
+    def fill_hits(cid: int) -> int:
+        before = hits()
+        run(engine.fill(cid, None, tokens))
+        return hits() - before
+
+    assert fill_hits(30_000) == 0
+    assert fill_hits(30_001) >= 64  # unsalted, the same tokens hit
+    monkeypatch.setattr(engine, "cache_salt", "tenant-b")  # as an engine made with cache_salt="tenant-b"
+    assert fill_hits(30_002) == 0  # another namespace never sees them
+    assert fill_hits(30_003) >= 64  # but hits its own
+
+
 def test_cancelling_a_generation_aborts_its_vllm_request(engine):
     prompt = engine.tokenizer.encode("Count from one to one thousand: one, two, three,")
 
