@@ -110,6 +110,12 @@ class Runtime:
 
     Contexts saved with `ContextHandle.save(path)` / `save_context` come back, in this or any
     runtime on the same model, with `load_context(path)` (engines/builtin/kv_io.py).
+
+    Engines: `Runtime()` builds the builtin engine from the keyword options; `engine=` takes
+    any engine (`BuiltinEngine`, `VLLMEngine`, `OpenAIEngine`); `engines=[...]` several, named
+    `engine_ids` ("builtin-0", "vllm-0", ...). `engine` is the first: suspendable generations
+    and loaded contexts go there; other work is placed by the global scheduler (see the
+    module docstring). What an engine cannot do raises `UnsupportedByEngineError`.
     """
 
     # Chat sessions live in `parrot_core.chat`, a layer above this one; importing it (as
