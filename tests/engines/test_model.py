@@ -136,6 +136,22 @@ def test_mixed_batch_matches_hf(tiny_llama):
         assert close(logits[i], refs[name][-1]), name
 
 
+def test_fresh_prefills_of_equal_length_attended_together_match_hf(tiny_llama):
+    """Back-to-back fresh prefills of one length are attended in one batched call; a run broken
+    by another length or a decode starts a new one. Each sequence's last logits match HF's."""
+    model = tiny_llama()
+    kv = KVCache.allocate(model.config, 48, BS, torch.float64)
+    free = scattered_table(48, 48, seed=9)
+    lens = [7, 7, 7, 5, 7, 7]
+    toks = [random_tokens(n, seed=40 + i) for i, n in enumerate(lens)]
+    tables = [[free.pop() for _ in range(-(-n // BS))] for n in lens]
+    logits = step(model, kv, [(t, n, tb) for t, n, tb in zip(toks, lens, tables)])
+    for i, t in enumerate(toks):
+        assert close(logits[i], hf_logits(model, t)[-1]), i
+    plan = model._plan(ForwardBatch.build(toks, lens, tables, BS), BS)
+    assert [(c.q_len, c.count) for c in plan.chunks] == [(7, 3), (5, 1), (7, 2)]
+
+
 def _shared_prefix_setup(model: LlamaModel, suffix_lens: list[int], prefix_blocks: int = 3, contiguous: bool = False):
     """Sequences sharing `prefix_blocks` blocks (same ids, prefilled once), each with its own
     suffix prefilled except its last token. Returns kv, per-seq tokens and tables."""
