@@ -75,7 +75,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import llguidance
 
-from parrot_core.errors import InvalidRequestError, UnsupportedByEngineError
+from parrot_core.errors import InvalidRequestError, RequestTooLargeError, UnsupportedByEngineError
 
 FINISH_LENGTH = "length"  # max_tokens reached
 FINISH_STOP = "stop"  # EOS, a stop token id or a stop string
@@ -91,6 +91,43 @@ def capability(engine: Any, name: str, purpose: str) -> Any:
         kind = type(engine).__name__
         raise UnsupportedByEngineError(f"{purpose} needs an engine with `{name}`; {kind} ({engine.model_name!r}) has none")
     return method
+
+
+def check_request(
+    held: int,
+    tokens: Sequence[int],
+    params: SamplingParams | None,
+    *,
+    vocab_size: int,
+    max_model_len: int,
+    block_size: int,
+    num_blocks: int | None,
+) -> None:
+    """What every engine checks before a fill (`params` None) or a generate appends `tokens`
+    to a context that holds `held` tokens: ids in the vocabulary, the whole sequence (plus
+    `max_tokens`) within `max_model_len` and within a pool of `num_blocks` blocks (None:
+    unknown), and, for a generate, something to continue and stop/bias ids in the vocabulary.
+    `InvalidRequestError` / `RequestTooLargeError` with the numbers."""
+    bad = [t for t in tokens if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"token ids must be integers in [0, {vocab_size}); got {bad[:5]}")
+    generated = params.max_tokens if params is not None else 0
+    total = held + len(tokens) + generated
+    if total > max_model_len:
+        raise RequestTooLargeError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested"
+            f" {total} tokens ({held + len(tokens)} in the context, {generated} to generate)."
+        )
+    blocks = -(-total // block_size)
+    if num_blocks and blocks > num_blocks:
+        raise RequestTooLargeError(f"the request needs {blocks} KV blocks ({total} tokens) but the pool holds only {num_blocks}")
+    if params is None:
+        return
+    if not held and not tokens:
+        raise InvalidRequestError("cannot generate from an empty context: fill it first")
+    for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
+        if any(t >= vocab_size for t in ids):
+            raise InvalidRequestError(f"{name} must hold token ids in [0, {vocab_size}); got {[t for t in ids if t >= vocab_size][:5]}")
 
 
 def check_resumable_by_resend(params: SamplingParams, engine: str) -> None:

@@ -42,7 +42,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
-import math
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from parrot_core.engines.base import (
     SamplingParams,
     StructuredSpec,
     TokenLogprob,
+    check_request,
     check_resumable_by_resend,
 )
 from parrot_core.engines.builtin.tokenizer import load_hf_tokenizer
@@ -66,7 +66,6 @@ from parrot_core.errors import (
     EngineUnavailableError,
     InvalidRequestError,
     InvariantError,
-    RequestTooLargeError,
     RuntimeClosedError,
     UnknownContextError,
 )
@@ -360,27 +359,10 @@ class VLLMEngine:
         return ctx
 
     def _validate(self, ctx: _Context, tokens: list[int], params: SamplingParams | None) -> None:
-        vocab = self.vocab_size
-        bad = [t for t in tokens if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"token ids must be integers in [0, {vocab}); got {bad[:5]}")
-        total = len(ctx.token_ids) + len(tokens) + (params.max_tokens if params else 0)
-        if total > self.max_model_len:
-            raise RequestTooLargeError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested"
-                f" {total} tokens ({len(ctx.token_ids) + len(tokens)} in the context,"
-                f" {params.max_tokens if params else 0} to generate)."
-            )
-        num_blocks = self.num_blocks
-        if num_blocks and math.ceil(total / self.block_size) > num_blocks:
-            raise RequestTooLargeError(f"the request needs {math.ceil(total / self.block_size)} KV blocks ({total} tokens) but the pool holds only {num_blocks}")
-        if params is None:
-            return
-        if not ctx.token_ids and not tokens:
-            raise InvalidRequestError("cannot generate from an empty context: fill it first")
-        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
-            if any(t >= vocab for t in ids):
-                raise InvalidRequestError(f"{name} must hold token ids in [0, {vocab}); got {[t for t in ids if t >= vocab][:5]}")
+        check_request(
+            len(ctx.token_ids), tokens, params,
+            vocab_size=self.vocab_size, max_model_len=self.max_model_len, block_size=self.block_size, num_blocks=self.num_blocks or None,
+        )  # fmt: skip
 
     def _sampling_params(self, params: SamplingParams) -> Any:
         """vLLM's sampling params for ours (streamed as deltas); `InvalidRequestError` for a

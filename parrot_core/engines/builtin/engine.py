@@ -38,6 +38,7 @@ from parrot_core.engines.base import (
     SamplingParams,
     StructuredSpec,
     TokenLogprob,
+    check_request,
     find_stop,
 )
 from parrot_core.engines.builtin.block_pool import BlockPool
@@ -54,7 +55,6 @@ from parrot_core.errors import (
     InvalidRequestError,
     OutOfBlocksError,
     ParrotError,
-    RequestTooLargeError,
     RuntimeClosedError,
     UnknownContextError,
 )
@@ -578,28 +578,10 @@ class BuiltinEngine:
         return self.tree.create(context_id, parent_id)
 
     def _validate(self, ctx: KVContext, tokens: list[int], params: SamplingParams | None) -> None:
-        vocab = self.model.config.vocab_size
-        bad = [t for t in tokens if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"token ids must be integers in [0, {vocab}); got {bad[:5]}")
-        total = len(ctx.token_ids) + len(tokens) + (params.max_tokens if params else 0)
-        if total > self.max_model_len:
-            raise RequestTooLargeError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested"
-                f" {total} tokens ({len(ctx.token_ids) + len(tokens)} in the context,"
-                f" {params.max_tokens if params else 0} to generate)."
-            )
-        blocks = -(-total // self.pool.block_size)
-        if blocks > self.pool.num_blocks:
-            raise RequestTooLargeError(
-                f"the request needs {blocks} KV blocks ({total} tokens) but the pool holds only {self.pool.num_blocks}"
-            )
-        if params is not None and not ctx.token_ids and not tokens:
-            raise InvalidRequestError("cannot generate from an empty context: fill it first")
-        if params is not None:
-            for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
-                if any(t >= vocab for t in ids):
-                    raise InvalidRequestError(f"{name} must hold token ids in [0, {vocab}); got {[t for t in ids if t >= vocab][:5]}")
+        check_request(
+            len(ctx.token_ids), tokens, params,
+            vocab_size=self.vocab_size, max_model_len=self.max_model_len, block_size=self.pool.block_size, num_blocks=self.pool.num_blocks,
+        )  # fmt: skip
         if params is not None and params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
 
