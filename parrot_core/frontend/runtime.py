@@ -338,11 +338,14 @@ class Runtime:
         split = capability(self.engine_of(ctx), "split", "chat sessions (carving a turn's context from the last one)")
         await split(ctx.context_id, source.context_id, drop_last)
 
+    def _prefix_keys(self, prompt_ids: Sequence[int]) -> list[int]:
+        """The prompt's `PrefixAffinity` keys (none with one engine: there is nothing to choose)."""
+        return self.core.scheduler.affinity.keys(prompt_ids) if len(self.core.engines) > 1 else []
+
     def _place_root(self, prompt_ids: Sequence[int] = ()) -> Hashable:
         """The engine a new root context goes to: the one that ran the longest prefix of
         `prompt_ids`, else the least loaded (the global scheduler's `pick`)."""
-        keys = self.core.scheduler.affinity.keys(prompt_ids) if len(self.core.engines) > 1 else ()
-        return self.core.scheduler.pick(keys)
+        return self.core.scheduler.pick(self._prefix_keys(prompt_ids))
 
     def tokenize_prompt(self, text: str) -> list[int]:
         """`text` as the start of a sequence: with the model's BOS if it asks for one."""
@@ -579,8 +582,7 @@ class Runtime:
         """A fresh context holding the prompt and its generation: one engine request (prefill
         and first sample in one step), placed like all other work; freed at the end, also
         when abandoned."""
-        keys = self.core.scheduler.affinity.keys(prompt_ids) if len(self.core.engines) > 1 else ()
-        work = SchedTask(None, [len(prompt_ids)], params.max_tokens, prefix_keys=keys)
+        work = SchedTask(None, [len(prompt_ids)], params.max_tokens, prefix_keys=self._prefix_keys(prompt_ids))
         async with self.core.scheduler.admit(work) as engine_id:
             ctx = self.contexts.new_context(engine_id)
             try:
