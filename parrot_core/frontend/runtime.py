@@ -836,6 +836,8 @@ class Runtime:
 
         self.contexts.check_invariants()
         for engine_id, engine in self.core.engines.items():
+            if getattr(engine, "closed", False):  # gone (one of several): nothing left to compare
+                continue
             serve_ids = {c.context_id for c in self.contexts.contexts.values() if c.engine_id == engine_id}
             engine_ids = await asyncio.to_thread(engine.context_ids)
             await asyncio.to_thread(engine.check_invariants)

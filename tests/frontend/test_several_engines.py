@@ -110,7 +110,7 @@ def test_a_broken_engine_fails_only_its_own_calls_and_new_work_goes_to_the_other
 
         first_wave = concurrently(call, prompts)
         failed = [r for r in first_wave if isinstance(r, EngineError)]
-        assert 1 <= len(failed) < len(prompts)  # load spread some onto the broken engine
+        assert 0 < len(failed) < len(prompts)  # load spread some onto the broken engine
         assert all("engine step failed" in str(e) for e in failed)
         for ids, r in zip(prompts, first_wave):
             if not isinstance(r, EngineError):
@@ -144,7 +144,12 @@ def test_an_engine_that_goes_away_fails_the_contexts_it_held_and_new_work_goes_e
         assert on_e0.generate(max_tokens=4, **GREEDY).token_ids == reference(prompt(1, 8), 4)
         ids = [prompt(400 + i, 10) for i in range(4)]
         assert [rt.generate(p, max_tokens=3, **GREEDY).token_ids for p in ids] == [reference(p, 3) for p in ids]
-        assert rt.new_context().context.engine_id == "builtin-0"
+        fresh = rt.new_context()
+        assert fresh.context.engine_id == "builtin-0"
+        for handle in (fresh, on_e0, on_e1):
+            handle.free()
+        rt.check_invariants()  # the closed engine is skipped; the other agrees with the serve layer
+        assert rt.stats()["contexts_live"] == 0 and e0.runtime_info().num_contexts == 0
     finally:
         rt.close()
 
