@@ -62,3 +62,15 @@ def tiny_text_llama(real_model) -> LlamaModel:
     server work on real text and generate fast."""
     config = LlamaConfig(**{**TINY_CONFIG, "vocab_size": real_model.config.vocab_size, "max_position_embeddings": 1024})
     return LlamaModel.random(config, seed=0, dtype=torch.float32)
+
+
+@pytest.fixture
+def tiny_gguf(tiny_llama, tmp_path, monkeypatch) -> str:
+    """A tiny float32 llama written as a GGUF file (tmp_path/tiny.gguf, with its small test
+    vocabulary), its tokenizer cache kept in tmp_path."""
+    from tests.engines.test_gguf_real import _TOKENS, write_llama_gguf
+
+    monkeypatch.setenv("PARROT_CORE_CACHE_DIR", str(tmp_path / "cache"))
+    path = str(tmp_path / "tiny.gguf")
+    write_llama_gguf(path, tiny_llama(vocab_size=len(_TOKENS), dtype=torch.float32))
+    return path

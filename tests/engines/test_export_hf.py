@@ -46,10 +46,8 @@ def _assert_same_model(gguf_path: str, out_dir: str, text: str, atol: float) -> 
     assert (ours - theirs).abs().max().item() <= atol
 
 
-def test_tiny_export_loads_in_transformers_with_identical_logits(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("PARROT_CORE_CACHE_DIR", str(tmp_path / "cache"))
-    src = str(tmp_path / "tiny.gguf")
-    write_llama_gguf(src, tiny_llama(vocab_size=len(_TOKENS), dtype=torch.float32))
+def test_tiny_export_loads_in_transformers_with_identical_logits(tiny_gguf, tmp_path):
+    src = tiny_gguf
     out = export_hf(src, tmp_path / "hf")
     assert sorted(os.listdir(out)) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -59,10 +57,8 @@ def test_tiny_export_loads_in_transformers_with_identical_logits(tiny_llama, tmp
     _assert_same_model(src, out, "ab ab a!b", atol=1e-5)
 
 
-def test_the_exported_tokenizer_loads_back_as_the_same_tokenizer(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("PARROT_CORE_CACHE_DIR", str(tmp_path / "cache"))
-    src = str(tmp_path / "tiny.gguf")
-    write_llama_gguf(src, tiny_llama(vocab_size=len(_TOKENS), dtype=torch.float32))
+def test_the_exported_tokenizer_loads_back_as_the_same_tokenizer(tiny_gguf, tmp_path):
+    src = tiny_gguf
     original = load_gguf(src).tokenizer
     back = load_hf_tokenizer(export_hf(src, tmp_path / "hf"))
     text = "ab ab a!b"
@@ -76,10 +72,8 @@ def test_the_exported_tokenizer_loads_back_as_the_same_tokenizer(tiny_llama, tmp
         load_hf_tokenizer(str(tmp_path))
 
 
-def test_existing_directory_is_kept_unless_overwrite(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("PARROT_CORE_CACHE_DIR", str(tmp_path / "cache"))
-    src = str(tmp_path / "tiny.gguf")
-    write_llama_gguf(src, tiny_llama(vocab_size=len(_TOKENS), dtype=torch.float32))
+def test_existing_directory_is_kept_unless_overwrite(tiny_gguf, tmp_path):
+    src = tiny_gguf
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep.txt").write_text("mine")

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from parrot_core.errors import InvalidRequestError
 from parrot_core.server.engine_specs import EngineSpec, parse_engine_specs
 from parrot_core.server.server import build_runtime
 from parrot_core.server.settings import ServeSettings
 
-from ..engines.test_gguf_real import _TOKENS, write_llama_gguf
 
 
 def test_text_specs():
@@ -52,10 +50,8 @@ def test_a_json_file_lists_engines_with_their_options(tmp_path):
         parse_engine_specs(str(path))
 
 
-def test_two_builtin_engines_from_flags_and_a_file(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("PARROT_CORE_CACHE_DIR", str(tmp_path / "cache"))
-    gguf = str(tmp_path / "tiny.gguf")
-    write_llama_gguf(gguf, tiny_llama(vocab_size=len(_TOKENS), dtype=torch.float32))
+def test_two_builtin_engines_from_flags_and_a_file(tiny_gguf, tmp_path):
+    gguf = tiny_gguf
     rt = build_runtime(ServeSettings(model=gguf, engine="builtin,builtin", num_kv_blocks=32))
     try:
         assert rt.engine_ids == ["builtin-0", "builtin-1"]
