@@ -164,7 +164,7 @@ class Runtime:
                 device=device,
             )
             engine = BuiltinEngine.from_gguf(model, config)
-        self.engine = engine  # the first engine: chat sessions, suspendable generations and saved contexts live there
+        self.engine = engine  # the first engine: suspendable generations and loaded contexts go there
         all_engines = list(engines or [engine])
         if len({id(e) for e in all_engines}) != len(all_engines):
             raise InvalidRequestError("the same engine is given twice")

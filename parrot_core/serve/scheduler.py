@@ -297,7 +297,7 @@ class GlobalScheduler:
                 return EngineUnavailableError(f"engine {task.required_engine!r}, which holds this work's context, is {why}")
             return None
         fitting = [e for e in self.engines.values() if not task.models or e.model_name in task.models]
-        if fitting and not any(self._usable(e, task.models) for e in fitting):
+        if fitting and all(e.is_closed() for e in fitting):  # a down one that is not closed is still tried
             return EngineUnavailableError(f"every engine that could run this is gone: {self.down_engines()}")
         return None
 
@@ -385,7 +385,7 @@ class GlobalScheduler:
     def _cached_by_engine(self, task: SchedTask) -> dict[Hashable, int]:
         """One prefix-cache query (it covers every engine) per task and decision."""
         if task.context_task is None:
-            known = self.affinity.match(task.prefix_keys) if task.prefix_keys and len(self.engines) > 1 else {}
+            known = self.affinity.match(task.prefix_keys) if task.prefix_keys else {}
             prompt = sum(task.fill_tokens)
             return {e: min(known.get(e, 0), prompt) for e in self.engines}
         return {
