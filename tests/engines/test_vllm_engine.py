@@ -59,9 +59,14 @@ def builtin_rt():
 def engine(rt) -> VLLMEngine:
     """The module's engine; contexts a test made directly (ids >= 10_000) are freed after it."""
     yield rt.engine
+    if rt.engine.closed:  # the last test closes it
+        return
     for cid in rt.engine.context_ids():
         if cid >= 10_000:
             rt.engine.free_context(cid)
+    rt.engine.check_invariants()
+    assert rt.engine.num_unfinished_requests() == 0  # nothing a test started is left running in vLLM
+    assert rt.engine.context_ids() == {c.context_id for c in rt.contexts.contexts.values()}
 
 
 def run(coro):

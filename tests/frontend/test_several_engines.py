@@ -176,5 +176,9 @@ def test_an_unreachable_remote_engine_is_taken_out_and_work_goes_to_the_builtin_
         assert all(r is True for r in results if r != "unavailable")
         assert "openai-0" in rt.core.scheduler.down_engines()
         rt.check_invariants()
+        assert rt.stats()["contexts_live"] == 0 and remote.context_ids() == set()
+        builtin = rt.core.engines["builtin-0"]
+        builtin.wait_idle()
+        assert builtin.runtime_info().num_blocks_used == 0 and builtin.context_ids() == set()
     finally:
         rt.close()

@@ -59,6 +59,7 @@ def test_two_builtin_engines_from_flags_and_a_file(tiny_gguf, tmp_path):
         out = rt.generate("ab ab", max_tokens=3, temperature=0.0, ignore_eos=True)
         assert len(out.token_ids) == 3
         rt.check_invariants()
+        assert rt.stats()["contexts_live"] == 0 and rt.stats()["blocks_used"] == 0
     finally:
         rt.close()
     path = tmp_path / "engines.json"
@@ -67,6 +68,7 @@ def test_two_builtin_engines_from_flags_and_a_file(tiny_gguf, tmp_path):
     try:
         infos = [e.runtime_info() for e in rt.core.engines.values()]
         assert [(i.num_blocks_total, i.block_size) for i in infos] == [(16, 16), (24, 8)]
+        rt.check_invariants()
     finally:
         rt.close()
     with pytest.raises(InvalidRequestError, match="no_such_option"):

@@ -188,5 +188,7 @@ def test_every_engine_has_its_own_series(real_model, tiny_text_llama):
         queries = {dict(k[1])["engine"]: v for k, v in got["parrot_core:prefix_cache_queries"].items() if k[0].endswith("_total")}
         assert set(queries) == {"builtin-0", "builtin-1"} and sum(queries.values()) > 0
         rt.check_invariants()
+        stats = rt.stats()
+        assert stats["contexts_live"] == 0 and stats["blocks_used"] == 0, stats
     finally:
         rt.close()
