@@ -63,8 +63,9 @@ text* is its ancestors' text plus its own. The engine keeps no KV and computes n
 - Threads: `fill` / `generate` / `split` run on one asyncio loop (the Runtime's); the HTTP
   client is made lazily on the loop that first uses it. `close()`, `runtime_info()`,
   `context_ids()` and `check_invariants()` may be called from any thread.
-- Not supported: saving and restoring contexts (there is no KV to save): `kv_spec`,
-  `export_context` and `import_context` raise `InvalidRequestError`.
+- Not supported: saving and restoring contexts (there is no KV to save): the engine has no
+  `kv_spec` / `export_context` / `import_context`, so the runtime raises
+  `UnsupportedByEngineError` naming what is missing.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ import os
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx
 from tokenizers import Tokenizer as HFTokenizer
@@ -646,20 +647,6 @@ class OpenAIEngine:
             with contextlib.suppress(Exception):  # a loop that stops meanwhile drops the sockets itself
                 asyncio.run_coroutine_threadsafe(shut(), loop).result(timeout=_CLOSE_WAIT_S)
 
-    # -- saving contexts: not possible --------------------------------------------------------
-    @property
-    def kv_spec(self) -> NoReturn:
-        _no_kv()
-
-    async def export_context(self, context_id: int) -> NoReturn:
-        _no_kv()
-
-    async def import_context(self, context_id: int, kv: Any) -> NoReturn:
-        _no_kv()
-
-
-def _no_kv() -> NoReturn:
-    raise InvalidRequestError("OpenAIEngine holds text, not KV: its contexts cannot be saved or loaded")
 
 
 def _finish(reason: str) -> str:

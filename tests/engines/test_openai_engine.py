@@ -20,7 +20,7 @@ from parrot_core.engines.builtin.config import EngineConfig
 from parrot_core.engines.builtin.engine import BuiltinEngine
 from parrot_core.engines.builtin.model import LlamaConfig, LlamaModel
 from parrot_core.engines.openai import OpenAIEngine, byte_tokenizer
-from parrot_core.errors import EngineError, InvalidRequestError, ModelLoadError, RuntimeClosedError
+from parrot_core.errors import EngineError, InvalidRequestError, ModelLoadError, RuntimeClosedError, UnsupportedByEngineError
 from parrot_core.server.server import Server
 from tests.conftest import TINY_CONFIG
 from tests.server.conftest import SlowModel, settle, start_server, wait_for  # noqa: F401 - start_server is a fixture
@@ -276,8 +276,11 @@ def test_contexts_cannot_be_saved(served, make_client_runtime, tmp_path):
     rt = make_client_runtime(server)
     with rt.new_context() as ctx:
         ctx.fill("Hello.")
-        with pytest.raises(InvalidRequestError, match="cannot be saved"):
+        with pytest.raises(UnsupportedByEngineError, match="saving a context.*OpenAIEngine"):
             ctx.save(tmp_path / "ctx.safetensors")
+        with pytest.raises(UnsupportedByEngineError, match="loading a saved context.*OpenAIEngine"):
+            rt.load_context(tmp_path / "ctx.safetensors")
+    assert not (tmp_path / "ctx.safetensors").exists()
 
 
 def test_chat_sessions_run_and_a_leading_special_token_reaches_the_server(served, make_builtin, make_client_runtime):
