@@ -86,15 +86,17 @@ def run_demo(model: str | None = None) -> None:
         print(f"Q: {q}\nA: {a.text.strip()}\n")
     rt.check_invariants()
 
-    # 2. Unshared: the same prompts, prefix caching off, on the same weights.
-    off_engine = BuiltinEngine(rt.engine.model, rt.engine.tokenizer, EngineConfig(enable_prefix_caching=False, kv_cache_memory_gb=0.25), rt.engine.model_name)
+    # 2. Unshared: the same prompts, prefix caching off, on the same weights. The first runtime
+    # is closed first: two engine threads at once would share the cores (see BuiltinEngine._run).
+    model, tokenizer, model_name = rt.engine.model, rt.engine.tokenizer, rt.engine.model_name
+    rt.close()
+    off_engine = BuiltinEngine(model, tokenizer, EngineConfig(enable_prefix_caching=False, kv_cache_memory_gb=0.25), model_name)
     with Runtime(engine=off_engine) as off:
         t0 = time.perf_counter()
         baseline = off.generate([head + t for t in turns], max_tokens=MAX_TOKENS, temperature=0.0)
         off_time = time.perf_counter() - t0
         off_computed = off.stats()["prompt_tokens_computed"]
     same = sum(a.token_ids == b.token_ids for a, b in zip(answers, baseline))
-    rt.close()
 
     print("What sharing saved")
     print(f"  {'':28}{'forked contexts':>18}{'no sharing':>14}")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
+import time
 
 import pytest
 
 from parrot_core.engines.base import FINISH_LENGTH, FINISH_STOP, SamplingParams
 from parrot_core.engines.builtin.config import EngineConfig
 from parrot_core.engines.builtin.engine import BuiltinEngine
-from parrot_core.errors import EngineError, InvalidRequestError, RequestTooLargeError
+from parrot_core.errors import EngineError, InvalidRequestError, ModelLoadError, RequestTooLargeError
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -480,3 +482,47 @@ def test_min_tokens_holds_back_stop_token_ids_and_bad_ids_are_refused(make_engin
     for bad in (dict(logit_bias={vocab: 1.0}), dict(stop_token_ids=[vocab + 5])):
         with pytest.raises(InvalidRequestError, match=next(iter(bad))):
             asyncio.run(run(engine, 3, prompt(3, 6), 2, **bad))
+
+
+def test_the_engine_loads_its_model_and_kv_pool_on_its_own_thread(tiny_gguf, monkeypatch):
+    """Every large torch op of the engine runs on its step-loop thread, load included: with
+    the CPU build's OpenMP, a second thread that ever ran parallel work keeps a worker pool of
+    its own, and more pool threads than cores make every worker sleep between ops (each step
+    25-40% slower). Loading on the caller's thread was that second thread."""
+    import parrot_core.engines.builtin.engine as engine_module
+    from parrot_core.engines.builtin import gguf_loader
+
+    seen: dict[str, threading.Thread] = {}
+
+    def on_thread(name, fn):
+        def wrapped(*args, **kwargs):
+            seen[name] = threading.current_thread()
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(gguf_loader, "load_gguf", on_thread("load", gguf_loader.load_gguf))
+    monkeypatch.setattr(engine_module, "LlamaModel", on_thread("model", engine_module.LlamaModel))
+    monkeypatch.setattr(engine_module.KVCache, "allocate", on_thread("kv", engine_module.KVCache.allocate))
+    engine = BuiltinEngine(tiny_gguf, num_kv_blocks=16)
+    try:
+        assert set(seen) == {"load", "model", "kv"}
+        assert all(t is engine._thread for t in seen.values()), seen
+        assert threading.current_thread() is not engine._thread
+        out = engine.call(lambda: None)  # the loop runs after the build
+        assert out is None
+    finally:
+        engine.close()
+    assert not engine._thread.is_alive()
+
+
+def test_a_model_that_fails_to_load_raises_in_the_constructor_and_leaves_no_thread(tmp_path):
+    bad = tmp_path / "not-a-model.gguf"
+    bad.write_bytes(b"this is not a GGUF file")
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(ModelLoadError):
+        BuiltinEngine(str(bad))
+    deadline = time.monotonic() + 5
+    while {t.ident for t in threading.enumerate()} - before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not {t.name for t in threading.enumerate() if t.ident not in before}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -239,6 +240,68 @@ def test_shared_prefix_chunks_equal_plain_path_and_hf(tiny_llama, contiguous):
     last = model.compute_logits(shared[torch.tensor(batch.query_lens).cumsum(0) - 1])
     for i, ((tokens, _), (cached, new)) in enumerate(zip(seqs, cached_then_new)):
         assert close(last[i], hf_logits(model, tokens[: 3 * BS + cached + new])[-1]), i
+
+
+def _shared_prefix_groups_setup(model: LlamaModel, groups: list[list[int]], prefix_blocks: int = 3):
+    """Like `_shared_prefix_setup`, for several groups, each sharing a prefix of its own (all of
+    `prefix_blocks` blocks). Returns kv and, per group, its sequences' tokens and tables."""
+    kv = KVCache.allocate(model.config, 160, BS, model.dtype)
+    free = scattered_table(160, 160, seed=8)
+    out = []
+    for g, suffix_lens in enumerate(groups):
+        prefix = random_tokens(prefix_blocks * BS, seed=200 + g)
+        shared = [free.pop() for _ in range(prefix_blocks)]
+        step(model, kv, [(prefix, len(prefix), shared)])
+        seqs = []
+        for i, n in enumerate(suffix_lens):
+            tokens = prefix + random_tokens(n, seed=300 + 10 * g + i)
+            table = shared + [free.pop() for _ in range(-(-n // BS))]
+            if n > 1:
+                step(model, kv, [(tokens[len(prefix) : -1], len(tokens) - 1, table)])
+            seqs.append((tokens, table))
+        out.append(seqs)
+    return kv, out
+
+
+@pytest.mark.parametrize("queries", [1, 3], ids=["decodes", "chunks"])
+def test_shared_prefix_groups_attend_their_prefixes_in_one_call(tiny_llama, queries):
+    """Groups that each share a prefix of their own, all of the same length, are attended in one
+    cascade: one kernel call over every group's prefix, the smaller groups padded to the
+    largest. Members of different groups interleave in the batch. Every query row equals the
+    plain path's, and each sequence's last logits equal HF's."""
+    model = tiny_llama()
+    model.shared_prefix_min_tokens, model.shared_prefix_min_batch, model.shared_prefix_min_work = 4, 2, 0
+    sizes = [[queries + n for n in lens] for lens in ([1, 2, 4], [3, 5], [2, 6, 1, 3])]
+    kv, groups = _shared_prefix_groups_setup(model, sizes)
+    seqs = [s for row in itertools.zip_longest(*groups) for s in row if s is not None]  # interleaved
+    batch_seqs = [(t[len(t) - 1 - queries : -1] if queries > 1 else [t[-1]], len(t) - (1 if queries > 1 else 0), table) for t, table in seqs]
+    batch = ForwardBatch.build(*zip(*batch_seqs), BS)
+    plan = model._plan(batch, BS)
+    assert len(plan.shared) == 1 and plan.shared[0].num_groups == 3 and not plan.chunks and plan.decode is None
+    every_row = torch.arange(batch.token_ids.shape[0])
+    shared = model.forward(batch, kv, every_row)
+    model.enable_shared_prefix = False
+    plain = model.forward(batch, kv, every_row)
+    assert close(shared, plain, atol=1e-10)
+    model.enable_shared_prefix = True
+    last = model.compute_logits(shared[torch.tensor(batch.query_lens).cumsum(0) - 1])
+    for i, (tokens, _) in enumerate(seqs):
+        assert close(last[i], hf_logits(model, tokens[: len(tokens) - (1 if queries > 1 else 0)])[-1]), i
+
+
+def test_shared_prefix_groups_of_other_lengths_or_sizes_attend_apart(tiny_llama):
+    """Groups merge only when their shared prefixes have the same length and padding the
+    smaller groups to the largest costs at most half again the real rows."""
+    model = tiny_llama()
+    model.shared_prefix_min_tokens, model.shared_prefix_min_batch, model.shared_prefix_min_work = 4, 2, 0
+    kv, groups = _shared_prefix_groups_setup(model, [[1, 2], [1, 2], [1] * 6])
+    seqs = [s for g in groups for s in g]
+    batch = ForwardBatch.build(*zip(*[([t[-1]], len(t), table) for t, table in seqs]), BS)
+    # the two groups of 2 merge; the group of 6 would pad them to 3 x 6 rows for 10 real ones
+    assert sorted(sh.num_groups for sh in model._plan(batch, BS).shared) == [1, 2]
+    tables = [[0, 1, 2, 20 + i] for i in range(3)] + [[10, 11, 12, 13, 30 + i] for i in range(3)]
+    batch = ForwardBatch.build([[1]] * 6, [3 * BS + 2] * 3 + [4 * BS + 2] * 3, tables, BS)
+    assert [sh.num_groups for sh in model._plan(batch, BS).shared] == [1, 1]
 
 
 def test_shared_prefix_chunks_that_are_mostly_padding_attend_on_their_own(tiny_llama):

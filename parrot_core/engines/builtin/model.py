@@ -168,16 +168,20 @@ class _Decode:
 class _SharedPrefix:
     """Sequences sharing a block prefix that ends before their new tokens (cascade attention):
     decodes (one new token each), or chunks of new tokens over a cached context. Their queries
-    are laid out padded, `max_query` per member."""
+    are laid out padded, `max_query` per member. Several groups, each with a prefix of its own
+    of the same length, form one cascade: their prefixes are attended in one kernel call."""
 
     rows: Tensor | None  # [B * max_query]: the batch row of each padded query (a pad repeats a real one); None = all rows
     out_rows: Tensor | None  # batch rows of the real queries; None: every padded query is real, in `rows` order
     real: Tensor | None  # their positions in the padded layout (None with out_rows None)
     max_query: int
-    prefix_slots: Tensor | slice  # [Lp]
+    prefix_slots: Tensor | slice  # [G * Lp]: each group's prefix, group after group
     suffix_slots: Tensor  # [B * max_suffix], padded
     max_suffix: int
     suffix_bias: Tensor | None  # [B, 1, max_query * group, max_suffix]: 0 or -inf (causal, padding); None if none is masked
+    num_groups: int = 1  # G groups, each sharing a prefix of its own (all of length Lp)
+    group_members: Tensor | None = None  # [G * C]: member of each group slot, C per group (a pad repeats one); None if G == 1
+    member_slot: Tensor | None = None  # [B]: each member's group slot; None if G == 1
 
 
 @dataclass
@@ -210,6 +214,19 @@ class _Workspace:
         out = self.get(key, slots.numel(), pool)
         torch.index_select(pool, 0, slots, out=out)
         return out
+
+
+def _merge_groups(groups: list[list[int]]) -> list[list[list[int]]]:
+    """Groups (of one prefix length) put together into cascades, smallest first, as long as
+    padding every group of a cascade to its largest costs at most half again its real rows."""
+    merged: list[list[list[int]]] = []
+    for group in sorted(groups, key=len):
+        last = merged[-1] if merged else None
+        if last is not None and 2 * (len(last) + 1) * len(group) <= 3 * (sum(map(len, last)) + len(group)):
+            last.append(group)
+        else:
+            merged.append([group])
+    return merged
 
 
 def _common_prefix_len(tables: list[list[int]]) -> int:
@@ -472,12 +489,17 @@ class LlamaModel:
             groups: dict[tuple[int, bool], list[int]] = {}
             for i in decode_seqs + [i for i in cached_chunks if qlens[i] <= self.shared_prefix_max_query]:
                 groups.setdefault((tables[i][0], qlens[i] == 1), []).append(i)
+            by_length: dict[tuple[int, bool], list[list[int]]] = {}  # (prefix blocks, decodes?) -> groups
+            for (_, is_decode), members in groups.items():
+                n_blocks = self._shared_prefix_blocks(members, qlens, ctxs, tables, block_size)
+                if n_blocks:
+                    by_length.setdefault((n_blocks, is_decode), []).append(members)
             grouped: set[int] = set()
-            for members in groups.values():
-                whole = all_decode and len(members) == len(qlens)
-                sh = self._shared_group(members, starts, qlens, ctxs, tables, block_size, whole)
-                if sh is not None:
-                    shared.append(sh)
+            for (n_blocks, _), same_length in by_length.items():
+                for merged in _merge_groups(same_length):
+                    members = sorted(i for g in merged for i in g)
+                    whole = all_decode and len(members) == len(qlens)
+                    shared.append(self._shared_group(merged, n_blocks, starts, qlens, ctxs, tables, block_size, whole))
                     grouped.update(members)
             decode_seqs = [i for i in decode_seqs if i not in grouped]
             cached_chunks = [i for i in cached_chunks if i not in grouped]
@@ -506,31 +528,43 @@ class LlamaModel:
         ends = [s + q - 1 for s, q in zip(starts, qlens)]
         return _Plan(chunks, decode, shared, _rows(ends, dev), all_decode)
 
+    def _shared_prefix_blocks(
+        self, members: list[int], qlens: list[int], ctxs: list[int], tables: list[list[int]], block_size: int
+    ) -> int:
+        """How many leading blocks a group shares and attends once, or 0 when the cascade would
+        not pay (too few members, too short a prefix, too little work, mostly padding)."""
+        if len(members) < self.shared_prefix_min_batch:
+            return 0
+        n_blocks = _common_prefix_len([tables[i] for i in members])
+        # the prefix ends before every member's first new token (decodes keep at least it)
+        n_blocks = min(n_blocks, min((ctxs[i] - qlens[i]) // block_size for i in members))
+        prefix_len = n_blocks * block_size
+        if n_blocks < 1 or prefix_len < self.shared_prefix_min_tokens:
+            return 0
+        queries = [qlens[i] for i in members]
+        if sum(queries) * prefix_len < self.shared_prefix_min_work:
+            return 0
+        if len(members) * max(queries) > 2 * sum(queries):
+            return 0  # mostly padding: the plain paths do less work
+        return n_blocks
+
     def _shared_group(
         self,
-        members: list[int],
+        groups: list[list[int]],
+        n_blocks: int,
         starts: list[int],
         qlens: list[int],
         ctxs: list[int],
         tables: list[list[int]],
         block_size: int,
         is_whole_batch: bool,
-    ) -> _SharedPrefix | None:
-        if len(members) < self.shared_prefix_min_batch:
-            return None
-        n_blocks = _common_prefix_len([tables[i] for i in members])
-        # the prefix ends before every member's first new token (decodes keep at least it)
-        n_blocks = min(n_blocks, min((ctxs[i] - qlens[i]) // block_size for i in members))
-        prefix_len = n_blocks * block_size
-        if n_blocks < 1 or prefix_len < self.shared_prefix_min_tokens:
-            return None
-        queries = [qlens[i] for i in members]
-        if sum(queries) * prefix_len < self.shared_prefix_min_work:
-            return None
-        max_query = max(queries)
-        if len(members) * max_query > 2 * sum(queries):
-            return None  # mostly padding: the plain paths do less work
+    ) -> _SharedPrefix:
+        """The cascade of `groups` (lists of batch sequences), each sharing its first `n_blocks` blocks."""
         dev = self.device
+        members = sorted(i for g in groups for i in g)  # batch order: rows and outputs stay in it
+        prefix_len = n_blocks * block_size
+        queries = [qlens[i] for i in members]
+        max_query = max(queries)
         suffix_lens = [ctxs[i] - prefix_len for i in members]
         max_suffix = max(suffix_lens)
         suffix_slots = torch.stack(
@@ -558,9 +592,24 @@ class LlamaModel:
                 out_rows = rows[real]
         elif not is_whole_batch:
             rows = _rows([starts[i] for i in members], dev)
-        prefix_table = tables[members[0]][:n_blocks]
-        prefix_slots = _slot_range(prefix_table, block_size, prefix_len) or _slots(prefix_table, block_size, prefix_len, dev)
-        return _SharedPrefix(rows, out_rows, real, max_query, prefix_slots, suffix_slots, max_suffix, bias)
+        prefix_tables = [tables[g[0]][:n_blocks] for g in groups]
+        if len(groups) == 1:
+            table = prefix_tables[0]
+            prefix_slots = _slot_range(table, block_size, prefix_len) or _slots(table, block_size, prefix_len, dev)
+            return _SharedPrefix(rows, out_rows, real, max_query, prefix_slots, suffix_slots, max_suffix, bias)
+        # several groups: group slots of C members each, a smaller group's pads repeat its first member
+        position = {i: p for p, i in enumerate(members)}
+        width = max(len(g) for g in groups)
+        slot_member = [position[g[min(c, len(g) - 1)]] for g in groups for c in range(width)]
+        member_slot = [0] * len(members)
+        for k, g in enumerate(groups):
+            for c, i in enumerate(g):
+                member_slot[position[i]] = k * width + c
+        prefix_slots = torch.cat([_slots(t, block_size, prefix_len, dev) for t in prefix_tables])
+        return _SharedPrefix(
+            rows, out_rows, real, max_query, prefix_slots, suffix_slots, max_suffix, bias,
+            len(groups), _rows(slot_member, dev), _rows(member_slot, dev),
+        )  # fmt: skip
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, plan: _Plan) -> Tensor:
         """q [T, heads, d], the new k/v [T, kv_heads, d] (already in the pool) -> [T, heads, d]."""
@@ -629,20 +678,26 @@ class LlamaModel:
         b = q.shape[0] // nq
         # [B, kv, Q * g, d]: a KV head's queries, query-major
         qg = (q * (1.0 / math.sqrt(d))).view(b, nq, n_kv, g, d).transpose(1, 2).reshape(b, n_kv, nq * g, d)
-        # shared prefix: all B * Q * g queries of a KV head against the prefix in one kernel call
-        kp = self._ws.gather(2, k_pool, sh.prefix_slots)  # [Lp, kv, d]
-        vp = self._ws.gather(3, v_pool, sh.prefix_slots)
-        q_flat = qg.transpose(0, 1).reshape(n_kv, b * nq * g, d)
+        # shared prefix: all queries of a group and KV head against its prefix in one kernel call,
+        # the G groups side by side (as the kernel's batch), each padded to C members
+        n_groups = sh.num_groups
+        width = b if sh.group_members is None else sh.group_members.shape[0] // n_groups
+        kp = self._ws.gather(2, k_pool, sh.prefix_slots).view(n_groups, -1, n_kv, d)  # [G, Lp, kv, d]
+        vp = self._ws.gather(3, v_pool, sh.prefix_slots).view(n_groups, -1, n_kv, d)
+        q_slots = qg if sh.group_members is None else qg[sh.group_members]  # [G * C, kv, Q * g, d]
+        q_flat = q_slots.view(n_groups, width, n_kv, nq * g, d).transpose(1, 2).reshape(n_groups, n_kv, width * nq * g, d)
         # the fused CPU flash kernel, which also returns the log-sum-exp: 4.5x faster here than
         # GEMM + softmax for 3,072 queries x 1,024 keys per KV head in float32 (13.7 vs 62 ms);
         # half precisions attend in float32 this way (a bfloat16 row-3 decode step: 271 -> 178 ms)
         work = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
         o_p, lse_p = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q_flat[None].to(work), kp.transpose(0, 1)[None].to(work), vp.transpose(0, 1)[None].to(work), 0.0, False, scale=1.0
+            q_flat.to(work), kp.transpose(1, 2).to(work), vp.transpose(1, 2).to(work), 0.0, False, scale=1.0
         )[:2]
-        o_p, lse_p = o_p[0].to(q.dtype), lse_p[0, :, :, None].to(q.dtype)
-        o_p = o_p.view(n_kv, b, nq * g, d).transpose(0, 1)  # [B, kv, Q * g, d]
-        lse_p = lse_p.view(n_kv, b, nq * g, 1).transpose(0, 1)
+        o_p, lse_p = o_p.to(q.dtype), lse_p[..., None].to(q.dtype)  # [G, kv, C * Q * g, d or 1]
+        o_p = o_p.view(n_groups, n_kv, width, nq * g, d).transpose(1, 2).reshape(n_groups * width, n_kv, nq * g, d)
+        lse_p = lse_p.view(n_groups, n_kv, width, nq * g, 1).transpose(1, 2).reshape(n_groups * width, n_kv, nq * g, 1)
+        if sh.member_slot is not None:
+            o_p, lse_p = o_p[sh.member_slot], lse_p[sh.member_slot]  # [B, kv, Q * g, d]
         # own suffixes, padded to the longest
         ks = self._ws.gather(0, k_pool, sh.suffix_slots).view(b, sh.max_suffix, n_kv, d)
         vs = self._ws.gather(1, v_pool, sh.suffix_slots).view(b, sh.max_suffix, n_kv, d)
