@@ -408,23 +408,28 @@ def test_linear_falls_back_to_the_plain_product(monkeypatch):
 
 
 def test_half_precision_decode_attention_equals_sdpa():
-    """`_attend_decodes` (the bfloat16/float16 decode path) against SDPA, with GQA and masks."""
-    from parrot_core.engines.builtin.model import _attend_decodes
+    """`_attend_decodes` (the bfloat16/float16 decode path, which gathers each KV head's rows
+    from the pool itself) against SDPA over the same keys, with GQA, masks and scattered slots."""
+    from parrot_core.engines.builtin.model import _attend_decodes, _Workspace
 
     g = torch.Generator().manual_seed(3)
     b, n_q, n_kv, length, d = 5, 6, 2, 11, 8
     q = torch.randn(b, n_q, d, generator=g, dtype=torch.float64)
     k = torch.randn(b, length, n_kv, d, generator=g, dtype=torch.float64)
     v = torch.randn(b, length, n_kv, d, generator=g, dtype=torch.float64)
+    slots = torch.randperm(b * length + 9, generator=g)[: b * length]  # where each key row lies in the pool
+    k_pool = torch.zeros(b * length + 9, n_kv, d, dtype=torch.float64).index_copy_(0, slots, k.reshape(-1, n_kv, d))
+    v_pool = torch.zeros(b * length + 9, n_kv, d, dtype=torch.float64).index_copy_(0, slots, v.reshape(-1, n_kv, d))
     lens = torch.tensor([11, 3, 7, 1, 10])
     mask = (torch.arange(length)[None, :] < lens[:, None])[:, None, None, :]
+    ws = _Workspace()
     for m in (None, mask):
         want = torch.nn.functional.scaled_dot_product_attention(
             q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=m, enable_gqa=True
         )[:, :, 0]
-        assert close(_attend_decodes(q, k, v, m), want, atol=1e-12)
-    got = _attend_decodes(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask).double()
-    want = _attend_decodes(q, k, v, mask)
+        assert close(_attend_decodes(q, k_pool, v_pool, slots, m, ws), want, atol=1e-12)
+    got = _attend_decodes(q.bfloat16(), k_pool.bfloat16(), v_pool.bfloat16(), slots, mask, ws).double()
+    want = _attend_decodes(q, k_pool, v_pool, slots, mask, ws)
     assert (got - want).abs().max().item() < 0.05  # and it runs in bfloat16
 
 

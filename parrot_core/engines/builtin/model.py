@@ -201,12 +201,12 @@ class _Workspace:
         self._bufs: dict[int, Tensor] = {}
 
     def get(self, key: int, rows: int, like: Tensor) -> Tensor:
-        numel = rows * like.shape[1] * like.shape[2]
+        numel = rows * math.prod(like.shape[1:])
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
             size = max(numel, 2 * buf.numel() if buf is not None and buf.dtype == like.dtype else 0)
             buf = self._bufs[key] = torch.empty(size, dtype=like.dtype, device=like.device)
-        return buf[:numel].view(rows, like.shape[1], like.shape[2])
+        return buf[:numel].view(rows, *like.shape[1:])
 
     def gather(self, key: int, pool: Tensor, slots: Tensor | slice) -> Tensor:
         if isinstance(slots, slice):  # consecutive slots: a view, no copy
@@ -642,19 +642,21 @@ class LlamaModel:
             dec = plan.decode
             qd = q if dec.rows is None else q[dec.rows]
             n = qd.shape[0]
-            ks = self._ws.gather(0, k_pool, dec.slots)
-            vs = self._ws.gather(1, v_pool, dec.slots)
-            if n == 1:
-                o = _attend_one(qd[0], ks, vs)[None]
+            if n > 1 and q.dtype not in (torch.float32, torch.float64):
+                # half precisions: SDPA's CPU path is 2-3x slower here (see _attend_decodes)
+                assert isinstance(dec.slots, Tensor)
+                o = _attend_decodes(qd, k_pool, v_pool, dec.slots, dec.mask, self._ws)
             else:
-                ks = ks.view(n, dec.max_len, *k_pool.shape[1:])
-                vs = vs.view(n, dec.max_len, *v_pool.shape[1:])
-                if q.dtype in (torch.float32, torch.float64):
+                ks = self._ws.gather(0, k_pool, dec.slots)
+                vs = self._ws.gather(1, v_pool, dec.slots)
+                if n == 1:
+                    o = _attend_one(qd[0], ks, vs)[None]
+                else:
+                    ks = ks.view(n, dec.max_len, *k_pool.shape[1:])
+                    vs = vs.view(n, dec.max_len, *v_pool.shape[1:])
                     o = F.scaled_dot_product_attention(
                         qd.unsqueeze(2), ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=dec.mask, enable_gqa=True
                     )[:, :, 0]
-                else:  # half precisions: SDPA's CPU path is 2-3x slower here (see _attend_decodes)
-                    o = _attend_decodes(qd, ks, vs, dec.mask)
             if out is None:
                 return o
             _put(out, dec.rows, o)
@@ -722,23 +724,26 @@ def _attend_one(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.bmm(p, v.transpose(0, 1)).reshape(n_q, d)
 
 
-def _attend_decodes(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """One query per sequence and head over its own keys: q [B, heads, d], k/v [B, L, kv_heads,
-    d] (as gathered from the pool), mask [B, 1, 1, L] (True = may attend) or None -> [B, heads,
-    d]. Per KV head, batched GEMMs that read K and V in place (a [B, L, d] slice is a strided
-    matrix BLAS takes as it is; permuting all heads at once would copy them). Used for half
-    precisions: a bfloat16 32-sequence step over ~270 own tokens took 63 ms this way against
-    148 ms through SDPA (which stays for float32: 92 ms against 111)."""
+def _attend_decodes(q: Tensor, k_pool: Tensor, v_pool: Tensor, slots: Tensor, mask: Tensor | None, ws: _Workspace) -> Tensor:
+    """One query per sequence and head over its own keys: q [B, heads, d]; sequence i's keys are
+    the pool rows slots[i * L : (i + 1) * L] (padded), mask [B, 1, 1, L] (True = may attend) or
+    None -> [B, heads, d]. Per KV head: that head's K and V rows gathered into contiguous [B, L,
+    d] buffers, then two batched GEMMs. Used for half precisions, where SDPA's CPU path is 2-3x
+    slower: a bfloat16 32-sequence step over ~286 own tokens took 1.2 ms per layer this way,
+    1.7 ms gathering every head at once (GEMMs over strided slices copy them), bitwise equal."""
     b, n_q, d = q.shape
-    n_kv = k.shape[2]
+    n_kv = k_pool.shape[1]
     g = n_q // n_kv
+    length = slots.numel() // b
     qg = (q * (1.0 / math.sqrt(d))).view(b, n_kv, g, d)
     out = torch.empty_like(qg)
     for h in range(n_kv):
-        scores = torch.bmm(qg[:, h], k[:, :, h].transpose(1, 2))  # [B, g, L]
+        k = ws.gather(4 + 2 * h, k_pool[:, h], slots).view(b, length, d)
+        v = ws.gather(5 + 2 * h, v_pool[:, h], slots).view(b, length, d)
+        scores = torch.bmm(qg[:, h], k.transpose(1, 2))  # [B, g, L]
         if mask is not None:
             scores = scores.masked_fill(~mask[:, 0], float("-inf"))
-        torch.bmm(torch.softmax(scores, dim=-1), v[:, :, h], out=out[:, h])
+        torch.bmm(torch.softmax(scores, dim=-1), v, out=out[:, h])
     return out.view(b, n_q, d)
 
 
