@@ -469,6 +469,31 @@ def test_bfloat16_shared_prefix_path_tracks_the_plain_path(tiny_llama, queries):
     assert (shared - plain).abs().max().item() < 0.05 * plain.abs().max().item()
 
 
+def test_layer_elementwise_steps_equal_their_formulas_and_each_row_is_its_own():
+    """The residual add + RMS norm (torch's fused kernel, x updated in place), RoPE and SiLU-
+    times-up give exactly what their formulas give, and a row's bits never depend on the other
+    rows of its step (greedy ids identical with caching on or off, forked or not, need it)."""
+    from parrot_core.engines.builtin.model import _add_rms_norm, _rope, _silu_mul
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(300, 64, generator=g), torch.randn(300, 64, generator=g)
+    w = torch.randn(64, generator=g)
+    qk = torch.randn(300, 6, 16, generator=g)
+    cos, sin = torch.randn(300, 1, 8, generator=g), torch.randn(300, 1, 8, generator=g)
+    gate_up = torch.randn(300, 96, generator=g)
+    s = x + y
+    summed, normed = _add_rms_norm(x.clone(), y, w, 1e-5)
+    assert torch.equal(summed, s)
+    assert torch.equal(normed, s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * w)
+    x1, x2 = qk[..., :8], qk[..., 8:]
+    assert torch.equal(_rope(qk, cos, sin), torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1))
+    assert torch.equal(_silu_mul(gate_up), torch.nn.functional.silu(gate_up[:, :48]) * gate_up[:, 48:])
+    for rows in (slice(17, 18), slice(100, 107)):
+        assert torch.equal(_add_rms_norm(x[rows].clone(), y[rows], w, 1e-5)[1], normed[rows])
+        assert torch.equal(_rope(qk[rows], cos[rows], sin[rows]), _rope(qk, cos, sin)[rows])
+        assert torch.equal(_silu_mul(gate_up[rows]), _silu_mul(gate_up)[rows])
+
+
 def test_one_model_serves_several_engine_threads_at_once(tiny_llama):
     """Two engines may share one LlamaModel (one set of weights): its forward keeps per-call
     scratch (gather buffers) per thread, so concurrent forwards never see each other's."""

@@ -418,6 +418,7 @@ class LlamaModel:
         given `output_rows` (indices into the batch's new tokens), of those tokens instead."""
         c = self.config
         n_q, n_kv, d = c.num_heads, c.num_kv_heads, c.head_dim
+        eps = c.rms_norm_eps
         plan = self._plan(batch, kv.block_size)
         if max(batch.context_lens) > self._rope_len:
             self._extend_rope(max(max(batch.context_lens), 2 * self._rope_len))
@@ -426,9 +427,10 @@ class LlamaModel:
         sin = self._sin[batch.positions].unsqueeze(1)
 
         x = F.embedding(batch.token_ids, self.embed)
+        y: Tensor | None = None  # the previous layer's output, added into x by the next norm
         last_layer = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer.attn_norm, c.rms_norm_eps)
+            x, h = _add_rms_norm(x, y, layer.attn_norm, eps)
             qkv = layer.wqkv(h).view(num_tokens, n_q + 2 * n_kv, d)
             qk = _rope(qkv[:, : n_q + n_kv], cos, sin)
             q, k, v = qk[:, :n_q], qk[:, n_q:], qkv[:, n_q + n_kv :]
@@ -440,11 +442,9 @@ class LlamaModel:
                 o, x = o[output_rows], x[output_rows]
             elif i == last_layer and not plan.all_last:  # only the last tokens' outputs are needed
                 o, x = o[plan.last_rows], x[plan.last_rows]
-            x = x + layer.wo(o)
-            h = _rms_norm(x, layer.mlp_norm, c.rms_norm_eps)
-            gate, up = layer.w_gate_up(h).chunk(2, dim=-1)
-            x = x + layer.w_down(F.silu(gate) * up)
-        return _rms_norm(x, self.norm, c.rms_norm_eps)
+            x, h = _add_rms_norm(x, layer.wo(o), layer.mlp_norm, eps)
+            y = layer.w_down(_silu_mul(layer.w_gate_up(h)))
+        return _add_rms_norm(x, y, self.norm, eps)[1]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: Tensor) -> Tensor:
@@ -759,13 +759,30 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     if x.dtype in (torch.float16, torch.bfloat16):  # reduce in float32 for half precisions
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    # torch's fused kernel: x * rsqrt(mean(x^2) + eps) * weight in one pass, one output tensor
+    # (the three-op form allocated three; fresh large tensors page-fault on CPU)
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def _add_rms_norm(x: Tensor, y: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual stream after adding a layer's output `y` (None: nothing to add), and its
+    RMS norm. `x` is the caller's own residual tensor and is updated in place."""
+    if y is not None:
+        x = x.add_(y)
+    return x, _rms_norm(x, weight, eps)
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate-half RoPE. x [T, h, d]; cos, sin [T, 1, d/2]."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _silu_mul(gate_up: Tensor) -> Tensor:
+    """SwiGLU's activation: silu(gate) * up, for gate and up stacked [T, 2 * intermediate]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
 
 
 def _slots(table: Sequence[int], block_size: int, length: int, device: torch.device, pad: bool = False) -> Tensor:
