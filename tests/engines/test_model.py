@@ -213,6 +213,18 @@ def test_shared_prefix_group_next_to_other_work(tiny_llama):
     assert close(shared[3], hf_logits(model, fresh)[-1])
 
 
+def _cascade_rows_equal_plain_rows(model: LlamaModel, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+    """Every query row of `batch` through the cascade and through the plain paths (shared
+    prefix off) must agree; returns the logits of each sequence's last row."""
+    every_row = torch.arange(batch.token_ids.shape[0])
+    shared = model.forward(batch, kv, every_row)
+    model.enable_shared_prefix = False
+    plain = model.forward(batch, kv, every_row)
+    model.enable_shared_prefix = True
+    assert close(shared, plain, atol=1e-10)
+    return model.compute_logits(shared[torch.tensor(batch.query_lens).cumsum(0) - 1])
+
+
 @pytest.mark.parametrize("contiguous", [False, True], ids=["scattered", "contiguous"])
 def test_shared_prefix_chunks_equal_plain_path_and_hf(tiny_llama, contiguous):
     """Chunks of several new tokens over a cached context that shares a block prefix attend the
@@ -230,14 +242,10 @@ def test_shared_prefix_chunks_equal_plain_path_and_hf(tiny_llama, contiguous):
     batch = ForwardBatch.build(*zip(*batch_seqs), BS)
     plan = model._plan(batch, BS)
     assert len(plan.shared) == 1 and plan.shared[0].max_query == 5 and not plan.chunks and plan.decode is None
-    every_row = torch.arange(batch.token_ids.shape[0])
-    shared = model.forward(batch, kv, every_row)
     model.enable_shared_prefix = False
     assert model._plan(batch, BS).shared == [] and len(model._plan(batch, BS).chunks) == 4
-    plain = model.forward(batch, kv, every_row)
-    assert close(shared, plain, atol=1e-10)
     model.enable_shared_prefix = True
-    last = model.compute_logits(shared[torch.tensor(batch.query_lens).cumsum(0) - 1])
+    last = _cascade_rows_equal_plain_rows(model, batch, kv)
     for i, ((tokens, _), (cached, new)) in enumerate(zip(seqs, cached_then_new)):
         assert close(last[i], hf_logits(model, tokens[: 3 * BS + cached + new])[-1]), i
 
@@ -278,13 +286,7 @@ def test_shared_prefix_groups_attend_their_prefixes_in_one_call(tiny_llama, quer
     batch = ForwardBatch.build(*zip(*batch_seqs), BS)
     plan = model._plan(batch, BS)
     assert len(plan.shared) == 1 and plan.shared[0].num_groups == 3 and not plan.chunks and plan.decode is None
-    every_row = torch.arange(batch.token_ids.shape[0])
-    shared = model.forward(batch, kv, every_row)
-    model.enable_shared_prefix = False
-    plain = model.forward(batch, kv, every_row)
-    assert close(shared, plain, atol=1e-10)
-    model.enable_shared_prefix = True
-    last = model.compute_logits(shared[torch.tensor(batch.query_lens).cumsum(0) - 1])
+    last = _cascade_rows_equal_plain_rows(model, batch, kv)
     for i, (tokens, _) in enumerate(seqs):
         assert close(last[i], hf_logits(model, tokens[: len(tokens) - (1 if queries > 1 else 0)])[-1]), i
 
