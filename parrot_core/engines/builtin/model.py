@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from parrot_core.engines.builtin.cpu_kernels import fresh_prefill_kernel
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -336,6 +338,9 @@ class LlamaModel:
         self.shared_prefix_min_tokens = 256
         self.shared_prefix_min_work = 4096  # query tokens * shared tokens
         self.shared_prefix_max_query = 256  # longer chunks attend on their own
+        # vLLM's CPU attention kernel for fresh prefills when it is installed (cpu_kernels.py);
+        # None: torch's kernel. Tests set it to None to check one against the other.
+        self.fresh_prefill_kernel = fresh_prefill_kernel(config.head_dim, dtype) if self.device.type == "cpu" else None
 
     # -- construction helpers ---------------------------------------------------------------
 
@@ -617,9 +622,13 @@ class LlamaModel:
         out = None if only else torch.empty_like(q)
         for ch in plan.chunks:
             rows = ch.count * ch.q_len
-            if ch.slots is None:  # fresh prefills: [count, heads, q, d], views of the batch rows
-                qs, ks, vs = (t[ch.start : ch.start + rows].view(ch.count, ch.q_len, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).transpose(1, 2).reshape(rows, *q.shape[1:])
+            if ch.slots is None:  # fresh prefills, back to back in the batch rows
+                fresh = (q[ch.start : ch.start + rows], k[ch.start : ch.start + rows], v[ch.start : ch.start + rows])
+                if self.fresh_prefill_kernel is not None and q.device.type == "cpu":
+                    o = self.fresh_prefill_kernel(*fresh, ch.count, ch.q_len)
+                else:  # torch's kernel over [count, heads, q, d] views
+                    qs, ks, vs = (t.view(ch.count, ch.q_len, *t.shape[1:]).transpose(1, 2) for t in fresh)
+                    o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).transpose(1, 2).reshape(rows, *q.shape[1:])
                 if out is None:
                     return o
                 out[ch.start : ch.start + rows] = o
