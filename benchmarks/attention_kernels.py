@@ -4,8 +4,9 @@ default model's attention shape (9 query heads, 3 KV heads, head size 64).
 
 This measures where the rest of the gap to vLLM lies (README, "Side by side with vLLM"). vLLM's
 kernel reads its KV from blocks in its own packed layout, written by its own
-`cpu_attn_reshape_and_cache`; it does not read the builtin engine's pool layout. Both results
-are checked against each other. The vLLM column needs vLLM's CPU build in this environment
+`cpu_attn_reshape_and_cache`; it does not read the builtin engine's pool layout (the engine
+uses it for fresh prefills only: `parrot_core/engines/builtin/cpu_kernels.py`, which also loads
+it here). Both results are checked against each other. The vLLM column needs vLLM's CPU build in this environment
 (`pip install -e '.[vllm]'`, as `make test` does); without it only torch's kernel is timed.
 
     python benchmarks/attention_kernels.py [--threads 2] [--dtype float32|bfloat16]
@@ -14,7 +15,6 @@ are checked against each other. The vLLM column needs vLLM's CPU build in this e
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
@@ -25,6 +25,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from parrot_core.engines.builtin.cpu_kernels import vllm_ops
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
 SHAPES = [(1, 256), (8, 256), (3, 576), (1, 1056), (1, 2048)]  # (sequences, tokens each)
@@ -38,23 +40,6 @@ def median_ms(fn: Callable[[], object], repeats: int = 7) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1000
-
-
-def vllm_ops() -> object | None:
-    """vLLM's CPU ops (loaded from its AVX-512 library without importing vLLM), or None."""
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("vllm")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    libs = glob.glob(os.path.join(spec.submodule_search_locations[0], "_C_AVX512*.so"))
-    if not libs or not torch.cpu._is_avx512_supported():
-        return None
-    torch.ops.load_library(libs[0])
-    return torch.ops._C
 
 
 def bench_shape(ops: object | None, seqs: int, length: int, dtype: torch.dtype) -> dict[str, float]:

@@ -59,12 +59,12 @@ def test_sizes_dtypes_and_the_switch_it_does_not_take(monkeypatch):
     assert fresh_prefill_kernel(64, torch.float64) is None
     assert fresh_prefill_kernel(64, torch.float16) is None
     monkeypatch.setenv("PARROT_CORE_VLLM_KERNELS", "0")
-    cpu_kernels._vllm_ops.cache_clear()
+    cpu_kernels.vllm_ops.cache_clear()
     try:
         assert fresh_prefill_kernel(64, torch.float32) is None
     finally:
         monkeypatch.delenv("PARROT_CORE_VLLM_KERNELS")
-        cpu_kernels._vllm_ops.cache_clear()
+        cpu_kernels.vllm_ops.cache_clear()
     assert fresh_prefill_kernel(64, torch.float32) is not None
 
 
