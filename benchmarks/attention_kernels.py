@@ -15,17 +15,14 @@ it here). Both results are checked against each other. The vLLM column needs vLL
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import statistics
-import threading
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from model_speed import on_own_thread, timed, write_results  # a sibling script (benchmarks/ is on the path)
 from parrot_core.engines.builtin.cpu_kernels import vllm_ops
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
@@ -33,13 +30,7 @@ SHAPES = [(1, 256), (8, 256), (3, 576), (1, 1056), (1, 2048)]  # (sequences, tok
 
 
 def median_ms(fn: Callable[[], object], repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+    return timed(fn, repeats) * 1000
 
 
 def bench_shape(ops: object | None, seqs: int, length: int, dtype: torch.dtype) -> dict[str, float]:
@@ -113,7 +104,7 @@ def main() -> None:
     results: dict = {"dtype": args.dtype, "threads": args.threads, "shapes": {}}
     print(f"{'shape':>10} {'GFLOP':>7} {'torch ms':>9} {'GFLOP/s':>8} {'vLLM ms':>8} {'GFLOP/s':>8} {'speedup':>8}")
 
-    def run() -> None:  # one thread runs every kernel, as in the engine (see BuiltinEngine._run)
+    def run() -> None:  # one thread runs every kernel, as in the engine
         for seqs, length in SHAPES:
             row = bench_shape(ops, seqs, length, dtype)
             results["shapes"][f"{seqs}x{length}"] = row
@@ -123,16 +114,8 @@ def main() -> None:
                 line += f" {ms:>8.2f} {row['gflop'] / ms * 1000:>8.0f} {row['torch_flash_ms'] / ms:>7.1f}x"
             print(line, flush=True)
 
-    worker = threading.Thread(target=run)
-    worker.start()
-    worker.join()
-    out = args.out.format(dtype=args.dtype)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
-    png = os.path.splitext(out)[0] + ".png"
-    plot(results, png)
-    print(f"wrote {out} and {png}")
+    on_own_thread(run)
+    write_results(results, args.out.format(dtype=args.dtype), plot)
 
 
 if __name__ == "__main__":

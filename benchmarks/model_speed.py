@@ -17,6 +17,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -26,6 +27,25 @@ from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel
 
 BS = 16
 SUFFIX = 32  # own tokens of each sequence after the shared prefix
+
+
+def on_own_thread(fn: Callable[[], None]) -> None:
+    """Run `fn` on a thread that ends before this returns. With libgomp, each thread that runs
+    parallel torch ops keeps an OpenMP pool until it ends, and two pools slow every step of an
+    engine's thread (see BuiltinEngine._run)."""
+    worker = threading.Thread(target=fn)
+    worker.start()
+    worker.join()
+
+
+def write_results(results: dict, out: str, plot: Callable[[dict, str], None]) -> None:
+    """`results` as JSON at `out`, and `plot(results, png)` beside it."""
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    png = os.path.splitext(out)[0] + ".png"
+    plot(results, png)
+    print(f"wrote {out} and {png}")
 
 
 def timed(fn, repeats: int) -> float:
@@ -162,9 +182,7 @@ def main() -> None:
     # On a thread of its own that ends before the engine starts: with libgomp, each thread that
     # ran parallel torch ops keeps an OpenMP pool, and two pools slow every step of the engine's
     # thread (see BuiltinEngine._run); the pool goes away with its thread.
-    worker = threading.Thread(target=bench_model, args=(args, dtype, results))
-    worker.start()
-    worker.join()
+    on_own_thread(lambda: bench_model(args, dtype, results))
 
     split = bench_engine_split(dtype)
     results["engine_split"] = split
@@ -172,13 +190,7 @@ def main() -> None:
         f"\nengine, 32 unique 256-token prompts -> 16 tokens: {split['wall_s']:.2f} s wall, "
         f"{split['forward_s']:.2f} s in the model ({split['forward_s'] / split['wall_s']:.0%}), {split['steps']} steps"
     )
-    out = args.out.format(dtype=args.dtype)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
-    png = os.path.splitext(out)[0] + ".png"
-    plot(results, png)
-    print(f"wrote {out} and {png}")
+    write_results(results, args.out.format(dtype=args.dtype), plot)
 
 
 if __name__ == "__main__":
