@@ -108,6 +108,8 @@ class BuiltinEngine:
         built.result()  # a load error is raised here, in the caller's thread
 
     def _build(self, model: LlamaModel | str | os.PathLike[str] | None, tokenizer: Tokenizer | None, model_name: str | None) -> None:
+        """The model (loaded here when given a path or None), the KV pool, the block tree and
+        the scheduler. Runs on the step-loop thread, before its loop."""
         config = self.config
         if model is None or isinstance(model, (str, os.PathLike)):
             from parrot_core.engines.builtin.default_model import default_model_path

@@ -502,10 +502,8 @@ class LlamaModel:
             grouped: set[int] = set()
             for (n_blocks, _), same_length in by_length.items():
                 for merged in _merge_groups(same_length):
-                    members = sorted(i for g in merged for i in g)
-                    whole = all_decode and len(members) == len(qlens)
-                    shared.append(self._shared_group(merged, n_blocks, starts, qlens, ctxs, tables, block_size, whole))
-                    grouped.update(members)
+                    shared.append(self._shared_group(merged, n_blocks, starts, qlens, ctxs, tables, block_size, all_decode))
+                    grouped.update(i for g in merged for i in g)
             decode_seqs = [i for i in decode_seqs if i not in grouped]
             cached_chunks = [i for i in cached_chunks if i not in grouped]
         for i in cached_chunks:
@@ -562,11 +560,13 @@ class LlamaModel:
         ctxs: list[int],
         tables: list[list[int]],
         block_size: int,
-        is_whole_batch: bool,
+        all_decode: bool,
     ) -> _SharedPrefix:
-        """The cascade of `groups` (lists of batch sequences), each sharing its first `n_blocks` blocks."""
+        """The cascade of `groups` (lists of batch sequences), each sharing its first `n_blocks`
+        blocks; `all_decode`: every sequence of the batch is a decode."""
         dev = self.device
         members = sorted(i for g in groups for i in g)  # batch order: rows and outputs stay in it
+        is_whole_batch = all_decode and len(members) == len(qlens)
         prefix_len = n_blocks * block_size
         queries = [qlens[i] for i in members]
         max_query = max(queries)
@@ -624,7 +624,7 @@ class LlamaModel:
             rows = ch.count * ch.q_len
             if ch.slots is None:  # fresh prefills, back to back in the batch rows
                 fresh = (q[ch.start : ch.start + rows], k[ch.start : ch.start + rows], v[ch.start : ch.start + rows])
-                if self.fresh_prefill_kernel is not None and q.device.type == "cpu":
+                if self.fresh_prefill_kernel is not None:
                     o = self.fresh_prefill_kernel(*fresh, ch.count, ch.q_len)
                 else:  # torch's kernel over [count, heads, q, d] views
                     qs, ks, vs = (t.view(ch.count, ch.q_len, *t.shape[1:]).transpose(1, 2) for t in fresh)
