@@ -46,9 +46,7 @@ import parrot_core as P  # noqa: E402
 from _texts import document  # noqa: E402
 from parrot_core.chat.transcript import common_prefix_len  # noqa: E402
 from parrot_core.engines.builtin.config import EngineConfig  # noqa: E402
-from parrot_core.engines.builtin.default_model import default_model_path  # noqa: E402
-from parrot_core.engines.builtin.engine import BuiltinEngine  # noqa: E402
-from parrot_core.engines.builtin.gguf_loader import load_gguf  # noqa: E402
+from parrot_core.engines.builtin.engine import BuiltinEngine, load_model  # noqa: E402
 from parrot_core.engines.builtin.model import LlamaModel  # noqa: E402
 
 CHAT = "chat sessions"
@@ -351,8 +349,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
     if args.conversations < 1 or args.turns < 1 or args.output_len < 1:
         ap.error("--conversations, --turns and --output-len must be at least 1")
 
-    loaded = load_gguf(args.model or default_model_path())
-    model = LlamaModel(loaded.config, loaded.weights)
+    model, loaded = load_model(args.model)
     tok = loaded.tokenizer
     count = lambda text: len(tok.encode(text))  # noqa: E731
     system, users = workload(args.conversations, args.turns, args.system_len, args.user_len, count)

@@ -32,8 +32,7 @@ from tqdm import tqdm
 
 import parrot_core as P
 from parrot_core.engines.builtin.config import EngineConfig
-from parrot_core.engines.builtin.default_model import default_model_path
-from parrot_core.engines.builtin.gguf_loader import load_gguf
+from parrot_core.engines.builtin.engine import load_model
 from parrot_core.engines.builtin.model import LlamaModel
 
 
@@ -156,8 +155,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.groups, args.per_group, args.system_len = 2, 4, 256
-    loaded = load_gguf(default_model_path())
-    model = LlamaModel(loaded.config, loaded.weights)
+    model, loaded = load_model()
     work = prompts_of(args.groups, args.per_group, args.system_len, args.question_len, loaded.config.vocab_size, args.seed)
     results = [
         measure("one engine", loaded, model, 1, True, work, args),

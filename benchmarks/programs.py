@@ -32,10 +32,7 @@ import chain_summary  # noqa: E402
 import map_reduce  # noqa: E402
 from _texts import chunks  # noqa: E402
 from parrot_core.engines.builtin.config import EngineConfig  # noqa: E402
-from parrot_core.engines.builtin.default_model import default_model_path  # noqa: E402
-from parrot_core.engines.builtin.engine import BuiltinEngine  # noqa: E402
-from parrot_core.engines.builtin.gguf_loader import load_gguf  # noqa: E402
-from parrot_core.engines.builtin.model import LlamaModel  # noqa: E402
+from parrot_core.engines.builtin.engine import BuiltinEngine, load_model  # noqa: E402
 from parrot_core.graph import Parameter, RequestMetadata  # noqa: E402
 
 # The examples' prompts; every call here generates the same 32 greedy tokens (OUT).
@@ -144,8 +141,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     args = ap.parse_args(argv)
     parts = chunks(words_per_chunk=args.words, limit=args.chunks)
 
-    loaded = load_gguf(default_model_path())
-    model = LlamaModel(loaded.config, loaded.weights)
+    model, loaded = load_model()
 
     def runtime(caching: bool) -> P.Runtime:
         engine = BuiltinEngine(model, loaded.tokenizer, EngineConfig(enable_prefix_caching=caching, kv_cache_memory_gb=0.5), loaded.model_name)

@@ -28,9 +28,7 @@ from tqdm import tqdm
 
 from parrot_core.engines.base import SamplingParams
 from parrot_core.engines.builtin.config import EngineConfig
-from parrot_core.engines.builtin.default_model import default_model_path
-from parrot_core.engines.builtin.engine import BuiltinEngine
-from parrot_core.engines.builtin.gguf_loader import load_gguf
+from parrot_core.engines.builtin.engine import BuiltinEngine, load_model
 from parrot_core.engines.builtin.model import LlamaModel
 
 
@@ -180,8 +178,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         args.prompts_per_group, args.system_len, args.question_len, args.output_len = 8, 256, 16, 8
         args.zero_hit_prompts, args.zero_hit_len = 4, 128
 
-    loaded = load_gguf(args.model or default_model_path())
-    model = LlamaModel(loaded.config, loaded.weights)
+    model, loaded = load_model(args.model)
     vocab = loaded.config.vocab_size
     shared = shared_prefix_prompts(args.groups, args.prompts_per_group, args.system_len, args.question_len, vocab, args.seed)
     optimum = args.groups * (args.system_len + args.prompts_per_group * args.question_len)

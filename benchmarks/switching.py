@@ -48,9 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import parrot_core as P  # noqa: E402
 from _texts import chunks  # noqa: E402
 from parrot_core.engines.builtin.config import EngineConfig  # noqa: E402
-from parrot_core.engines.builtin.default_model import default_model_path  # noqa: E402
-from parrot_core.engines.builtin.engine import BuiltinEngine  # noqa: E402
-from parrot_core.engines.builtin.gguf_loader import load_gguf  # noqa: E402
+from parrot_core.engines.builtin.engine import BuiltinEngine, load_model  # noqa: E402
 from parrot_core.engines.builtin.model import LlamaModel  # noqa: E402
 from parrot_core.engines.openai import OpenAIEngine  # noqa: E402
 from parrot_core.server.app import create_app  # noqa: E402
@@ -309,8 +307,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
     if min(args.agents, args.slots, args.output_len, args.quantum, args.prompt_len) < 1:
         ap.error("every size must be at least 1")
 
-    loaded = load_gguf(args.model or default_model_path())
-    model = LlamaModel(loaded.config, loaded.weights)
+    model, loaded = load_model(args.model)
     tok = loaded.tokenizer
     prompts = workload(args.agents, args.prompt_len, lambda s: len(tok.encode(s)), tok.encode_prompt)
 

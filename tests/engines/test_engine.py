@@ -484,14 +484,8 @@ def test_min_tokens_holds_back_stop_token_ids_and_bad_ids_are_refused(make_engin
             asyncio.run(run(engine, 3, prompt(3, 6), 2, **bad))
 
 
-def test_the_engine_loads_its_model_and_kv_pool_on_its_own_thread(tiny_gguf, monkeypatch):
-    """Every large torch op of the engine runs on its step-loop thread, load included: with
-    the CPU build's OpenMP, a second thread that ever ran parallel work keeps a worker pool of
-    its own, and more pool threads than cores make every worker sleep between ops (each step
-    25-40% slower). Loading on the caller's thread was that second thread."""
-    import parrot_core.engines.builtin.engine as engine_module
-    from parrot_core.engines.builtin import gguf_loader
-
+def _thread_recorder():
+    """(seen, on_thread): `on_thread(name, fn)` wraps fn to record in seen[name] the thread it ran on."""
     seen: dict[str, threading.Thread] = {}
 
     def on_thread(name, fn):
@@ -501,6 +495,18 @@ def test_the_engine_loads_its_model_and_kv_pool_on_its_own_thread(tiny_gguf, mon
 
         return wrapped
 
+    return seen, on_thread
+
+
+def test_the_engine_loads_its_model_and_kv_pool_on_its_own_thread(tiny_gguf, monkeypatch):
+    """Every large torch op of the engine runs on its step-loop thread, load included: with
+    the CPU build's OpenMP, a second thread that ever ran parallel work keeps a worker pool of
+    its own, and more pool threads than cores make every worker sleep between ops (each step
+    25-40% slower). Loading on the caller's thread was that second thread."""
+    import parrot_core.engines.builtin.engine as engine_module
+    from parrot_core.engines.builtin import gguf_loader
+
+    seen, on_thread = _thread_recorder()
     monkeypatch.setattr(gguf_loader, "load_gguf", on_thread("load", gguf_loader.load_gguf))
     monkeypatch.setattr(engine_module, "LlamaModel", on_thread("model", engine_module.LlamaModel))
     monkeypatch.setattr(engine_module.KVCache, "allocate", on_thread("kv", engine_module.KVCache.allocate))
@@ -511,9 +517,40 @@ def test_the_engine_loads_its_model_and_kv_pool_on_its_own_thread(tiny_gguf, mon
         assert threading.current_thread() is not engine._thread
         out = engine.call(lambda: None)  # the loop runs after the build
         assert out is None
+        engine.check_invariants()
+        assert engine.context_ids() == set() and engine.pool.num_available == engine.pool.num_blocks
     finally:
         engine.close()
     assert not engine._thread.is_alive()
+
+
+def test_load_model_builds_a_shareable_model_off_the_callers_thread(tiny_gguf, monkeypatch):
+    """`load_model` (for engines sharing one set of weights) loads and builds on a thread that
+    has ended when it returns, never on the caller's; the model then serves an engine, and a
+    load error reaches the caller typed."""
+    import parrot_core.engines.builtin.engine as engine_module
+    from parrot_core.engines.builtin import gguf_loader
+    from parrot_core.engines.builtin.engine import load_model
+
+    seen, on_thread = _thread_recorder()
+    monkeypatch.setattr(gguf_loader, "load_gguf", on_thread("load", gguf_loader.load_gguf))
+    monkeypatch.setattr(engine_module, "LlamaModel", on_thread("model", engine_module.LlamaModel))
+    model, loaded = load_model(tiny_gguf)
+    assert set(seen) == {"load", "model"} and seen["load"] is seen["model"]
+    assert seen["load"] is not threading.current_thread() and not seen["load"].is_alive()
+    assert loaded.weights == {} and loaded.tokenizer is not None
+    engine = BuiltinEngine(model, loaded.tokenizer, EngineConfig(num_kv_blocks=16), loaded.model_name)
+    try:
+        out, reason, _ = asyncio.run(run(engine, 1, [5, 6, 7], 3))
+        assert len(out) == 3 and reason == FINISH_LENGTH
+        engine.free_context(1)
+        engine.wait_idle()
+        engine.check_invariants()
+        assert engine.context_ids() == set() and engine.pool.num_available == engine.pool.num_blocks
+    finally:
+        engine.close()
+    with pytest.raises(ModelLoadError):
+        load_model(tiny_gguf + ".missing")
 
 
 def test_a_model_that_fails_to_load_raises_in_the_constructor_and_leaves_no_thread(tmp_path):

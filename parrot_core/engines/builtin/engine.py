@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import llguidance
 import llguidance.torch
@@ -58,6 +58,9 @@ from parrot_core.errors import (
     RuntimeClosedError,
     UnknownContextError,
 )
+
+if TYPE_CHECKING:
+    from parrot_core.engines.builtin.gguf_loader import LoadedModel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,11 +115,7 @@ class BuiltinEngine:
         the scheduler. Runs on the step-loop thread, before its loop."""
         config = self.config
         if model is None or isinstance(model, (str, os.PathLike)):
-            from parrot_core.engines.builtin.default_model import default_model_path
-            from parrot_core.engines.builtin.gguf_loader import load_gguf
-
-            loaded = load_gguf(str(model or config.model or default_model_path()), dtype=config.dtype, device=config.device)
-            model = LlamaModel(loaded.config, loaded.weights, dtype=config.dtype, device=config.device)
+            model, loaded = _load_model(model or config.model, config.dtype, config.device)
             tokenizer, model_name = loaded.tokenizer, model_name or loaded.model_name
         self.model = model
         self.tokenizer = tokenizer
@@ -850,6 +849,39 @@ class BuiltinEngine:
         for req in list(self._active.values()):
             self.scheduler.remove(req)
             self._fail(req, error)
+
+
+def load_model(
+    path: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[LlamaModel, LoadedModel]:
+    """A llama GGUF file's `LlamaModel` (None: the default model) and the rest the file holds
+    (tokenizer, name, config; its `weights` emptied: the model keeps fused copies), for engines
+    that share one set of weights: `BuiltinEngine(model, loaded.tokenizer, ...)`. Built on a
+    short-lived thread of its own, so the caller's thread never starts an OpenMP pool that
+    would slow every engine's steps (see `BuiltinEngine._run`). Raises `ModelLoadError` as
+    `load_gguf` does."""
+    result: concurrent.futures.Future[tuple[LlamaModel, LoadedModel]] = concurrent.futures.Future()
+
+    def build() -> None:
+        try:
+            result.set_result(_load_model(path, dtype, device))
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            result.set_exception(e)
+
+    worker = threading.Thread(target=build, name="parrot-load-model")
+    worker.start()
+    worker.join()  # its OpenMP pool ends with it
+    return result.result()
+
+
+def _load_model(path: str | os.PathLike[str] | None, dtype: torch.dtype, device: str) -> tuple[LlamaModel, LoadedModel]:
+    from parrot_core.engines.builtin.default_model import default_model_path
+    from parrot_core.engines.builtin.gguf_loader import load_gguf
+
+    loaded = load_gguf(str(path or default_model_path()), dtype=dtype, device=device)
+    model = LlamaModel(loaded.config, loaded.weights, dtype=dtype, device=device)
+    loaded.weights = {}
+    return model, loaded
 
 
 def _history(req: EngineRequest) -> tuple[list[int], list[int]]:
