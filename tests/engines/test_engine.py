@@ -509,7 +509,7 @@ def test_the_engine_loads_its_model_and_kv_pool_on_its_own_thread(tiny_gguf, mon
     seen, on_thread = _thread_recorder()
     monkeypatch.setattr(gguf_loader, "load_gguf", on_thread("load", gguf_loader.load_gguf))
     monkeypatch.setattr(engine_module, "LlamaModel", on_thread("model", engine_module.LlamaModel))
-    monkeypatch.setattr(engine_module.KVCache, "allocate", on_thread("kv", engine_module.KVCache.allocate))
+    monkeypatch.setattr(engine_module, "allocate_kv_cache", on_thread("kv", engine_module.allocate_kv_cache))
     engine = BuiltinEngine(tiny_gguf, num_kv_blocks=16)
     try:
         assert set(seen) == {"load", "model", "kv"}

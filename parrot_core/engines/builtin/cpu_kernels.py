@@ -1,17 +1,20 @@
-"""vLLM's CPU attention kernel, for fresh prefills, when vLLM's CPU build is installed.
+"""The KV pool in vLLM's CPU block layout, attended by vLLM's paged CPU kernel, when vLLM's CPU
+build is installed.
 
 vLLM 0.32's CPU build (the `vllm` extra) ships a paged-attention C++ kernel,
-`cpu_attention_with_kv_cache`. It runs causal attention 1.8-4.3x faster than torch's CPU flash
-kernel on this model's shapes (`benchmarks/attention_kernels.py`). It reads K/V only from blocks
-in its own layout, written by its own `cpu_attn_reshape_and_cache`, and not from the engine's
-pool. So the engine uses it where the K/V at hand are the step's own: fresh prefills (prompts
-with nothing cached). Their K/V are copied into a scratch cache in that layout (per thread,
-reused) and attended there; the pool is not touched.
+`cpu_attention_with_kv_cache`. One call attends a whole step (fresh prefills, chunks over cached
+contexts and decodes, mixed) straight from the block tables, with no gather copy. Measured per
+layer on this model's shapes (2 threads, `benchmarks/attention_kernels.py`): 3-6x faster than the
+torch paths on decode steps (cascade included), about 2x on chunks over a cached context, and
+1.8-4.3x on fresh prefills. It reads K/V only in its own block layout, written by its own
+`cpu_attn_reshape_and_cache`. So when it can run, the engine's pool *is* in that layout
+(`VllmKVCache`), and every access to the pool goes through the cache's methods.
 
 The ops are private to vLLM and may change in any release, so they are used only with the
 version the extra pins, loaded from the library vLLM itself loads on this CPU (a `VLLMEngine`
-in the same process then shares it). Without them, or with `PARROT_CORE_VLLM_KERNELS=0`,
-`fresh_prefill_kernel()` returns None and the model uses torch's kernel.
+in the same process then shares it). Without them, with `PARROT_CORE_VLLM_KERNELS=0`, or for a
+dtype, head size or block size the kernel lacks, `vllm_kv_supported()` is False and the engine
+keeps the token-major pool (`model.KVCache`) and torch's kernels.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import importlib.util
 import logging
 import math
 import os
-import threading
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,24 +35,11 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 VLLM_VERSION = "0.32.0"  # the version whose private ops this module calls (pyproject's `vllm` extra)
-_BLOCK = 16  # tokens per scratch block; the kernel's "vec16" path takes multiples of 16
-_ISA = "vec16"
+_ISA = "vec16"  # the kernel's AVX-512 path for blocks of a multiple of 16 tokens
+_BLOCK_MULTIPLE = 16
 # head sizes checked against torch's kernel in both dtypes (the kernel refuses 16 and above 160)
 _HEAD_DIMS = (32, 48, 64, 80, 96, 112, 128, 160)
-
-FreshPrefillKernel = Callable[[Tensor, Tensor, Tensor, int, int], Tensor]
-
-
-def fresh_prefill_kernel(head_dim: int, dtype: torch.dtype) -> FreshPrefillKernel | None:
-    """`attend(q, k, v, count, q_len)`: causal attention of `count` fresh sequences of `q_len`
-    tokens each, back to back in q [count * q_len, heads, head_dim] and k, v [count * q_len,
-    kv_heads, head_dim] -> [count * q_len, heads, head_dim]. None when vLLM's kernel cannot run
-    here (not installed, another vLLM version, no AVX-512, a dtype or head size it lacks, or
-    turned off)."""
-    if dtype not in (torch.float32, torch.bfloat16) or head_dim not in _HEAD_DIMS:
-        return None
-    ops = vllm_ops()
-    return None if ops is None else functools.partial(_attend, ops)
+_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @functools.cache
@@ -80,41 +70,105 @@ def vllm_ops() -> Any | None:
     return ops
 
 
-class _Scratch(threading.local):
-    """This thread's scratch KV cache, in the kernel's layout; it only grows (fresh large
-    tensors page-fault on every call on CPU)."""
-
-    def __init__(self) -> None:
-        self.cache: Tensor | None = None
-
-    def get(self, blocks: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> Tensor:
-        shape = (blocks, kv_heads, 2 * _BLOCK, head_dim)  # per block and KV head: its K rows, then its V rows
-        c = self.cache
-        if c is None or c.dtype != dtype or c.shape[1:] != shape[1:] or c.shape[0] < blocks:
-            # zeroed, not empty: the kernel reads a partly filled block's unused rows and masks
-            # them, and a masked NaN is still NaN (garbage bits gave NaN outputs in bfloat16)
-            c = self.cache = torch.zeros((max(blocks, 2 * c.shape[0] if c is not None else 0), *shape[1:]), dtype=dtype)
-        return c[:blocks]
+def vllm_kv_supported(head_dim: int, dtype: torch.dtype, block_size: int, device: str | torch.device = "cpu") -> bool:
+    """Whether a pool of this shape can live in vLLM's layout and be attended by its kernel."""
+    if torch.device(device).type != "cpu" or dtype not in _DTYPES or head_dim not in _HEAD_DIMS:
+        return False
+    return block_size % _BLOCK_MULTIPLE == 0 and vllm_ops() is not None
 
 
-_scratch = _Scratch()
+@dataclass(frozen=True)
+class PagedBatch:
+    """What the kernel needs about one step, the same in every layer: sequence i's queries are
+    rows `query_start[i] : query_start[i + 1]`, the last tokens of its `seq_lens[i]`."""
+
+    query_start: Tensor  # [num_seqs + 1] int32
+    seq_lens: Tensor  # [num_seqs] int32
+    block_table: Tensor  # [num_seqs, max_blocks] int32, padded with block 0
+    schedule: Tensor  # the kernel's work split over threads
 
 
-def _attend(ops: Any, q: Tensor, k: Tensor, v: Tensor, count: int, q_len: int) -> Tensor:
-    heads, head_dim = q.shape[1], q.shape[2]
-    kv_heads = k.shape[1]
-    per_seq = -(-q_len // _BLOCK)
-    cache = _scratch.get(count * per_seq, kv_heads, head_dim, q.dtype)
-    key_cache, value_cache = cache.chunk(2, dim=2)
-    tables = torch.arange(count * per_seq, dtype=torch.int32).view(count, per_seq)
-    slots = (torch.arange(count)[:, None] * (per_seq * _BLOCK) + torch.arange(q_len)).view(-1)
-    ops.cpu_attn_reshape_and_cache(k.contiguous(), v.contiguous(), key_cache, value_cache, slots, _ISA, 1.0, 1.0, "auto")
-    starts = torch.arange(0, (count + 1) * q_len, q_len, dtype=torch.int32)
-    lens = torch.full((count,), q_len, dtype=torch.int32)
-    meta = ops.get_scheduler_metadata(count, heads, kv_heads, head_dim, lens, q.dtype, starts, True, -1, _ISA, False, None, "auto")
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    ops.cpu_attention_with_kv_cache(
-        q, key_cache, value_cache, out, starts, lens, 1.0 / math.sqrt(head_dim), True, None, -1, tables, 0.0, meta, None, None, 1.0, 1.0, "auto"
-    )  # fmt: skip
-    return out
+class VllmKVCache:
+    """The paged KV pool in vLLM's CPU layout: per layer one tensor [num_blocks, kv_heads,
+    2 * block_size, head_dim], each (block, KV head) holding its K tile then its V tile. The V
+    tile is [block_size, head_dim]; the K tile is stored transposed, [head_dim, block_size] (the
+    kernel's packing, checked by tests/engines/test_cpu_kernels.py). Same interface as
+    `model.KVCache`: `write`, `read`, `copy_block`; `k` and `v` are the per-layer K and V views
+    in the kernel's block shape (not indexable by slot)."""
+
+    def __init__(self, blocks: list[Tensor], block_size: int) -> None:
+        self.blocks, self.block_size = blocks, block_size
+        halves = [b.chunk(2, dim=2) for b in blocks]
+        self.k = [h[0] for h in halves]  # [num_blocks, kv_heads, block_size, head_dim] views
+        self.v = [h[1] for h in halves]
+        self._ops = vllm_ops()
+        assert self._ops is not None, "VllmKVCache needs vLLM's ops (check vllm_kv_supported first)"
+
+    @classmethod
+    def allocate(
+        cls, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int, dtype: torch.dtype
+    ) -> VllmKVCache:
+        # zeroed, not empty: the kernel reads a partly filled block's unused rows before masking
+        # them, and a masked NaN is still NaN (garbage bits gave NaN outputs in bfloat16)
+        shape = (num_blocks, num_kv_heads, 2 * block_size, head_dim)
+        return cls([torch.zeros(shape, dtype=dtype) for _ in range(num_layers)], block_size)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks[0].shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0].device
+
+    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store tokens' K and V [n, kv_heads, head_dim] at slots [n] (int64) of one layer."""
+        self._ops.cpu_attn_reshape_and_cache(k, v, self.k[layer], self.v[layer], slots, _ISA, 1.0, 1.0, "auto")
+
+    def read(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """The K and V stored at slots [n] of one layer: two fresh [n, kv_heads, head_dim]."""
+        block, offset = slots // self.block_size, slots % self.block_size
+        k = self.k[layer]
+        k_tiles = k.view(k.shape[0], k.shape[1], k.shape[3], self.block_size)  # [.., head_dim, block_size]
+        return k_tiles[block, :, :, offset], self.v[layer][block, :, offset]
+
+    def copy_block(self, src_block: int, dst_block: int, num_slots: int | None = None) -> None:
+        """Copy a block into another in every layer. The whole block is copied whatever
+        `num_slots` says (K tiles are transposed, so a slot range is not one memory range): the
+        slots past `num_slots` are the destination's unwritten ones, never read before written."""
+        for blocks in self.blocks:
+            blocks[dst_block].copy_(blocks[src_block])
+
+    def prepare(
+        self, query_lens: Sequence[int], context_lens: Sequence[int], block_tables: Sequence[Sequence[int]], num_heads: int
+    ) -> PagedBatch:
+        """The step's kernel arguments (built once, used by every layer)."""
+        used = [-(-n // self.block_size) for n in context_lens]
+        width = max(used)
+        rows = [[*t[:u], *[0] * (width - u)] for t, u in zip(block_tables, used, strict=True)]
+        table = torch.tensor(rows, dtype=torch.int32)
+        starts = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+        torch.cumsum(torch.tensor(query_lens, dtype=torch.int32), 0, out=starts[1:])
+        seq_lens = torch.tensor(context_lens, dtype=torch.int32)
+        kv_heads, head_dim = self.k[0].shape[1], self.k[0].shape[3]
+        # no KV split: each sequence's reduction order then does not depend on the rest of the
+        # batch (batch invariance); it measured no faster on this model's steps anyway
+        schedule = self._ops.get_scheduler_metadata(
+            len(query_lens), num_heads, kv_heads, head_dim, seq_lens, self.dtype, starts, True, -1, _ISA, False, None, "auto"
+        )  # fmt: skip
+        return PagedBatch(starts, seq_lens, table, schedule)
+
+    def attend(self, layer: int, q: Tensor, batch: PagedBatch) -> Tensor:
+        """Causal attention of the step's queries q [T, heads, head_dim] over their sequences'
+        stored K/V (this step's own already written) -> [T, heads, head_dim]."""
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        self._ops.cpu_attention_with_kv_cache(
+            q, self.k[layer], self.v[layer], out, batch.query_start, batch.seq_lens, 1.0 / math.sqrt(q.shape[-1]), True,
+            None, -1, batch.block_table, 0.0, batch.schedule, None, None, 1.0, 1.0, "auto",
+        )  # fmt: skip
+        return out

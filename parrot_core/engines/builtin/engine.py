@@ -45,7 +45,7 @@ from parrot_core.engines.builtin.block_pool import BlockPool
 from parrot_core.engines.builtin.config import EngineConfig
 from parrot_core.engines.builtin.kv_contexts import ContextExistsError, KVContext, KVContextTree
 from parrot_core.engines.builtin.kv_io import ContextKV, KVSpec, model_fingerprint
-from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel
+from parrot_core.engines.builtin.model import ForwardBatch, LlamaModel, allocate_kv_cache
 from parrot_core.engines.builtin.request import EngineRequest, Kind
 from parrot_core.engines.builtin.sampler import apply_penalties, sample, skip_draws, token_logprobs
 from parrot_core.engines.builtin.scheduler import Scheduler
@@ -124,7 +124,7 @@ class BuiltinEngine:
         mc = model.config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         num_blocks = config.num_kv_blocks or _blocks_for_memory(mc, config)
-        self.kv = KVCache.allocate(mc, num_blocks, config.block_size, config.dtype, config.device)
+        self.kv = allocate_kv_cache(mc, num_blocks, config.block_size, config.dtype, config.device)
         self.pool = BlockPool(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
         self.tree = KVContextTree(self.pool, config.cache_namespace, copy_block=self.kv.copy_block)
         self.scheduler = Scheduler(self.tree, config.max_num_seqs, config.max_num_batched_tokens, self._evict_idle)
@@ -254,7 +254,7 @@ class BuiltinEngine:
         return KVSpec(
             fingerprint=model_fingerprint(self.model),
             model_name=self.model_name,
-            dtype=self.kv.k[0].dtype,
+            dtype=self.kv.dtype,
             hidden_dtype=self.model.dtype,
             num_layers=mc.num_layers,
             num_kv_heads=mc.num_kv_heads,
@@ -335,9 +335,8 @@ class BuiltinEngine:
             self.tree.uncompute_last(ctx)
         if ctx.num_computed < n:
             return None
-        idx = torch.tensor(self.tree.slots(ctx, 0, n), dtype=torch.long, device=self.kv.k[0].device)
-        k = torch.stack([layer.index_select(0, idx) for layer in self.kv.k]).cpu()
-        v = torch.stack([layer.index_select(0, idx) for layer in self.kv.v]).cpu()
+        idx = torch.tensor(self.tree.slots(ctx, 0, n), dtype=torch.long, device=self.kv.device)
+        k, v = (torch.stack(per_layer).cpu() for per_layer in zip(*(self.kv.read(i, idx) for i in range(len(self.kv.k)))))
         hidden = ctx.last_hidden
         assert isinstance(hidden, torch.Tensor)
         self._last_used[context_id] = self._step_no
@@ -361,10 +360,10 @@ class BuiltinEngine:
             self.tree.append_tokens(ctx, kv.token_ids)
             self.tree.match_prefix(ctx)
             start = ctx.num_computed
-            idx = torch.tensor(self.tree.allocate_slots(ctx, n - start), dtype=torch.long, device=self.kv.k[0].device)
-            for layer, (k_pool, v_pool) in enumerate(zip(self.kv.k, self.kv.v, strict=True)):
-                k_pool.index_copy_(0, idx, kv.k[layer, start:].to(k_pool.device, k_pool.dtype))
-                v_pool.index_copy_(0, idx, kv.v[layer, start:].to(v_pool.device, v_pool.dtype))
+            idx = torch.tensor(self.tree.allocate_slots(ctx, n - start), dtype=torch.long, device=self.kv.device)
+            for layer in range(mc.num_layers):
+                k, v = (t[layer, start:].to(self.kv.device, self.kv.dtype) for t in (kv.k, kv.v))
+                self.kv.write(layer, idx, k, v)
             self.tree.commit(ctx, n - start)
         except BaseException:
             self.tree.free(context_id)

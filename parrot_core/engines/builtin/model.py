@@ -1,22 +1,26 @@
 """A Llama forward pass over a paged KV pool, in plain torch (CPU or CUDA, any float dtype).
 
-The KV pool is one flat tensor per layer for K and one for V, indexed by *slot*
-(`block_id * block_size + offset`). A forward step takes the new tokens of several sequences
-(prefill chunks and single decode tokens, mixed freely), writes their K/V into the slots the
-caller chose, and attends each query over its sequence's slots as listed by its block table.
+A forward step takes the new tokens of several sequences (prefill chunks and single decode
+tokens, mixed freely), writes their K/V into the slots the caller chose (`block_id * block_size
++ offset`), and attends each query over its sequence's slots as listed by its block table.
 
-Attention paths (all exact; no padding ever gets attention weight):
-- a fresh prefill (nothing cached) attends over its own new K/V with a causal mask;
-- a chunk over a cached context gathers the context's K/V and uses an offset causal mask;
-- decode tokens (one new token per sequence) are batched into one SDPA with a key-padding mask;
-- sequences that share their first P blocks and compute tokens after them (decodes, or chunks
-  of up to `shared_prefix_max_query` tokens over a cached context) use cascade attention: the
-  shared prefix is attended once for all their queries (one GEMM per KV head), each suffix on
-  its own (causal within it), and the two are merged exactly with their log-sum-exp.
+The pool is one of two layouts (`allocate_kv_cache` picks):
+- `cpu_kernels.VllmKVCache`, vLLM's CPU block layout, when vLLM's CPU build can run here: one
+  call of its paged kernel per layer attends every sequence of the step from the block tables;
+- `KVCache`, token-major (one flat tensor per layer for K and one for V, indexed by slot),
+  attended by torch's kernels on these paths (all exact; no padding ever gets attention weight):
+  - a fresh prefill (nothing cached) attends over its own new K/V with a causal mask;
+  - a chunk over a cached context gathers the context's K/V and uses an offset causal mask;
+  - decode tokens (one new token per sequence) are batched into one SDPA with a key-padding mask;
+  - sequences that share their first P blocks and compute tokens after them (decodes, or chunks
+    of up to `shared_prefix_max_query` tokens over a cached context) use cascade attention: the
+    shared prefix is attended once for all their queries (one GEMM per KV head), each suffix on
+    its own (causal within it), and the two are merged exactly with their log-sum-exp.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from parrot_core.engines.builtin.cpu_kernels import fresh_prefill_kernel
+from parrot_core.engines.builtin.cpu_kernels import PagedBatch, VllmKVCache, vllm_kv_supported
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,10 @@ class LlamaConfig:
 
 
 class KVCache:
-    """The paged KV pool: per layer one K and one V tensor of shape [num_slots, kv_heads, head_dim]."""
+    """The paged KV pool, token-major: per layer one K and one V tensor of shape [num_slots,
+    kv_heads, head_dim], slot = block_id * block_size + offset. Read and written through
+    `write`, `read` and `copy_block`, which `cpu_kernels.VllmKVCache` (vLLM's block layout) also
+    offers; the model attends over this one with torch's kernels."""
 
     def __init__(self, k: list[Tensor], v: list[Tensor], block_size: int) -> None:
         self.k, self.v, self.block_size = k, v, block_size
@@ -83,12 +90,46 @@ class KVCache:
     def num_blocks(self) -> int:
         return self.k[0].shape[0] // self.block_size
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
+
+    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store tokens' K and V [n, kv_heads, head_dim] at slots [n] (int64) of one layer."""
+        self.k[layer].index_copy_(0, slots, k)
+        self.v[layer].index_copy_(0, slots, v)
+
+    def read(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """The K and V stored at slots [n] of one layer: two fresh [n, kv_heads, head_dim]."""
+        return self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)
+
     def copy_block(self, src_block: int, dst_block: int, num_slots: int | None = None) -> None:
         """Copy the first `num_slots` slots (default: all) of a block into another, in every layer."""
         n = self.block_size if num_slots is None else num_slots
         s, d = src_block * self.block_size, dst_block * self.block_size
         for pool in (*self.k, *self.v):
             pool[d : d + n].copy_(pool[s : s + n])
+
+
+AnyKVCache = KVCache | VllmKVCache
+
+
+def allocate_kv_cache(
+    config: LlamaConfig,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> AnyKVCache:
+    """The engine's pool: in vLLM's block layout, attended by its paged CPU kernel, when that
+    kernel can run here (cpu_kernels.py); else token-major, attended by torch's kernels."""
+    if vllm_kv_supported(config.head_dim, dtype, block_size, device):
+        return VllmKVCache.allocate(config.num_layers, config.num_kv_heads, config.head_dim, num_blocks, block_size, dtype)
+    return KVCache.allocate(config, num_blocks, block_size, dtype, device)
 
 
 @dataclass
@@ -193,6 +234,7 @@ class _Plan:
     shared: list[_SharedPrefix]
     last_rows: Tensor  # [num_seqs]: row of each sequence's last new token
     all_last: bool  # every row is a last row (pure decode): nothing to prune
+    paged: PagedBatch | None = None  # a VllmKVCache step: its kernel attends every row
 
 
 class _Workspace:
@@ -329,6 +371,7 @@ class LlamaModel:
         self._rope_len = 0
         self._extend_rope(config.max_position_embeddings)
         self._workspaces = threading.local()  # per thread: engines on other threads may share this model
+        # The torch paths' choices (a VllmKVCache pool is attended by vLLM's kernel instead).
         # Cascade attention for a group of decode sequences sharing a block prefix pays a fixed
         # cost of small ops per layer; it wins once members x shared tokens is large enough.
         # Measured (SmolLM2-135M, 2 CPU threads): break-even near 2048, -13% step time at 4096
@@ -338,9 +381,6 @@ class LlamaModel:
         self.shared_prefix_min_tokens = 256
         self.shared_prefix_min_work = 4096  # query tokens * shared tokens
         self.shared_prefix_max_query = 256  # longer chunks attend on their own
-        # vLLM's CPU attention kernel for fresh prefills when it is installed (cpu_kernels.py);
-        # None: torch's kernel. Tests set it to None to check one against the other.
-        self.fresh_prefill_kernel = fresh_prefill_kernel(config.head_dim, dtype) if self.device.type == "cpu" else None
 
     # -- construction helpers ---------------------------------------------------------------
 
@@ -417,14 +457,14 @@ class LlamaModel:
     # -- forward ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv: KVCache, output_rows: Tensor | None = None) -> Tensor:
+    def forward(self, batch: ForwardBatch, kv: AnyKVCache, output_rows: Tensor | None = None) -> Tensor:
         """Run one step. Writes the new tokens' K/V into `kv` at `batch.slot_mapping` and returns
         the final-normed hidden state of each sequence's last new token: [num_seqs, hidden]; or,
         given `output_rows` (indices into the batch's new tokens), of those tokens instead."""
         c = self.config
         n_q, n_kv, d = c.num_heads, c.num_kv_heads, c.head_dim
         eps = c.rms_norm_eps
-        plan = self._plan(batch, kv.block_size)
+        plan = self._paged_plan(batch, kv) if isinstance(kv, VllmKVCache) else self._plan(batch, kv.block_size)
         if max(batch.context_lens) > self._rope_len:
             self._extend_rope(max(max(batch.context_lens), 2 * self._rope_len))
         num_tokens = batch.token_ids.shape[0]
@@ -439,9 +479,13 @@ class LlamaModel:
             qkv = layer.wqkv(h).view(num_tokens, n_q + 2 * n_kv, d)
             qk = _rope(qkv[:, : n_q + n_kv], cos, sin)
             q, k, v = qk[:, :n_q], qk[:, n_q:], qkv[:, n_q + n_kv :]
-            kv.k[i].index_copy_(0, batch.slot_mapping, k)
-            kv.v[i].index_copy_(0, batch.slot_mapping, v)
-            o = self._attention(q, k, v, kv.k[i], kv.v[i], plan)  # [T, n_q, d]
+            kv.write(i, batch.slot_mapping, k, v)
+            if plan.paged is not None:
+                assert isinstance(kv, VllmKVCache)
+                o = kv.attend(i, q, plan.paged)  # [T, n_q, d]
+            else:
+                assert isinstance(kv, KVCache)
+                o = self._attention(q, k, v, kv.k[i], kv.v[i], plan)
             o = o.reshape(o.shape[0], n_q * d)
             if i == last_layer and output_rows is not None:
                 o, x = o[output_rows], x[output_rows]
@@ -458,13 +502,18 @@ class LlamaModel:
 
     # -- attention ----------------------------------------------------------------------------
 
+    def _paged_plan(self, batch: ForwardBatch, kv: VllmKVCache) -> _Plan:
+        """A step on vLLM's layout: its kernel attends every row, from the block tables."""
+        _check_lengths(batch, kv.block_size)
+        qlens = batch.query_lens
+        ends = list(itertools.accumulate(qlens, initial=-1))[1:]
+        paged = kv.prepare(qlens, batch.context_lens, batch.block_tables, self.config.num_heads)
+        return _Plan([], None, [], _rows(ends, self.device), all(q == 1 for q in qlens), paged)
+
     def _plan(self, batch: ForwardBatch, block_size: int) -> _Plan:
-        """Everything about the batch's attention that is the same in every layer."""
+        """Everything about the batch's attention on torch's paths that is the same in every layer."""
+        _check_lengths(batch, block_size)
         qlens, ctxs, tables = batch.query_lens, batch.context_lens, batch.block_tables
-        if not (len(qlens) == len(ctxs) == len(tables)) or not qlens:
-            raise ValueError("query_lens, context_lens and block_tables must be non-empty and of equal length")
-        if sum(qlens) != batch.token_ids.shape[0]:
-            raise ValueError(f"sum(query_lens) = {sum(qlens)} but the batch has {batch.token_ids.shape[0]} tokens")
         dev = self.device
         chunks: list[_Chunk] = []
         decode_seqs: list[int] = []
@@ -472,8 +521,6 @@ class LlamaModel:
         starts: list[int] = []
         start = 0
         for i, (ql, ctx) in enumerate(zip(qlens, ctxs)):
-            if ql < 1 or ctx < ql or len(tables[i]) * block_size < ctx:
-                raise ValueError(f"sequence {i}: bad lengths (query {ql}, context {ctx}, {len(tables[i])} blocks)")
             starts.append(start)
             if ql == 1:
                 decode_seqs.append(i)
@@ -624,11 +671,8 @@ class LlamaModel:
             rows = ch.count * ch.q_len
             if ch.slots is None:  # fresh prefills, back to back in the batch rows
                 fresh = (q[ch.start : ch.start + rows], k[ch.start : ch.start + rows], v[ch.start : ch.start + rows])
-                if self.fresh_prefill_kernel is not None:
-                    o = self.fresh_prefill_kernel(*fresh, ch.count, ch.q_len)
-                else:  # torch's kernel over [count, heads, q, d] views
-                    qs, ks, vs = (t.view(ch.count, ch.q_len, *t.shape[1:]).transpose(1, 2) for t in fresh)
-                    o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).transpose(1, 2).reshape(rows, *q.shape[1:])
+                qs, ks, vs = (t.view(ch.count, ch.q_len, *t.shape[1:]).transpose(1, 2) for t in fresh)
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).transpose(1, 2).reshape(rows, *q.shape[1:])
                 if out is None:
                     return o
                 out[ch.start : ch.start + rows] = o
@@ -721,6 +765,17 @@ class LlamaModel:
         share = torch.sigmoid(lse_p - lse_s)
         o = o_s + share * (o_p - o_s)  # [B, kv, Q * g, d]
         return o.view(b, n_kv, nq, g, d).transpose(1, 2).reshape(b * nq, n_q, d)
+
+
+def _check_lengths(batch: ForwardBatch, block_size: int) -> None:
+    qlens, ctxs, tables = batch.query_lens, batch.context_lens, batch.block_tables
+    if not (len(qlens) == len(ctxs) == len(tables)) or not qlens:
+        raise ValueError("query_lens, context_lens and block_tables must be non-empty and of equal length")
+    if sum(qlens) != batch.token_ids.shape[0]:
+        raise ValueError(f"sum(query_lens) = {sum(qlens)} but the batch has {batch.token_ids.shape[0]} tokens")
+    for i, (ql, ctx) in enumerate(zip(qlens, ctxs)):
+        if ql < 1 or ctx < ql or len(tables[i]) * block_size < ctx:
+            raise ValueError(f"sequence {i}: bad lengths (query {ql}, context {ctx}, {len(tables[i])} blocks)")
 
 
 def _attend_one(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
