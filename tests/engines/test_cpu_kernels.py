@@ -136,16 +136,20 @@ def _run(model: LlamaModel, kv) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_model_on_vllms_layout_is_as_exact_as_on_torchs_paths(tiny_llama, dtype):
-    """Every step kind, mixed: the logits on vLLM's layout stay within twice the torch paths'
-    own error against a float64 oracle (plus a rounding floor), and pick the same tokens."""
+    """Every step kind, mixed: the logits on vLLM's layout with its fused RoPE and norm kernels
+    stay within twice the error of torch's paths and ops against a float64 oracle (plus a
+    rounding floor), and pick the same tokens."""
     oracle = tiny_llama(seed=5, dtype=torch.float64, **KERNEL_SHAPE)
     model = tiny_llama(seed=5, dtype=dtype, **KERNEL_SHAPE)
+    fused, model.fused_ops = model.fused_ops, None
+    assert fused is not None and oracle.fused_ops is None
     model.shared_prefix_min_tokens = model.shared_prefix_min_work = 1  # the torch side takes the cascade
     step2 = _scenario_steps()[1]
     plan = model._plan(ForwardBatch.build([s[0] for s in step2], [s[1] for s in step2], [s[2] for s in step2], BS), BS)
     assert len(plan.shared) == 2 and len(plan.chunks) == 2 and plan.decode is not None  # every torch path
     want = _run(oracle, KVCache.allocate(oracle.config, 24, BS, torch.float64))
     ours = _run(model, KVCache.allocate(model.config, 24, BS, dtype))
+    model.fused_ops = fused
     kv = VllmKVCache.allocate(model.config.num_layers, 2, 32, 24, BS, dtype)
     got = _run(model, kv)
     floor = 1e-5 if dtype == torch.float32 else 3e-2
@@ -161,7 +165,7 @@ def test_the_model_on_vllms_layout_is_as_exact_as_on_torchs_paths(tiny_llama, dt
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_real_model_on_vllms_layout_tracks_torchs_paths(real_model, dtype):
     """The real model prefills three prompts in one step, then decodes 8 steps greedily: on
-    vLLM's layout and on the token-major pool, every step picks the same tokens (in bfloat16, at
+    vLLM's layout with its fused kernels and on the token-major pool with torch's ops, every step picks the same tokens (in bfloat16, at
     least the first four; a near-tie may flip later), and the logits stay within rounding."""
     model = LlamaModel(real_model.config, real_model.weights, dtype=dtype)
     tok = real_model.tokenizer
@@ -171,10 +175,12 @@ def test_the_real_model_on_vllms_layout_tracks_torchs_paths(real_model, dtype):
         tables.append(list(range(start, start + 3)))
         start += 3
     runs = []
-    for kv in (
-        VllmKVCache.allocate(model.config.num_layers, model.config.num_kv_heads, model.config.head_dim, start, BS, dtype),
-        KVCache.allocate(model.config, start, BS, dtype),
+    fused = model.fused_ops
+    for kv, ops in (
+        (VllmKVCache.allocate(model.config.num_layers, model.config.num_kv_heads, model.config.head_dim, start, BS, dtype), fused),
+        (KVCache.allocate(model.config, start, BS, dtype), None),
     ):
+        model.fused_ops = ops
         seqs, picked, logits_seen = [list(p) for p in prompts], [], []
         new = [list(p) for p in prompts]
         for _ in range(9):

@@ -26,12 +26,13 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from parrot_core.engines.builtin.cpu_kernels import PagedBatch, VllmKVCache, vllm_kv_supported
+from parrot_core.engines.builtin.cpu_kernels import PagedBatch, VllmKVCache, vllm_kv_supported, vllm_ops
 
 
 @dataclass(frozen=True)
@@ -381,6 +382,10 @@ class LlamaModel:
         self.shared_prefix_min_tokens = 256
         self.shared_prefix_min_work = 4096  # query tokens * shared tokens
         self.shared_prefix_max_query = 256  # longer chunks attend on their own
+        # vLLM's fused CPU kernels for RoPE and residual add + RMS norm when vLLM's CPU build is
+        # installed (2-9x faster than the torch ops at 2,048 rows: ~6% of a prefill step);
+        # None: the torch ops. Tests set it to None to check one against the other.
+        self.fused_ops = vllm_ops() if self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
 
     # -- construction helpers ---------------------------------------------------------------
 
@@ -452,6 +457,7 @@ class LlamaModel:
         freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None, :]
         self._cos = freqs.cos().to(device=self.device, dtype=self.dtype)  # [length, head_dim / 2]
         self._sin = freqs.sin().to(device=self.device, dtype=self.dtype)
+        self._cos_sin = torch.cat([self._cos, self._sin], dim=-1)  # [length, head_dim]: the fused kernel's table
         self._rope_len = length
 
     # -- forward ------------------------------------------------------------------------------
@@ -468,17 +474,25 @@ class LlamaModel:
         if max(batch.context_lens) > self._rope_len:
             self._extend_rope(max(max(batch.context_lens), 2 * self._rope_len))
         num_tokens = batch.token_ids.shape[0]
-        cos = self._cos[batch.positions].unsqueeze(1)  # [T, 1, d/2]
-        sin = self._sin[batch.positions].unsqueeze(1)
+        fused = self.fused_ops
+        if fused is None:
+            cos = self._cos[batch.positions].unsqueeze(1)  # [T, 1, d/2]
+            sin = self._sin[batch.positions].unsqueeze(1)
 
         x = F.embedding(batch.token_ids, self.embed)
         y: Tensor | None = None  # the previous layer's output, added into x by the next norm
         last_layer = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x, h = _add_rms_norm(x, y, layer.attn_norm, eps)
-            qkv = layer.wqkv(h).view(num_tokens, n_q + 2 * n_kv, d)
-            qk = _rope(qkv[:, : n_q + n_kv], cos, sin)
-            q, k, v = qk[:, :n_q], qk[:, n_q:], qkv[:, n_q + n_kv :]
+            x, h = _add_rms_norm(x, y, layer.attn_norm, eps, fused)
+            qkv = layer.wqkv(h)
+            if fused is not None:  # rotates q and k in place, inside qkv
+                fused.rotary_embedding(batch.positions, qkv[:, : n_q * d], qkv[:, n_q * d : (n_q + n_kv) * d], d, self._cos_sin, True)
+                qkv = qkv.view(num_tokens, n_q + 2 * n_kv, d)
+                q, k, v = qkv[:, :n_q], qkv[:, n_q : n_q + n_kv], qkv[:, n_q + n_kv :]
+            else:
+                qkv = qkv.view(num_tokens, n_q + 2 * n_kv, d)
+                qk = _rope(qkv[:, : n_q + n_kv], cos, sin)
+                q, k, v = qk[:, :n_q], qk[:, n_q:], qkv[:, n_q + n_kv :]
             kv.write(i, batch.slot_mapping, k, v)
             if plan.paged is not None:
                 assert isinstance(kv, VllmKVCache)
@@ -491,9 +505,9 @@ class LlamaModel:
                 o, x = o[output_rows], x[output_rows]
             elif i == last_layer and not plan.all_last:  # only the last tokens' outputs are needed
                 o, x = o[plan.last_rows], x[plan.last_rows]
-            x, h = _add_rms_norm(x, layer.wo(o), layer.mlp_norm, eps)
+            x, h = _add_rms_norm(x, layer.wo(o), layer.mlp_norm, eps, fused)
             y = layer.w_down(_silu_mul(layer.w_gate_up(h)))
-        return _add_rms_norm(x, y, self.norm, eps)[1]
+        return _add_rms_norm(x, y, self.norm, eps, fused)[1]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: Tensor) -> Tensor:
@@ -828,9 +842,13 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
-def _add_rms_norm(x: Tensor, y: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def _add_rms_norm(x: Tensor, y: Tensor | None, weight: Tensor, eps: float, fused: Any = None) -> tuple[Tensor, Tensor]:
     """The residual stream after adding a layer's output `y` (None: nothing to add), and its
-    RMS norm. `x` is the caller's own residual tensor and is updated in place."""
+    RMS norm. `x` is the caller's own residual tensor and is updated in place; with vLLM's ops
+    (`fused`), so is `y`, a fresh tensor of the caller's, which becomes the norm."""
+    if y is not None and fused is not None:
+        fused.fused_add_rms_norm(y, x, weight, eps)  # x += y; y = rms_norm(x) * weight
+        return x, y
     if y is not None:
         x = x.add_(y)
     return x, _rms_norm(x, weight, eps)
@@ -843,9 +861,11 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def _silu_mul(gate_up: Tensor) -> Tensor:
-    """SwiGLU's activation: silu(gate) * up, for gate and up stacked [T, 2 * intermediate]."""
+    """SwiGLU's activation: silu(gate) * up, for gate and up stacked [T, 2 * intermediate].
+    (Multiplying in place into silu's output saves a fresh large tensor: 2.2x faster at 2,048
+    rows in float32, the same result bit for bit.)"""
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up)
 
 
 
