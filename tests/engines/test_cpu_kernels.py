@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import random
+import threading
 
 import pytest
 import torch
@@ -295,3 +296,54 @@ def test_a_context_saved_from_one_layout_continues_identically_in_the_other(make
     restored_torch = asyncio.run(run(torch_side, 1, [], 16, parent=0))
     restored_back = asyncio.run(run(vllm_side, 3, [], 16, parent=1))
     assert original == restored_torch == restored_back
+
+
+# ---------------------------------------------------------------------------- the GEMM
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vllms_gemm_is_torchs_product_bit_for_bit_and_rows_do_not_depend_on_the_batch(dtype):
+    """On the real model's shapes, at batch sizes from one decode to a full prefill step: vLLM's
+    GEMM gives torch's prepacked product bit for bit (so switching changes no result), and from
+    2 rows up each row is the same whatever the other rows (greedy ids would change with the
+    batch otherwise). A single row may differ in its last bits: both products pick another
+    kernel for it (seen in float32 with 1,536 inputs), which the engine has always lived with."""
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((3072, 576), (576, 1536), (960, 576), (576, 576)):
+        weight = (torch.randn(n, k, generator=g) / 30).to(dtype)
+        matmul = cpu_kernels.vllm_matmul(weight)
+        assert matmul is not None
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 2048)
+        x = torch.randn(2048, k, generator=g).to(dtype)
+        full = matmul(x)
+        for rows in (slice(0, 1), slice(3, 5), slice(3, 10), slice(100, 132), slice(1000, 1700), slice(0, 2048)):
+            part = x[rows].contiguous()
+            got = matmul(part)
+            assert torch.equal(got, torch.ops.mkldnn._linear_pointwise(part, packed, None, "none", [], ""))
+            if rows.stop - rows.start > 1:
+                assert torch.equal(got, full[rows])
+
+
+def test_vllms_gemm_shared_by_threads_gives_each_caller_its_own_rows():
+    """Two threads calling one product at once, each with batches of changing sizes (the handle
+    caches a primitive per size): every result equals the product computed alone."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(768, 256, generator=g)
+    matmul = cpu_kernels.vllm_matmul(weight)
+    assert matmul is not None
+    inputs = [torch.randn(m, 256, generator=g) for m in (1, 5, 32, 77, 300, 2, 64, 129) * 3]
+    alone = [matmul(x) for x in inputs]
+    got: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def worker(i: int) -> None:
+        order = inputs if i == 0 else inputs[::-1]
+        got[i] = [matmul(x) for x in order]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(a, b) for a, b in zip(got[0], alone))
+    assert all(torch.equal(a, b) for a, b in zip(got[1], alone[::-1]))
+    assert cpu_kernels.vllm_matmul(weight.double()) is None and cpu_kernels.vllm_matmul(weight.to(torch.float16)) is None

@@ -25,6 +25,7 @@ import importlib.util
 import logging
 import math
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,40 @@ def vllm_kv_supported(head_dim: int, dtype: torch.dtype, block_size: int, device
     if torch.device(device).type != "cpu" or dtype not in _DTYPES or head_dim not in _HEAD_DIMS:
         return False
     return block_size % _BLOCK_MULTIPLE == 0 and vllm_ops() is not None
+
+
+class VllmMatmul:
+    """`y = x @ weight.T` on vLLM's oneDNN GEMM (`onednn_mm`), over a copy of the weight it
+    prepacked once. Bitwise the same results as torch's prepacked oneDNN product, 15-30%
+    faster at decode-sized batches (32 rows: float32 ~15%, bfloat16 ~30%) and as fast at
+    2,048 rows (`benchmarks/model_speed.py`). Its handle caches a primitive per batch size
+    without a lock of its own, so calls are serialized here (an engine thread per model is
+    the rule; a model shared by engines on several threads stays correct)."""
+
+    def __init__(self, ops: Any, weight: Tensor) -> None:
+        self._ops, (self.n, self.k) = ops, weight.shape
+        self._handle = torch.tensor(ops.create_onednn_mm_handler(weight.t(), 32), dtype=torch.int64)
+        self._lock = threading.Lock()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        out = torch.empty(x.shape[0], self.n, dtype=x.dtype)
+        with self._lock:
+            self._ops.onednn_mm(out, x.contiguous(), None, self._handle)
+        return out
+
+    def __del__(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            self._ops.release_dnnl_matmul_handler(int(handle.item()))
+
+
+def vllm_matmul(weight: Tensor) -> VllmMatmul | None:
+    """vLLM's GEMM for this weight, or None where it cannot run (not CPU, float32/bfloat16, 2-D
+    and contiguous; or no vLLM ops)."""
+    if weight.device.type != "cpu" or weight.dtype not in _DTYPES or weight.dim() != 2:
+        return None
+    ops = vllm_ops()
+    return None if ops is None else VllmMatmul(ops, weight.contiguous())
 
 
 @dataclass(frozen=True)

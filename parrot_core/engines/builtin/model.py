@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from parrot_core.engines.builtin.cpu_kernels import PagedBatch, VllmKVCache, vllm_kv_supported, vllm_ops
+from parrot_core.engines.builtin.cpu_kernels import PagedBatch, VllmKVCache, vllm_kv_supported, vllm_matmul, vllm_ops
 
 
 @dataclass(frozen=True)
@@ -290,26 +290,30 @@ def _common_prefix_len(tables: list[list[int]]) -> int:
 
 class Linear:
     """`y = x @ weight.T` for x [N, in]. On CPU in float32 or bfloat16 the product runs on a
-    copy of the weight prepacked for oneDNN: on an AVX-512 EPYC, one core, a 2048 x 576 x 3072
-    product ran at 236 GFLOP/s against F.linear's 101 in float32 (219 vs 97 at 32 rows) and
-    473 vs 464 in bfloat16 (418 vs 348 at 32 rows). Each row's result does not depend on the
-    other rows (tests/engines/test_model.py checks it bitwise). Other devices and dtypes
-    (float64: the tests' oracle models) use F.linear. `weight` stays as given."""
+    copy of the weight prepacked for oneDNN: vLLM's GEMM (`cpu_kernels.VllmMatmul`) when vLLM's
+    CPU build is installed, else torch's. Torch's ran at 236 GFLOP/s against F.linear's 101 in
+    float32 on one core of an AVX-512 EPYC (2048 x 576 x 3072; 219 vs 97 at 32 rows), 473 vs
+    464 in bfloat16 (418 vs 348 at 32 rows). Each row's result does not depend on the other
+    rows (tests/engines/test_model.py checks it bitwise). Other devices and dtypes (float64:
+    the tests' oracle models) use F.linear. `weight` stays as given."""
 
-    __slots__ = ("weight", "_packed")
+    __slots__ = ("weight", "_packed", "_vllm")
 
     def __init__(self, weight: Tensor, rows_hint: int = 2048) -> None:
         self.weight = weight
-        self._packed = _onednn_pack(weight, rows_hint)
+        self._vllm = vllm_matmul(weight) if os.environ.get("PARROT_CORE_ONEDNN", "1") != "0" else None
+        self._packed = _onednn_pack(weight, rows_hint) if self._vllm is None else None
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self._vllm is not None:
+            return self._vllm(x)
         if self._packed is None:
             return F.linear(x, self.weight)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
 
     @property
     def packed(self) -> bool:
-        return self._packed is not None
+        return self._packed is not None or self._vllm is not None
 
 
 def _onednn_pack(weight: Tensor, rows_hint: int) -> Tensor | None:
