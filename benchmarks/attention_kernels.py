@@ -1,13 +1,13 @@
-"""Causal prefill attention on CPU: torch's flash kernel (what the builtin engine runs) against
-vLLM's paged CPU kernel (`cpu_attention_with_kv_cache`, what vLLM's CPU build runs), on the
-default model's attention shape (9 query heads, 3 KV heads, head size 64).
+"""One layer's attention, per kind of step, on the default model's attention shape (9 query
+heads, 3 KV heads, head size 64, blocks of 16): torch's paths over the token-major pool (what
+the builtin engine runs without vLLM: flash prefills, gathers + SDPA, cascade attention for
+shared prefixes) against vLLM's paged CPU kernel over the pool in vLLM's block layout (what it
+runs with the `vllm` extra: `parrot_core/engines/builtin/cpu_kernels.py`).
 
-This measures where the rest of the gap to vLLM lies (README, "Side by side with vLLM"). vLLM's
-kernel reads its KV from blocks in its own packed layout, written by its own
-`cpu_attn_reshape_and_cache`; it does not read the builtin engine's pool layout (the engine
-uses it for fresh prefills only: `parrot_core/engines/builtin/cpu_kernels.py`, which also loads
-it here). Both results are checked against each other. The vLLM column needs vLLM's CPU build in this environment
-(`pip install -e '.[vllm]'`, as `make test` does); without it only torch's kernel is timed.
+Both run the model's own code (`LlamaModel._attention` and `VllmKVCache.attend`, each with its
+per-step planning) on the same K/V, and their outputs are checked against each other. The
+vLLM column needs vLLM's CPU build in this environment (`pip install -e '.[vllm]'`, as `make
+test` does); without it only torch's paths are timed.
 
     python benchmarks/attention_kernels.py [--threads 2] [--dtype float32|bfloat16]
 """
@@ -15,57 +15,76 @@ it here). Both results are checked against each other. The vLLM column needs vLL
 from __future__ import annotations
 
 import argparse
-import math
 import os
+import random
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from model_speed import on_own_thread, timed, write_results  # a sibling script (benchmarks/ is on the path)
-from parrot_core.engines.builtin.cpu_kernels import vllm_ops
+from parrot_core.engines.builtin.cpu_kernels import VllmKVCache, vllm_kv_supported
+from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaConfig, LlamaModel
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
-SHAPES = [(1, 256), (8, 256), (3, 576), (1, 1056), (1, 2048)]  # (sequences, tokens each)
+# name -> sequences as (prefix group or None, shared prefix tokens, own tokens, new tokens)
+Seq = tuple[int | None, int, int, int]
+STEPS: dict[str, list[Seq]] = {
+    "prefill 8 x 256": [(None, 0, 256, 256)] * 8,
+    "prefill 1 x 2048": [(None, 0, 2048, 2048)],
+    "decode 32, own ~270": [(None, 0, 270 + i % 7, 1) for i in range(32)],
+    "decode 32, shared 1024 + ~40": [(0, 1024, 40 + i % 5, 1) for i in range(32)],
+    "decode 4 x 8, shared 512 + ~80": [(i // 8, 512, 80 + i % 3, 1) for i in range(32)],
+    "chunks 32 x 32 over shared 1024": [(0, 1024, 32, 32)] * 32,
+    "chunks 4 x 8 x 64 over shared 512": [(i // 8, 512, 64, 64) for i in range(32)],
+}
 
 
 def median_ms(fn: Callable[[], object], repeats: int = 7) -> float:
     return timed(fn, repeats) * 1000
 
 
-def bench_shape(ops: object | None, seqs: int, length: int, dtype: torch.dtype) -> dict[str, float]:
+def layout(seqs: list[Seq]) -> tuple[list[list[int]], list[int], list[int], int]:
+    """Block tables (shared prefixes shared, the rest scattered), context and query lengths."""
+    n_blocks = sum(-(-(own) // BLOCK) for _, _, own, _ in seqs) + sum({g: p // BLOCK for g, p, _, _ in seqs if g is not None}.values())
+    free = random.Random(0).sample(range(n_blocks), n_blocks)
+    prefixes: dict[int, list[int]] = {}
+    tables, ctxs, qlens = [], [], []
+    for group, prefix, own, new in seqs:
+        if group is not None and group not in prefixes:
+            prefixes[group] = [free.pop() for _ in range(prefix // BLOCK)]
+        tables.append(prefixes.get(group, []) + [free.pop() for _ in range(-(-own // BLOCK))])
+        ctxs.append(prefix + own)
+        qlens.append(new)
+    return tables, ctxs, qlens, n_blocks
+
+
+def bench_step(model: LlamaModel, seqs: list[Seq], dtype: torch.dtype, vllm: bool) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
-    n = seqs * length
-    q, k, v = (torch.randn(n, h, HEAD_DIM, generator=g).to(dtype) for h in (HEADS, KV_HEADS, KV_HEADS))
+    tables, ctxs, qlens, n_blocks = layout(seqs)
+    batch = ForwardBatch.build([[0] * q for q in qlens], ctxs, tables, BLOCK)
+    pool = KVCache.allocate(model.config, n_blocks, BLOCK, dtype)
+    every = torch.tensor([t[p // BLOCK] * BLOCK + p % BLOCK for t, c in zip(tables, ctxs) for p in range(c)]).unique()
+    k_all, v_all = (torch.randn(every.numel(), KV_HEADS, HEAD_DIM, generator=g).to(dtype) for _ in range(2))
+    pool.write(0, every, k_all, v_all)
+    q = torch.randn(len(batch.token_ids), HEADS, HEAD_DIM, generator=g).to(dtype)
+    k_new, v_new = pool.read(0, batch.slot_mapping)
 
-    def torch_flash() -> torch.Tensor:
-        qs, ks, vs = (t.view(seqs, length, -1, HEAD_DIM).transpose(1, 2) for t in (q, k, v))
-        return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).transpose(1, 2).reshape(n, HEADS, HEAD_DIM)
+    def torch_paths() -> torch.Tensor:
+        return model._attention(q, k_new, v_new, pool.k[0], pool.v[0], model._plan(batch, BLOCK))
 
-    row = {"torch_flash_ms": median_ms(torch_flash)}
-    if ops is not None:
-        blocks_per_seq = -(-length // BLOCK)
-        tables = torch.randperm(seqs * blocks_per_seq, generator=g).view(seqs, blocks_per_seq).to(torch.int32)
-        slots = (tables.long()[:, :, None] * BLOCK + torch.arange(BLOCK)).view(seqs, -1)[:, :length].reshape(-1)
-        cache = torch.zeros(seqs * blocks_per_seq, KV_HEADS, 2 * BLOCK, HEAD_DIM, dtype=dtype)
-        key_cache, value_cache = cache.chunk(2, dim=2)
-        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, "vec16", 1.0, 1.0, "auto")
-        starts = torch.arange(0, n + 1, length, dtype=torch.int32)
-        lens = torch.full((seqs,), length, dtype=torch.int32)
-        meta = ops.get_scheduler_metadata(seqs, HEADS, KV_HEADS, HEAD_DIM, lens, dtype, starts, True, -1, "vec16", False, None, "auto")
-        out = torch.empty_like(q)
+    row = {"torch_ms": median_ms(torch_paths), "tokens": float(sum(qlens))}
+    if vllm:
+        paged = VllmKVCache.allocate(1, KV_HEADS, HEAD_DIM, n_blocks, BLOCK, dtype)
+        paged.write(0, every, k_all, v_all)
 
         def vllm_kernel() -> torch.Tensor:
-            ops.cpu_attention_with_kv_cache(
-                q, key_cache, value_cache, out, starts, lens, 1 / math.sqrt(HEAD_DIM), True, None, -1, tables, 0.0, meta, None, None, 1.0, 1.0, "auto"
-            )
-            return out
+            return paged.attend(0, q, paged.prepare(qlens, ctxs, tables, HEADS))
 
-        diff = (vllm_kernel().float() - torch_flash().float()).abs().max().item()
-        if diff > (1e-4 if dtype == torch.float32 else 5e-2):
-            raise AssertionError(f"the two kernels disagree by {diff} at {seqs} x {length}")
-        row["vllm_kernel_ms"] = median_ms(vllm_kernel)
-    row["gflop"] = seqs * 4 * (length * (length + 1) / 2) * HEADS * HEAD_DIM / 1e9  # the causal half
+        want, got = torch_paths().float(), vllm_kernel().float()
+        diff = (got - want).abs().max().item()
+        if diff > (1e-4 if dtype == torch.float32 else 5e-2) * max(1.0, want.abs().max().item()):
+            raise AssertionError(f"the two paths disagree by {diff}")
+        row["vllm_ms"] = median_ms(vllm_kernel)
     return row
 
 
@@ -75,17 +94,17 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    labels = list(results["shapes"])
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    labels = list(results["steps"])
     x = range(len(labels))
-    for i, key in enumerate(("torch_flash_ms", "vllm_kernel_ms")):
-        values = [results["shapes"][s].get(key, 0.0) for s in labels]
-        ax.bar([p + 0.4 * i for p in x], values, width=0.4, label=key.replace("_ms", ""))
-    ax.set_xticks([p + 0.2 for p in x], labels)
-    ax.set_xlabel("sequences x tokens (causal prefill, one layer)")
-    ax.set_ylabel("ms")
+    for i, key in enumerate(("torch_ms", "vllm_ms")):
+        values = [results["steps"][s].get(key, 0.0) for s in labels]
+        ax.bar([p + 0.4 * i for p in x], values, width=0.4, label={"torch_ms": "torch paths", "vllm_ms": "vLLM paged kernel"}[key])
+    ax.set_xticks([p + 0.2 for p in x], labels, rotation=20, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per layer (log)")
     ax.legend()
-    ax.set_title(f"attention kernels, {results['dtype']}, {results['threads']} threads")
+    ax.set_title(f"one layer's attention per step kind, {results['dtype']}, {results['threads']} threads")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -98,20 +117,22 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    ops = vllm_ops()
-    if ops is None:
-        print("vLLM's CPU build is not installed here (or the CPU lacks AVX-512): timing torch's kernel only")
-    results: dict = {"dtype": args.dtype, "threads": args.threads, "shapes": {}}
-    print(f"{'shape':>10} {'GFLOP':>7} {'torch ms':>9} {'GFLOP/s':>8} {'vLLM ms':>8} {'GFLOP/s':>8} {'speedup':>8}")
+    vllm = vllm_kv_supported(HEAD_DIM, dtype, BLOCK)
+    if not vllm:
+        print("vLLM's CPU build is not installed here (or the CPU lacks AVX-512): timing torch's paths only")
+    results: dict = {"dtype": args.dtype, "threads": args.threads, "steps": {}}
+    print(f"{'step':>34} {'torch ms':>9} {'vLLM ms':>8} {'speedup':>8}")
 
-    def run() -> None:  # one thread runs every kernel, as in the engine
-        for seqs, length in SHAPES:
-            row = bench_shape(ops, seqs, length, dtype)
-            results["shapes"][f"{seqs}x{length}"] = row
-            line = f"{seqs:>4} x {length:<4} {row['gflop']:>7.2f} {row['torch_flash_ms']:>9.2f} {row['gflop'] / row['torch_flash_ms'] * 1000:>8.0f}"
-            if "vllm_kernel_ms" in row:
-                ms = row["vllm_kernel_ms"]
-                line += f" {ms:>8.2f} {row['gflop'] / ms * 1000:>8.0f} {row['torch_flash_ms'] / ms:>7.1f}x"
+    def run() -> None:  # one thread runs everything, as in the engine
+        config = LlamaConfig(vocab_size=8, hidden_size=HEADS * HEAD_DIM, intermediate_size=8, num_layers=1, num_heads=HEADS,
+                             num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, max_position_embeddings=4096)  # fmt: skip
+        model = LlamaModel.random(config, seed=0, dtype=dtype)
+        for name, seqs in STEPS.items():
+            row = bench_step(model, seqs, dtype, vllm)
+            results["steps"][name] = row
+            line = f"{name:>34} {row['torch_ms']:>9.2f}"
+            if "vllm_ms" in row:
+                line += f" {row['vllm_ms']:>8.2f} {row['torch_ms'] / row['vllm_ms']:>7.1f}x"
             print(line, flush=True)
 
     on_own_thread(run)
