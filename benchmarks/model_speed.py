@@ -1,9 +1,11 @@
 """Speed of the builtin engine's model on the default model (CPU, float32 or bfloat16).
 
-Prints prefill throughput at 128/512/2048 tokens, decode step times (forward + logits + argmax)
-at batch 1/8/32 over contexts of ~256 and ~1024 tokens (B sequences sharing a prefix, the same KV
-blocks, plus 32 own tokens each) with the plain paged path and the shared-prefix (cascade)
-path, and the split of a served workload's wall time into model time and everything else.
+Prints prefill throughput at 128/512/2048 tokens on the engine's pool, decode step times
+(forward + logits + argmax) at batch 1/8/32 over contexts of ~256 and ~1024 tokens (B sequences
+sharing a prefix, the same KV blocks, plus 32 own tokens each) on torch's paths over the
+token-major pool, plain and shared-prefix (cascade), and on vLLM's paged kernel over its block
+layout (the engine's pool when the `vllm` extra is installed), and the split of a served
+workload's wall time into model time and everything else.
 Writes JSON and a PNG to benchmarks/results/.
 
     python benchmarks/model_speed.py [--threads 2] [--steps 5] [--dtype float32|bfloat16]
@@ -23,7 +25,8 @@ import torch
 
 from parrot_core.engines.builtin.default_model import default_model_path
 from parrot_core.engines.builtin.gguf_loader import load_gguf
-from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel
+from parrot_core.engines.builtin.cpu_kernels import VllmKVCache
+from parrot_core.engines.builtin.model import AnyKVCache, ForwardBatch, KVCache, LlamaModel, allocate_kv_cache
 
 BS = 16
 SUFFIX = 32  # own tokens of each sequence after the shared prefix
@@ -60,17 +63,24 @@ def timed(fn, repeats: int) -> float:
 
 
 def bench_prefill(model: LlamaModel, length: int, repeats: int) -> float:
-    kv = KVCache.allocate(model.config, -(-length // BS), BS, dtype=model.dtype)
+    kv = allocate_kv_cache(model.config, -(-length // BS), BS, dtype=model.dtype)
     tokens = torch.randint(0, model.config.vocab_size, (length,)).tolist()
     batch = ForwardBatch.build([tokens], [length], [list(range(kv.num_blocks))], BS)
     return length / timed(lambda: model.compute_logits(model.forward(batch, kv)), repeats)
 
 
-def setup_shared(model: LlamaModel, prefix_len: int, num_seqs: int, max_steps: int):
-    """KV holding a `prefix_len`-token prefix shared by `num_seqs` sequences, each with SUFFIX own tokens."""
+def setup_shared(model: LlamaModel, prefix_len: int, num_seqs: int, max_steps: int, paged: bool):
+    """KV holding a `prefix_len`-token prefix shared by `num_seqs` sequences, each with SUFFIX
+    own tokens; in vLLM's layout if `paged`, else token-major."""
     own_blocks = -(-(SUFFIX + max_steps + 1) // BS)
     n_prefix = prefix_len // BS
-    kv = KVCache.allocate(model.config, n_prefix + num_seqs * own_blocks, BS, dtype=model.dtype)
+    n_blocks = n_prefix + num_seqs * own_blocks
+    c = model.config
+    kv: AnyKVCache = (
+        VllmKVCache.allocate(c.num_layers, c.num_kv_heads, c.head_dim, n_blocks, BS, model.dtype)
+        if paged
+        else KVCache.allocate(c, n_blocks, BS, dtype=model.dtype)
+    )
     vocab = model.config.vocab_size
     prefix = torch.randint(0, vocab, (prefix_len,)).tolist()
     shared = list(range(n_prefix))
@@ -81,15 +91,15 @@ def setup_shared(model: LlamaModel, prefix_len: int, num_seqs: int, max_steps: i
     return kv, tables
 
 
-def bench_decode(model: LlamaModel, kv: KVCache, tables: list[list[int]], ctx: int, batch: int, steps: int, shared: bool) -> float:
+def bench_decode(model: LlamaModel, kv: AnyKVCache, tables: list[list[int]], ctx: int, batch: int, steps: int, shared: bool) -> float:
     model.enable_shared_prefix = shared
     # force the path under test (the defaults would pick plain for B=1)
     model.shared_prefix_min_batch, model.shared_prefix_min_tokens, model.shared_prefix_min_work = 1, BS, 0
     times = []
     for s in range(steps + 1):  # step 0 is a warm-up
         fb = ForwardBatch.build([[1]] * batch, [ctx + s + 1] * batch, tables[:batch], BS)
-        plan = model._plan(fb, BS)
-        assert bool(plan.shared) == shared
+        if isinstance(kv, KVCache):
+            assert bool(model._plan(fb, BS).shared) == shared
         t = time.perf_counter()
         model.compute_logits(model.forward(fb, kv)).argmax(-1).tolist()
         if s:
@@ -128,8 +138,9 @@ def plot(results: dict, path: str) -> None:
     a.set_xlabel("prompt tokens (one sequence)")
     a.set_ylabel("prefill tokens/s")
     for ctx, rows in results["decode_ms"].items():
-        for path_name in ("plain", "shared"):
-            b.plot([int(x) for x in rows], [r[path_name] for r in rows.values()], marker="o", label=f"ctx {ctx}, {path_name}")
+        for path_name in ("plain", "shared", "vllm"):
+            if all(path_name in r for r in rows.values()):
+                b.plot([int(x) for x in rows], [r[path_name] for r in rows.values()], marker="o", label=f"ctx {ctx}, {path_name}")
     b.set_xlabel("batch")
     b.set_ylabel("decode step ms (forward + logits)")
     b.legend()
@@ -146,8 +157,11 @@ def bench_model(args: argparse.Namespace, dtype: torch.dtype, results: dict) -> 
     model = LlamaModel(loaded.config, loaded.weights, dtype=dtype)
     del loaded
     print(f"model {default_model_path().rsplit('/', 1)[-1]}  {args.dtype}  threads={torch.get_num_threads()}  load {load_s:.2f} s")
+    paged = isinstance(allocate_kv_cache(model.config, 1, BS, dtype=dtype), VllmKVCache)
+    results["engine_pool"] = "vllm" if paged else "torch"
+    print("the engine's pool: " + ("vLLM's block layout, vLLM's paged kernel" if paged else "token-major, torch's paths (no vLLM here)"))
 
-    print("\nprefill (one fresh sequence)")
+    print("\nprefill (one fresh sequence, the engine's pool)")
     print(f"{'tokens':>8} {'tok/s':>8}")
     for n in (128, 512, 2048):
         rate = bench_prefill(model, n, repeats=3)
@@ -155,16 +169,19 @@ def bench_model(args: argparse.Namespace, dtype: torch.dtype, results: dict) -> 
         print(f"{n:>8} {rate:>8.0f}")
 
     for prefix in (224, 992):  # contexts of ~256 and ~1024 tokens (prefix + 32 own tokens)
-        kv, tables = setup_shared(model, prefix, 32, args.steps + 1)
+        kv, tables = setup_shared(model, prefix, 32, args.steps + 1, paged=False)
+        kv_paged = setup_shared(model, prefix, 32, args.steps + 1, paged=True)[0] if paged else None
         ctx = prefix + SUFFIX
         results["decode_ms"][ctx] = {}
-        print(f"\ndecode step (forward + logits), ctx ~{ctx}, a {prefix}-token prefix shared by the batch")
-        print(f"{'B':>4} {'plain ms':>9} {'shared ms':>10} {'speedup':>8} {'plain tok/s':>12} {'shared tok/s':>13}")
+        print(f"\ndecode step (forward + logits), ctx ~{ctx}, a {prefix}-token prefix shared by the batch: ms (tokens/s)")
+        print(f"{'B':>4} {'torch plain':>16} {'torch cascade':>16} {'vLLM kernel':>16}")
         for b in (1, 8, 32):
-            plain = bench_decode(model, kv, tables, ctx, b, args.steps, shared=False)
-            casc = bench_decode(model, kv, tables, ctx, b, args.steps, shared=True)
-            results["decode_ms"][ctx][b] = {"plain": plain, "shared": casc}
-            print(f"{b:>4} {plain:>9.1f} {casc:>10.1f} {plain / casc:>7.2f}x {b / plain * 1000:>12.1f} {b / casc * 1000:>13.1f}")
+            row = {"plain": bench_decode(model, kv, tables, ctx, b, args.steps, shared=False)}
+            row["shared"] = bench_decode(model, kv, tables, ctx, b, args.steps, shared=True)
+            if kv_paged is not None:
+                row["vllm"] = bench_decode(model, kv_paged, tables, ctx, b, args.steps, shared=False)
+            results["decode_ms"][ctx][b] = row
+            print(f"{b:>4}" + "".join(f" {ms:>7.1f} ({b / ms * 1000:>6.0f})" for ms in row.values()))
 
 
 def main() -> None:
