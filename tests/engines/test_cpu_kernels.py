@@ -15,15 +15,13 @@ import threading
 import pytest
 import torch
 
-from parrot_core.engines.base import SamplingParams
 from parrot_core.engines.builtin import cpu_kernels, engine as engine_module
-from parrot_core.engines.builtin.config import EngineConfig
 from parrot_core.engines.builtin.cpu_kernels import VllmKVCache, vllm_kv_supported
 from parrot_core.engines.builtin.engine import BuiltinEngine
 from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel, allocate_kv_cache
+from tests.engines.test_engine import prompt, run
 
 BS = 16
-GREEDY = dict(temperature=0.0, ignore_eos=True)
 # a tiny model whose head size the kernel takes
 KERNEL_SHAPE = dict(head_dim=32, num_heads=6, num_kv_heads=2, hidden_size=96, max_position_embeddings=512)
 
@@ -207,84 +205,67 @@ def test_the_real_model_on_vllms_layout_tracks_torchs_paths(real_model, dtype):
 
 
 @pytest.fixture
-def make_engine(tiny_llama, monkeypatch):
-    """Engines over one tiny float32 Llama the kernel takes, blocks of 16; `layout="torch"`
-    forces the token-major pool. Teardown: every context freed, invariants hold, no block used."""
-    model = tiny_llama(seed=2, dtype=torch.float32, **KERNEL_SHAPE)
-    engines: list[BuiltinEngine] = []
+def model(tiny_llama) -> LlamaModel:
+    """Overrides conftest's: `make_engine`'s engines run a tiny float32 Llama the kernel takes."""
+    return tiny_llama(seed=2, dtype=torch.float32, **KERNEL_SHAPE)
+
+
+@pytest.fixture
+def engine_on(make_engine, monkeypatch):
+    """`engine_on(layout="vllm" | "torch", **config)`: an engine (blocks of 16) whose pool is in
+    vLLM's layout or forced token-major; `make_engine` runs the leak check at teardown."""
 
     def make(layout: str = "vllm", **config) -> BuiltinEngine:
-        if layout == "torch":
-            monkeypatch.setattr(engine_module, "allocate_kv_cache", KVCache.allocate)
-        else:
-            monkeypatch.setattr(engine_module, "allocate_kv_cache", allocate_kv_cache)
-        engine = BuiltinEngine(model, None, EngineConfig(**{"block_size": BS, "num_kv_blocks": 64, "dtype": torch.float32, **config}))
+        monkeypatch.setattr(engine_module, "allocate_kv_cache", allocate_kv_cache if layout == "vllm" else KVCache.allocate)
+        engine = make_engine(block_size=BS, dtype=torch.float32, **config)
         assert isinstance(engine.kv, VllmKVCache if layout == "vllm" else KVCache)
-        engines.append(engine)
         return engine
 
-    yield make
-    for engine in engines:
-        for cid in engine.call(lambda e=engine: [c.context_id for c in e.tree.contexts()]):
-            engine.free_context(cid)
-        engine.wait_idle()
-        engine.check_invariants()
-        info = engine.runtime_info()
-        assert info.num_blocks_used == 0 and info.num_contexts == 0
-        engine.close()
+    return make
 
 
-def prompt(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, 101) for _ in range(n)]
+async def greedy(engine, cid, tokens, n, parent=None) -> list[int]:
+    return (await run(engine, cid, tokens, n, parent=parent))[0]
 
 
-async def run(engine, cid, tokens, n, parent=None):
-    await engine.fill(cid, parent, tokens)
-    out = []
-    async for delta in engine.generate(cid, None, SamplingParams(max_tokens=n, **GREEDY)):
-        out.extend(delta.token_ids)
-    return out
-
-
-def test_greedy_ids_are_the_same_on_either_pool_with_caching_off_cold_warm_and_forks(make_engine):
+def test_greedy_ids_are_the_same_on_either_pool_with_caching_off_cold_warm_and_forks(engine_on):
     """The same requests on the token-major pool, and on vLLM's layout with caching off, cold,
     warm, and as forks whose parent ends mid-block (copy on write): identical greedy ids."""
     shared = prompt(1, 40)
     a, b = shared + prompt(2, 9), shared + prompt(3, 21)
 
     async def both(engine, first):
-        return await asyncio.gather(run(engine, first, a, 20), run(engine, first + 1, b, 20))
+        return await asyncio.gather(greedy(engine, first, a, 20), greedy(engine, first + 1, b, 20))
 
-    reference = asyncio.run(both(make_engine("torch"), 0))
-    assert asyncio.run(both(make_engine(enable_prefix_caching=False), 0)) == reference
-    engine = make_engine()
+    reference = asyncio.run(both(engine_on("torch"), 0))
+    assert asyncio.run(both(engine_on(enable_prefix_caching=False), 0)) == reference
+    engine = engine_on()
     assert asyncio.run(both(engine, 0)) == reference  # cold: b hits a's blocks in the same batch
     assert asyncio.run(both(engine, 10)) == reference  # warm
 
     async def forks():
         await engine.fill(20, None, shared[:37])  # 37 tokens: the fork copies the partial block
-        return await asyncio.gather(run(engine, 21, a[37:], 20, parent=20), run(engine, 22, b[37:], 20, parent=20))
+        return await asyncio.gather(greedy(engine, 21, a[37:], 20, parent=20), greedy(engine, 22, b[37:], 20, parent=20))
 
     assert asyncio.run(forks()) == reference
 
 
-def test_preemption_on_a_tiny_pool_changes_no_ids(make_engine):
+def test_preemption_on_a_tiny_pool_changes_no_ids(engine_on):
     prompts = [prompt(20 + i, 30) for i in range(4)]
 
     async def all_at_once(engine):
-        return await asyncio.gather(*(run(engine, i, p, 40) for i, p in enumerate(prompts)))
+        return await asyncio.gather(*(greedy(engine, i, p, 40) for i, p in enumerate(prompts)))
 
-    calm = asyncio.run(all_at_once(make_engine()))
-    tight = make_engine(num_kv_blocks=12, enable_prefix_caching=False)  # 4 x 70 tokens need 20 blocks
+    calm = asyncio.run(all_at_once(engine_on()))
+    tight = engine_on(num_kv_blocks=12, enable_prefix_caching=False)  # 4 x 70 tokens need 20 blocks
     assert asyncio.run(all_at_once(tight)) == calm
     assert tight.runtime_info().num_preemptions > 0
 
 
-def test_a_context_saved_from_one_layout_continues_identically_in_the_other(make_engine):
+def test_a_context_saved_from_one_layout_continues_identically_in_the_other(engine_on):
     """Export reads the pool, import writes it: KV saved from vLLM's layout and restored into
     the token-major pool (and back) generates what the original context generates."""
-    vllm_side, torch_side = make_engine(), make_engine("torch")
+    vllm_side, torch_side = engine_on(), engine_on("torch")
     p = prompt(7, 45)
     asyncio.run(vllm_side.fill(0, None, p))
     saved = asyncio.run(vllm_side.export_context(0))
@@ -292,9 +273,9 @@ def test_a_context_saved_from_one_layout_continues_identically_in_the_other(make
     again = asyncio.run(torch_side.export_context(0))
     asyncio.run(vllm_side.import_context(1, again))
     assert torch.equal(saved.k, again.k) and torch.equal(saved.v, again.v)
-    original = asyncio.run(run(vllm_side, 2, [], 16, parent=0))
-    restored_torch = asyncio.run(run(torch_side, 1, [], 16, parent=0))
-    restored_back = asyncio.run(run(vllm_side, 3, [], 16, parent=1))
+    original = asyncio.run(greedy(vllm_side, 2, [], 16, parent=0))
+    restored_torch = asyncio.run(greedy(torch_side, 1, [], 16, parent=0))
+    restored_back = asyncio.run(greedy(vllm_side, 3, [], 16, parent=1))
     assert original == restored_torch == restored_back
 
 
