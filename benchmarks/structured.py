@@ -17,11 +17,10 @@ import time
 
 import torch
 
+from model_speed import on_own_thread  # a sibling script (benchmarks/ is on the path)
 from parrot_core import Runtime
 from parrot_core.engines.builtin.config import EngineConfig
-from parrot_core.engines.builtin.default_model import default_model_path
-from parrot_core.engines.builtin.engine import BuiltinEngine
-from parrot_core.engines.builtin.gguf_loader import load_gguf
+from parrot_core.engines.builtin.engine import BuiltinEngine, load_model
 from parrot_core.engines.builtin.model import LlamaConfig, LlamaModel
 
 SCHEMA = {
@@ -51,15 +50,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_gguf(default_model_path())
-    if args.real:
-        model = LlamaModel(loaded.config, loaded.weights)
-    else:
+    # built off this thread: a thread that ran parallel torch ops keeps an OpenMP pool of its
+    # own, which would slow every step of the engine's thread (see BuiltinEngine._run)
+    model, loaded = load_model()
+    if not args.real:
         config = LlamaConfig(
             vocab_size=loaded.config.vocab_size, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
             num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=1024,
         )
-        model = LlamaModel.random(config, seed=0, dtype=torch.float32)
+        built: list[LlamaModel] = []
+        on_own_thread(lambda: built.append(LlamaModel.random(config, seed=0, dtype=torch.float32)))
+        model = built[0]
     rt = Runtime(engine=BuiltinEngine(model, loaded.tokenizer, EngineConfig(num_kv_blocks=1024, max_num_seqs=64), "bench"))
     try:
         rows = [run(rt, b, args.max_tokens, c) for b in (1, 32) for c in (False, True)]
