@@ -15,11 +15,12 @@ import threading
 import pytest
 import torch
 
+from parrot_core.engines.base import SamplingParams
 from parrot_core.engines.builtin import cpu_kernels, engine as engine_module
 from parrot_core.engines.builtin.cpu_kernels import VllmKVCache, vllm_kv_supported
 from parrot_core.engines.builtin.engine import BuiltinEngine
 from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel, allocate_kv_cache
-from tests.engines.test_engine import prompt, run
+from tests.engines.test_engine import GREEDY, prompt, run
 
 BS = 16
 # a tiny model whose head size the kernel takes
@@ -250,16 +251,43 @@ def test_greedy_ids_are_the_same_on_either_pool_with_caching_off_cold_warm_and_f
     assert asyncio.run(forks()) == reference
 
 
-def test_preemption_on_a_tiny_pool_changes_no_ids(engine_on):
-    prompts = [prompt(20 + i, 30) for i in range(4)]
+@pytest.mark.parametrize("caching", [True, False], ids=["caching", "no-caching"])
+def test_concurrent_requests_on_a_tiny_pool_with_an_abort_keep_their_ids(engine_on, caching):
+    """12 fused requests sharing a 40-token prefix (a partial block), 7 blocks each, on a pool of
+    16 (preemption and recompute, eviction of cached blocks) while a 13th reader walks away
+    after 3 tokens: every finished request has the greedy ids of a roomy pool; the teardown
+    checks the invariants and that no block leaked."""
+    shared = prompt(50, 40)
+    prompts = [shared + prompt(60 + i, 30) for i in range(12)]
 
-    async def all_at_once(engine):
-        return await asyncio.gather(*(greedy(engine, i, p, 40) for i, p in enumerate(prompts)))
+    async def all_of(engine):
+        async def one(i):
+            out = []
+            async for d in engine.generate(i, None, SamplingParams(max_tokens=30, **GREEDY), prompts[i]):
+                out.extend(d.token_ids)
+            engine.free_context(i)
+            return out
 
-    calm = asyncio.run(all_at_once(engine_on()))
-    tight = engine_on(num_kv_blocks=12, enable_prefix_caching=False)  # 4 x 70 tokens need 20 blocks
-    assert asyncio.run(all_at_once(tight)) == calm
-    assert tight.runtime_info().num_preemptions > 0
+        async def quitter():
+            stream = engine.generate(99, None, SamplingParams(max_tokens=30, **GREEDY), prompt(70, 50))
+            got = []
+            async for d in stream:
+                got.extend(d.token_ids)
+                if len(got) >= 3:
+                    break
+            await stream.aclose()
+            engine.free_context(99)
+            return got
+
+        *outs, quit_got = await asyncio.gather(*(one(i) for i in range(12)), quitter())
+        assert len(quit_got) >= 3
+        return outs
+
+    roomy = asyncio.run(all_of(engine_on(enable_prefix_caching=caching, num_kv_blocks=256)))
+    tight_engine = engine_on(enable_prefix_caching=caching, num_kv_blocks=16)
+    assert asyncio.run(all_of(tight_engine)) == roomy
+    assert all(len(o) == 30 for o in roomy)
+    assert tight_engine.runtime_info().num_preemptions > 0  # the pressure was real
 
 
 def test_a_context_saved_from_one_layout_continues_identically_in_the_other(engine_on):
