@@ -1,4 +1,5 @@
-"""A Llama forward pass over a paged KV pool, in plain torch (CPU or CUDA, any float dtype).
+"""A Llama forward pass over a paged KV pool, in torch (CPU or CUDA, any float dtype), on
+vLLM's CPU kernels where vLLM's CPU build is installed (`cpu_kernels.py`).
 
 A forward step takes the new tokens of several sequences (prefill chunks and single decode
 tokens, mixed freely), writes their K/V into the slots the caller chose (`block_id * block_size
