@@ -14,6 +14,11 @@ Policy (one step):
    sharing), also when that prefix takes several steps. A request that
    cannot get its blocks gives back what it took and stays at the head of the line; admission
    never preempts a running request.
+   Prefix first: a request whose next full blocks other waiting requests also need (a
+   shared prefix) computes only up to the end of that shared part at first; once every
+   admission is placed, the budget left goes back to such requests, in arrival order. So the
+   prefixes that followers wait for take the step before anyone's own tokens do (4 groups
+   whose prefixes fill one step: the prefixes in step 1, every request's own tokens in step 2).
 3. When a running request needs blocks and none are free: first evict idle contexts (least
    recently used first), then preempt the latest-arrived running request that arrived after
    it and is not yet scheduled in this step; if there is none, the request preempts itself.
@@ -28,7 +33,7 @@ request eventually runs.
 from __future__ import annotations
 
 import bisect
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -69,6 +74,7 @@ class Scheduler:
         self.waiting: deque[EngineRequest] = deque()  # arrival (request id) order
         self.running: list[EngineRequest] = []
         self.num_preemptions = 0
+        self._waiting_chains: dict[int, tuple[EngineRequest, tuple[int, int], list[int]]] = {}
 
     def add(self, request: EngineRequest) -> None:
         self._enqueue(request)
@@ -91,6 +97,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: set[int] = set()
         self.running.sort(key=lambda r: r.request_id)
+        wanted = self._blocks_waiting_requests_need()
+        held: list[tuple[int, EngineRequest]] = []  # (index in plan.compute, request) stopped at a shared prefix
         i = 0
         while i < len(self.running):
             req = self.running[i]
@@ -102,9 +110,13 @@ class Scheduler:
             if budget == 0:
                 break
             n = min(req.num_uncomputed, budget)
+            shared = self._shared_tokens(req, wanted, 1)
+            n = shared if 0 < shared < n else n
             if not self._allocate(req, n, plan, scheduled):
                 self._preempt(req, plan)
                 continue  # the list shifted under i
+            if n == shared and n < req.num_uncomputed:
+                held.append((len(plan.compute), req))
             plan.compute.append((req, n))
             scheduled.add(id(req))
             budget -= n
@@ -129,18 +141,30 @@ class Scheduler:
                 scheduled.add(id(req))
                 continue
             n = min(req.num_uncomputed, budget)
+            shared = self._shared_tokens(req, wanted, 2)  # its own chain is among the wanted ones
+            n = shared if 0 < shared < n else n
             if not self._allocate(req, n, plan, scheduled, may_preempt=False):
                 self.running.remove(req)
                 self.tree.release(req.context)  # give back what the lookup took; stay first in line
                 self.waiting.appendleft(req)
                 break
             req.num_admissions += 1
+            if n == shared and n < req.num_uncomputed:
+                held.append((len(plan.compute), req))
             plan.compute.append((req, n))
             scheduled.add(id(req))
             budget -= n
             inflight.update(self._future_block_hashes(req.context))
         for req in deferred:
             self._enqueue(req)
+        for index, req in held:  # the budget left goes back to the requests held at a prefix
+            if budget == 0:
+                break
+            n = plan.compute[index][1]
+            more = min(req.num_uncomputed - n, budget)
+            if req in self.running and self._allocate(req, n + more, plan, scheduled, may_preempt=False):
+                plan.compute[index] = (req, n + more)
+                budget -= more
         return plan
 
     def _allocate(self, req: EngineRequest, n: int, plan: StepPlan, scheduled: set[int], may_preempt: bool = True) -> bool:
@@ -175,6 +199,36 @@ class Scheduler:
         self.waiting.insert(bisect.bisect(ids, req.request_id), req)
 
     # -- in-batch prefix sharing ---------------------------------------------------------
+    def _blocks_waiting_requests_need(self) -> Counter[int]:
+        """For each full block that waiting requests will compute (by chained hash), how many
+        of them will. A waiting request's chain is hashed once, not every step."""
+        wanted: Counter[int] = Counter()
+        chains: dict[int, tuple[EngineRequest, tuple[int, int], list[int]]] = {}
+        for req in self.waiting:
+            if not req.uses_prefix_cache:
+                continue
+            key = (req.context.num_computed, len(req.context.token_ids))
+            known = self._waiting_chains.get(req.request_id)
+            hashes = known[2] if known is not None and known[0] is req and known[1] == key else self._future_block_hashes(req.context)
+            chains[req.request_id] = (req, key, hashes)
+            wanted.update(hashes)
+        self._waiting_chains = chains
+        return wanted
+
+    def _shared_tokens(self, req: EngineRequest, wanted: Counter[int], holders: int) -> int:
+        """How many of `req`'s next tokens end its longest run of next full blocks that at
+        least `holders` waiting requests need; 0 if its next block is its own."""
+        if not wanted or not req.uses_prefix_cache:
+            return 0
+        hashes = self._future_block_hashes(req.context)
+        shared = 0
+        while shared < len(hashes) and wanted[hashes[shared]] >= holders:
+            shared += 1
+        if shared == 0:
+            return 0
+        bs = self.tree.block_size
+        return (req.context.num_computed // bs + shared) * bs - req.context.num_computed
+
     def _inflight_block_hashes(self) -> set[int]:
         hashes: set[int] = set()
         for req in self.running:

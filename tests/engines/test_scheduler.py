@@ -1,0 +1,109 @@
+"""The builtin engine's step scheduler alone (no model): which requests compute how many tokens
+in each step, driven the way the engine's step loop drives it (commit what was scheduled,
+remove finished fills)."""
+
+from __future__ import annotations
+
+import random
+
+from parrot_core.engines.builtin.block_pool import BlockPool
+from parrot_core.engines.builtin.kv_contexts import KVContextTree
+from parrot_core.engines.builtin.request import EngineRequest, Kind
+from parrot_core.engines.builtin.scheduler import Scheduler
+
+BS = 4
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 101) for _ in range(n)]
+
+
+def fills(tree: KVContextTree, prompts: list[list[int]]) -> list[EngineRequest]:
+    out = []
+    for i, p in enumerate(prompts):
+        ctx = tree.create(i)
+        tree.append_tokens(ctx, p)
+        out.append(EngineRequest(i, Kind.FILL, ctx, emit=lambda event: None))
+    return out
+
+
+def run_to_end(tree: KVContextTree, scheduler: Scheduler) -> list[list[tuple[int, int]]]:
+    """Steps until no work is left: per step, (request id, tokens computed) pairs."""
+    steps = []
+    while scheduler.has_work:
+        plan = scheduler.schedule()
+        assert plan.compute, "a step with work left must compute something"
+        for req, n in plan.compute:
+            tree.commit(req.context, n)
+            if req.num_uncomputed == 0:
+                scheduler.remove(req)
+        steps.append([(req.request_id, n) for req, n in plan.compute])
+        assert len(steps) < 100
+    return steps
+
+
+def test_leaders_stop_at_their_shared_prefix_so_every_groups_prefix_fits_the_first_step():
+    """4 groups x 4 requests, each group sharing a 32-token prefix, 8 own tokens each, a budget
+    of 128 tokens (the 4 prefixes exactly). The first request of a group computes only the part
+    others wait for, so step 1 computes the 4 prefixes and step 2 every request's own tokens:
+    2 steps, each prefix and each own part computed once. (Whole prompts first would spend
+    step 1 on 3 whole prompts and a piece of the 4th, and need a 3rd step.)"""
+    tree = KVContextTree(BlockPool(256, BS, enable_prefix_caching=True))
+    scheduler = Scheduler(tree, max_num_seqs=32, max_num_batched_tokens=128)
+    heads = [tokens(g, 32) for g in range(4)]
+    for req in fills(tree, [heads[g] + tokens(100 + 10 * g + i, 8) for g in range(4) for i in range(4)]):
+        scheduler.add(req)
+    steps = run_to_end(tree, scheduler)
+    assert steps[0] == [(0, 32), (4, 32), (8, 32), (12, 32)]
+    assert sorted(steps[1]) == [(i, 8) for i in range(16)]
+    assert len(steps) == 2
+    tree.check_invariants()
+
+
+def test_a_leader_with_no_follower_waiting_computes_its_whole_prompt():
+    """Nothing shares the first prompt's blocks: it is not held at any boundary; a request that
+    shares only a partial block with it is not a follower either."""
+    tree = KVContextTree(BlockPool(256, BS, enable_prefix_caching=True))
+    scheduler = Scheduler(tree, max_num_seqs=32, max_num_batched_tokens=128)
+    first = tokens(1, 40)
+    for req in fills(tree, [first, first[:2] + tokens(2, 30)]):
+        scheduler.add(req)
+    assert run_to_end(tree, scheduler) == [[(0, 40), (1, 32)]]
+
+
+def test_without_prefix_caching_nothing_is_held_back():
+    tree = KVContextTree(BlockPool(256, BS, enable_prefix_caching=False))
+    scheduler = Scheduler(tree, max_num_seqs=32, max_num_batched_tokens=128)
+    head = tokens(3, 32)
+    for req in fills(tree, [head + tokens(4, 8), head + tokens(5, 8)]):
+        scheduler.add(req)
+    assert run_to_end(tree, scheduler) == [[(0, 40), (1, 40)]]
+
+
+def test_the_budget_left_goes_back_to_a_held_request_in_the_same_step():
+    """One group: its first request is held at the 32-token prefix, nobody else can use the
+    rest of the budget (the followers wait for that prefix), so it computes its own tokens in
+    the same step too: its first token is not delayed."""
+    tree = KVContextTree(BlockPool(256, BS, enable_prefix_caching=True))
+    scheduler = Scheduler(tree, max_num_seqs=32, max_num_batched_tokens=128)
+    head = tokens(7, 32)
+    for req in fills(tree, [head + tokens(20 + i, 8) for i in range(4)]):
+        scheduler.add(req)
+    steps = run_to_end(tree, scheduler)
+    assert steps == [[(0, 40)], [(1, 8), (2, 8), (3, 8)]]
+
+
+def test_a_prefix_longer_than_a_step_is_held_at_its_end_while_it_continues():
+    """A budget of 24 tokens, two groups of two sharing 32-token prefixes. The first request's
+    prefix takes two steps; in the second it computes only the prefix's last 8 tokens, and the
+    second group's first request gets the other 16 for its own prefix. Each prefix is computed
+    once, and every own part once (a follower joins once the prefix is cached)."""
+    tree = KVContextTree(BlockPool(256, BS, enable_prefix_caching=True))
+    scheduler = Scheduler(tree, max_num_seqs=32, max_num_batched_tokens=24)
+    heads = [tokens(8, 32), tokens(9, 32)]
+    for req in fills(tree, [heads[g] + tokens(30 + 2 * g + i, 8) for g in range(2) for i in range(2)]):
+        scheduler.add(req)
+    steps = run_to_end(tree, scheduler)
+    assert steps == [[(0, 24)], [(0, 8), (2, 16)], [(0, 8), (2, 16)], [(2, 8), (1, 8), (3, 8)]]
+    assert sum(n for step in steps for _, n in step) == 2 * 32 + 4 * 8
