@@ -79,6 +79,23 @@ def test_what_is_written_at_any_slots_reads_back_bitwise(dtype):
     assert torch.equal(tile[:, :, s % BS], k[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_queries_that_are_a_strided_view_attend_as_a_contiguous_copy_does(dtype):
+    """The model hands `attend` its queries as a view of the fused qkv rows (strided rows); the
+    kernel reads them in place, with the same result as a contiguous copy, for chunks of two
+    sequences over their cached contexts; a view with strided heads is copied first."""
+    g = torch.Generator().manual_seed(0)
+    kv = VllmKVCache.allocate(1, 3, 64, 40, BS, dtype)
+    kv.write(0, torch.arange(600), torch.randn(600, 3, 64, generator=g).to(dtype), torch.randn(600, 3, 64, generator=g).to(dtype))
+    qkv = torch.randn(300, 15, 64, generator=g).to(dtype)
+    step = kv.prepare([100, 200], [300, 300], [list(range(0, 19)), list(range(19, 38))], 9)
+    want = kv.attend(0, qkv[:, :9].contiguous(), step)
+    assert torch.equal(kv.attend(0, qkv[:, :9], step), want)
+    heads_strided = torch.randn(300, 64, 9, generator=g).to(dtype).transpose(1, 2)
+    assert torch.equal(kv.attend(0, heads_strided, step), kv.attend(0, heads_strided.contiguous(), step))
+    assert not torch.isnan(want).any()
+
+
 def test_copy_block_copies_every_layer():
     g = torch.Generator().manual_seed(0)
     kv = VllmKVCache.allocate(2, 3, 64, 4, BS, torch.float32)

@@ -40,6 +40,10 @@ def run_to_end(tree: KVContextTree, scheduler: Scheduler) -> list[list[tuple[int
                 scheduler.remove(req)
         steps.append([(req.request_id, n) for req, n in plan.compute])
         assert len(steps) < 100
+    tree.check_invariants()
+    for ctx in tree.contexts():  # leak check: with every context freed, no block is in use
+        tree.free(ctx.context_id)
+    assert tree.pool.num_used == 0
     return steps
 
 
@@ -58,7 +62,6 @@ def test_leaders_stop_at_their_shared_prefix_so_every_groups_prefix_fits_the_fir
     assert steps[0] == [(0, 32), (4, 32), (8, 32), (12, 32)]
     assert sorted(steps[1]) == [(i, 8) for i in range(16)]
     assert len(steps) == 2
-    tree.check_invariants()
 
 
 def test_a_leader_with_no_follower_waiting_computes_its_whole_prompt():

@@ -200,8 +200,9 @@ class VllmKVCache:
     def attend(self, layer: int, q: Tensor, batch: PagedBatch) -> Tensor:
         """Causal attention of the step's queries q [T, heads, head_dim] over their sequences'
         stored K/V (this step's own already written) -> [T, heads, head_dim]."""
-        q = q.contiguous()
-        out = torch.empty_like(q)
+        if q.stride(2) != 1 or q.stride(1) != q.shape[2]:  # rows may be strided (q is a view of qkv), not heads
+            q = q.contiguous()
+        out = torch.empty(q.shape, dtype=q.dtype)
         self._ops.cpu_attention_with_kv_cache(
             q, self.k[layer], self.v[layer], out, batch.query_start, batch.seq_lens, 1.0 / math.sqrt(q.shape[-1]), True,
             None, -1, batch.block_table, 0.0, batch.schedule, None, None, 1.0, 1.0, "auto",
