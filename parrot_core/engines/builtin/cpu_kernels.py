@@ -71,11 +71,19 @@ def vllm_ops() -> Any | None:
     return ops
 
 
+def vllm_ops_for(dtype: torch.dtype, device: str | torch.device = "cpu") -> Any | None:
+    """vLLM's CPU ops where they can compute in this dtype on this device (CPU; float32 or
+    bfloat16), else None: the one rule behind every use of them."""
+    if torch.device(device).type != "cpu" or dtype not in _DTYPES:
+        return None
+    return vllm_ops()
+
+
 def vllm_kv_supported(head_dim: int, dtype: torch.dtype, block_size: int, device: str | torch.device = "cpu") -> bool:
     """Whether a pool of this shape can live in vLLM's layout and be attended by its kernel."""
-    if torch.device(device).type != "cpu" or dtype not in _DTYPES or head_dim not in _HEAD_DIMS:
+    if head_dim not in _HEAD_DIMS or block_size % _BLOCK_MULTIPLE:
         return False
-    return block_size % _BLOCK_MULTIPLE == 0 and vllm_ops() is not None
+    return vllm_ops_for(dtype, device) is not None
 
 
 class VllmMatmul:
@@ -104,11 +112,8 @@ class VllmMatmul:
 
 
 def vllm_matmul(weight: Tensor) -> VllmMatmul | None:
-    """vLLM's GEMM for this weight, or None where it cannot run (not CPU, float32/bfloat16, 2-D
-    and contiguous; or no vLLM ops)."""
-    if weight.device.type != "cpu" or weight.dtype not in _DTYPES or weight.dim() != 2:
-        return None
-    ops = vllm_ops()
+    """vLLM's GEMM for this 2-D weight, or None where vLLM's ops cannot run (`vllm_ops_for`)."""
+    ops = vllm_ops_for(weight.dtype, weight.device) if weight.dim() == 2 else None
     return None if ops is None else VllmMatmul(ops, weight.contiguous())
 
 

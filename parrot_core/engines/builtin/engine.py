@@ -336,7 +336,7 @@ class BuiltinEngine:
         if ctx.num_computed < n:
             return None
         idx = torch.tensor(self.tree.slots(ctx, 0, n), dtype=torch.long, device=self.kv.device)
-        k, v = (torch.stack(per_layer).cpu() for per_layer in zip(*(self.kv.read(i, idx) for i in range(len(self.kv.k)))))
+        k, v = (torch.stack(per_layer).cpu() for per_layer in zip(*(self.kv.read(i, idx) for i in range(self.model.config.num_layers))))
         hidden = ctx.last_hidden
         assert isinstance(hidden, torch.Tensor)
         self._last_used[context_id] = self._step_no

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from parrot_core.engines.builtin.cpu_kernels import PagedBatch, VllmKVCache, vllm_kv_supported, vllm_matmul, vllm_ops
+from parrot_core.engines.builtin.cpu_kernels import PagedBatch, VllmKVCache, vllm_kv_supported, vllm_matmul, vllm_ops_for
 
 
 @dataclass(frozen=True)
@@ -390,7 +390,7 @@ class LlamaModel:
         # vLLM's fused CPU kernels for RoPE and residual add + RMS norm when vLLM's CPU build is
         # installed (2-9x faster than the torch ops at 2,048 rows: ~6% of a prefill step);
         # None: the torch ops. Tests set it to None to check one against the other.
-        self.fused_ops = vllm_ops() if self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
+        self.fused_ops = vllm_ops_for(dtype, self.device)
 
     # -- construction helpers ---------------------------------------------------------------
 
@@ -688,9 +688,8 @@ class LlamaModel:
         out = None if only else torch.empty_like(q)
         for ch in plan.chunks:
             rows = ch.count * ch.q_len
-            if ch.slots is None:  # fresh prefills, back to back in the batch rows
-                fresh = (q[ch.start : ch.start + rows], k[ch.start : ch.start + rows], v[ch.start : ch.start + rows])
-                qs, ks, vs = (t.view(ch.count, ch.q_len, *t.shape[1:]).transpose(1, 2) for t in fresh)
+            if ch.slots is None:  # fresh prefills: [count, heads, q, d], views of the batch rows
+                qs, ks, vs = (t[ch.start : ch.start + rows].view(ch.count, ch.q_len, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).transpose(1, 2).reshape(rows, *q.shape[1:])
                 if out is None:
                     return o

@@ -74,7 +74,8 @@ class Scheduler:
         self.waiting: deque[EngineRequest] = deque()  # arrival (request id) order
         self.running: list[EngineRequest] = []
         self.num_preemptions = 0
-        self._waiting_chains: dict[int, tuple[EngineRequest, tuple[int, int], list[int]]] = {}
+        # request id -> (request, state of its context, `_future_block_hashes` in that state)
+        self._chains: dict[int, tuple[EngineRequest, tuple[int, int, int], list[int]]] = {}
 
     def add(self, request: EngineRequest) -> None:
         self._enqueue(request)
@@ -97,6 +98,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: set[int] = set()
         self.running.sort(key=lambda r: r.request_id)
+        live = {r.request_id for r in self.running} | {r.request_id for r in self.waiting}
+        self._chains = {rid: c for rid, c in self._chains.items() if rid in live}
         wanted = self._blocks_waiting_requests_need()
         held: list[tuple[int, EngineRequest]] = []  # (index in plan.compute, request) stopped at a shared prefix
         i = 0
@@ -127,7 +130,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not plan.preempted:
             req = self.waiting.popleft()
             hits = self.tree.match_prefix(req.context) if req.uses_prefix_cache else 0
-            if self._next_block_hash(req.context) in inflight:
+            if self._next_block_hash(req) in inflight:
                 # another request is computing the block after the hit right now: wait for it
                 self.tree.release(req.context)  # give back what the lookup took
                 deferred.append(req)
@@ -154,7 +157,7 @@ class Scheduler:
             plan.compute.append((req, n))
             scheduled.add(id(req))
             budget -= n
-            inflight.update(self._future_block_hashes(req.context))
+            inflight.update(self._chain(req))
         for req in deferred:
             self._enqueue(req)
         for index, req in held:  # the budget left goes back to the requests held at a prefix
@@ -201,18 +204,11 @@ class Scheduler:
     # -- in-batch prefix sharing ---------------------------------------------------------
     def _blocks_waiting_requests_need(self) -> Counter[int]:
         """For each full block that waiting requests will compute (by chained hash), how many
-        of them will. A waiting request's chain is hashed once, not every step."""
+        of them will."""
         wanted: Counter[int] = Counter()
-        chains: dict[int, tuple[EngineRequest, tuple[int, int], list[int]]] = {}
         for req in self.waiting:
-            if not req.uses_prefix_cache:
-                continue
-            key = (req.context.num_computed, len(req.context.token_ids))
-            known = self._waiting_chains.get(req.request_id)
-            hashes = known[2] if known is not None and known[0] is req and known[1] == key else self._future_block_hashes(req.context)
-            chains[req.request_id] = (req, key, hashes)
-            wanted.update(hashes)
-        self._waiting_chains = chains
+            if req.uses_prefix_cache:
+                wanted.update(self._chain(req))
         return wanted
 
     def _shared_tokens(self, req: EngineRequest, wanted: Counter[int], holders: int) -> int:
@@ -220,7 +216,7 @@ class Scheduler:
         least `holders` waiting requests need; 0 if its next block is its own."""
         if not wanted or not req.uses_prefix_cache:
             return 0
-        hashes = self._future_block_hashes(req.context)
+        hashes = self._chain(req)
         shared = 0
         while shared < len(hashes) and wanted[hashes[shared]] >= holders:
             shared += 1
@@ -233,7 +229,7 @@ class Scheduler:
         hashes: set[int] = set()
         for req in self.running:
             if req.num_uncomputed > self.tree.block_size:
-                hashes.update(self._future_block_hashes(req.context))
+                hashes.update(self._chain(req))
         return hashes
 
     def _future_block_hashes(self, ctx: KVContext) -> list[int]:
@@ -256,6 +252,20 @@ class Scheduler:
             hashes.append(parent)
         return hashes
 
-    def _next_block_hash(self, ctx: KVContext) -> int | None:
-        hashes = self._future_block_hashes(ctx) if ctx.num_computed % self.tree.block_size == 0 else []
+    def _chain(self, req: EngineRequest) -> list[int]:
+        """`_future_block_hashes` of the request's context, hashed once per state of the
+        context (a waiting request's chain is not hashed again every step)."""
+        ctx, bs = req.context, self.tree.block_size
+        first = ctx.num_computed // bs
+        parent = id(ctx.blocks[first - 1]) if 0 < first <= len(ctx.blocks) else 0
+        state = (ctx.num_computed, len(ctx.token_ids), parent)
+        known = self._chains.get(req.request_id)
+        if known is not None and known[0] is req and known[1] == state:
+            return known[2]
+        hashes = self._future_block_hashes(ctx)
+        self._chains[req.request_id] = (req, state, hashes)
+        return hashes
+
+    def _next_block_hash(self, req: EngineRequest) -> int | None:
+        hashes = self._chain(req) if req.context.num_computed % self.tree.block_size == 0 else []
         return hashes[0] if hashes else None
