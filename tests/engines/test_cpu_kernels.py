@@ -20,7 +20,7 @@ from parrot_core.engines.builtin import cpu_kernels, engine as engine_module
 from parrot_core.engines.builtin.cpu_kernels import VllmKVCache, vllm_kv_supported
 from parrot_core.engines.builtin.engine import BuiltinEngine
 from parrot_core.engines.builtin.model import ForwardBatch, KVCache, LlamaModel, allocate_kv_cache
-from tests.engines.test_engine import GREEDY, prompt, run
+from tests.engines.test_engine import GREEDY, fused_then_free, prompt, run
 
 BS = 16
 # a tiny model whose head size the kernel takes
@@ -278,13 +278,6 @@ def test_concurrent_requests_on_a_tiny_pool_with_an_abort_keep_their_ids(engine_
     prompts = [shared + prompt(60 + i, 30) for i in range(12)]
 
     async def all_of(engine):
-        async def one(i):
-            out = []
-            async for d in engine.generate(i, None, SamplingParams(max_tokens=30, **GREEDY), prompts[i]):
-                out.extend(d.token_ids)
-            engine.free_context(i)
-            return out
-
         async def quitter():
             stream = engine.generate(99, None, SamplingParams(max_tokens=30, **GREEDY), prompt(70, 50))
             got = []
@@ -296,7 +289,7 @@ def test_concurrent_requests_on_a_tiny_pool_with_an_abort_keep_their_ids(engine_
             engine.free_context(99)
             return got
 
-        *outs, quit_got = await asyncio.gather(*(one(i) for i in range(12)), quitter())
+        *outs, quit_got = await asyncio.gather(*(fused_then_free(engine, i, prompts[i], 30) for i in range(12)), quitter())
         assert len(quit_got) >= 3
         return outs
 

@@ -385,6 +385,15 @@ def test_split_works_after_the_source_was_evicted(make_engine):
     assert out == fresh
 
 
+async def fused_then_free(engine, cid, tokens, n) -> list[int]:
+    """A fused request (prompt in the generate call) of `n` greedy tokens; then its context is freed."""
+    out = []
+    async for d in engine.generate(cid, None, SamplingParams(max_tokens=n, **GREEDY), tokens):
+        out.extend(d.token_ids)
+    engine.free_context(cid)
+    return out
+
+
 @pytest.mark.parametrize("caching", [True, False])
 def test_concurrent_requests_that_fit_alone_all_finish_on_a_tiny_pool(make_engine, caching, caplog):
     """KV pressure inside the engine (no global scheduler in front): 12 fused requests of 10
@@ -394,14 +403,7 @@ def test_concurrent_requests_that_fit_alone_all_finish_on_a_tiny_pool(make_engin
     prompts = [shared + prompt(60 + i, 12) for i in range(12)]
 
     async def all_of(engine):
-        async def one(i):
-            out = []
-            async for d in engine.generate(i, None, SamplingParams(max_tokens=20, **GREEDY), prompts[i]):
-                out.extend(d.token_ids)
-            engine.free_context(i)
-            return out
-
-        return await asyncio.gather(*(one(i) for i in range(12)))
+        return await asyncio.gather(*(fused_then_free(engine, i, prompts[i], 20) for i in range(12)))
 
     roomy = asyncio.run(all_of(make_engine(enable_prefix_caching=caching, num_kv_blocks=256)))
     tight_engine = make_engine(enable_prefix_caching=caching, num_kv_blocks=24)
