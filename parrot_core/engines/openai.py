@@ -16,7 +16,13 @@ text* is its ancestors' text plus its own. The engine keeps no KV and computes n
 - `generate` sends `path text + text of the prompt ids` to `POST /v1/completions` (stream,
   `n=1`, `stream_options.include_usage`) and streams the server's text back. Each delta's
   `token_ids` are `tokenizer.encode(piece)` of its text: re-tokenized here, not the server's
-  ids. The generated text joins the context's text exactly as the server produced it (a stop
+  ids, unless the engine is made with `server_token_ids=True`: it then asks for vLLM's
+  `return_token_ids` (parrot-core's server knows it too) and hands out the ids each chunk
+  carries, the server's own count. That matters where a token's text does not say how many
+  tokens it stands for (a special token's text is empty; byte tokens' text comes out merged,
+  or as U+FFFD), which sampled output meets: the quantum of a suspendable generation and the
+  budget carried over go by the ids handed out. (A chunk without ids falls back to
+  re-tokenizing.) The generated text joins the context's text exactly as the server produced it (a stop
   string is cut by the server and never joins). Stopping the iteration (or cancelling its
   task) closes the HTTP stream, which is how an OpenAI-compatible server learns to abort.
 - Text is the truth, not ids: the server re-tokenizes the whole path text, so a context's
@@ -161,7 +167,7 @@ def _load_tokenizer(tokenizer: Tokenizer | str | os.PathLike[str] | None) -> tup
 @dataclass(frozen=True)
 class _Segment:
     """A piece of a context's text and the token ids it stands for (given ids for a fill,
-    re-tokenized ids for generated text)."""
+    re-tokenized or the server's ids for generated text)."""
 
     text: str
     ids: tuple[int, ...]
@@ -213,7 +219,10 @@ class OpenAIEngine:
     Hugging Face model directory, a GGUF file, or None for the byte codec. `max_model_len`:
     the server's context length; default: the `max_model_len` its `GET /v1/models` reports
     for `model` (vLLM and parrot-core report it; otherwise pass it). `max_num_seqs`: HTTP
-    requests run at once. `timeout`: seconds for connecting and between streamed chunks."""
+    requests run at once. `timeout`: seconds for connecting and between streamed chunks.
+    `server_token_ids`: ask for the server's generated ids (vLLM's and parrot-core's
+    `return_token_ids`) and hand those out instead of re-tokenized text (see the module
+    docstring); only for a server that knows the field and serves this tokenizer's vocabulary."""
 
     def __init__(
         self,
@@ -225,6 +234,7 @@ class OpenAIEngine:
         max_model_len: int | None = None,
         max_num_seqs: int = 64,
         timeout: float = DEFAULT_TIMEOUT_S,
+        server_token_ids: bool = False,
     ) -> None:
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise InvalidRequestError(f"base_url must be an http(s) URL, got {base_url!r}")
@@ -241,6 +251,9 @@ class OpenAIEngine:
         self.timeout = float(timeout)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.tokenizer, self.byte_codec = _load_tokenizer(tokenizer)
+        if server_token_ids and self.byte_codec:
+            raise InvalidRequestError("server_token_ids needs the server's tokenizer: give OpenAIEngine the model's tokenizer")
+        self.server_token_ids = bool(server_token_ids)
         if max_model_len is None:
             max_model_len = self._served_max_model_len()
         if not isinstance(max_model_len, int) or isinstance(max_model_len, bool) or max_model_len < 1:
@@ -399,6 +412,8 @@ class OpenAIEngine:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if self.server_token_ids:
+            body["return_token_ids"] = True
         optional = {
             "seed": (p.seed, None),
             "stop": (list(p.stop), []),
@@ -487,11 +502,10 @@ class OpenAIEngine:
                 if isinstance(event, BaseException):
                     finished = True
                     raise event
-                if isinstance(event, str):
-                    ids = self.tokenizer.encode(event)
+                if isinstance(event, _Segment):
                     with self._lock:
-                        ctx.add(_Segment(event, tuple(ids)))
-                    yield GenerationDelta(ids, event)
+                        ctx.add(event)
+                    yield GenerationDelta(list(event.ids), event.text)
                     continue
                 finished = True
                 if event is _ENDED:  # cancelled: by close(), or by free_context (an abort)
@@ -516,7 +530,7 @@ class OpenAIEngine:
                     del self._jobs[context_id]
 
     async def _stream(self, client: httpx.AsyncClient, slots: asyncio.Semaphore, body: dict[str, Any], job: _Job, path_tokens: int) -> None:
-        """Run one request and hand `job.queue` its text pieces (str), then (finish_reason,
+        """Run one request and hand `job.queue` its pieces (`_Segment`s), then (finish_reason,
         cached_tokens), or an exception. It is cancelled by the consumer leaving (nobody
         listens), by `free_context` or by `close()`; the consumer then finds only `_ENDED`."""
         url = f"{self.base_url}/v1/completions"
@@ -565,8 +579,9 @@ class OpenAIEngine:
                     if event.get("usage"):
                         usage = event["usage"]
                     for choice in event.get("choices") or ():
-                        if choice.get("text"):
-                            put(choice["text"])
+                        piece = self._piece(choice, url)
+                        if piece.text or piece.ids:
+                            put(piece)
                         if choice.get("finish_reason"):
                             finish = _finish(choice["finish_reason"])
         except (InvalidRequestError, EngineError):
@@ -580,6 +595,20 @@ class OpenAIEngine:
         if finish is None:
             raise EngineError(f"the stream from {url} ended before the generation finished")
         return finish, usage
+
+    def _piece(self, choice: dict[str, Any], url: str) -> _Segment:
+        """One streamed choice's text and the ids it stands for: the server's, when asked for
+        and sent (checked against the vocabulary), else its text re-tokenized."""
+        text = choice.get("text") or ""
+        if not isinstance(text, str):
+            raise EngineError(f"the OpenAI-compatible server at {url} sent text that is not a string: {text!r}")
+        ids = choice.get("token_ids") if self.server_token_ids else None
+        if ids is None:
+            return _Segment(text, tuple(self.tokenizer.encode(text)) if text else ())
+        vocab = self.tokenizer.vocab_size
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise EngineError(f"the OpenAI-compatible server at {url} sent token_ids that are not ids of this tokenizer (vocabulary {vocab}): {ids!r:.200}")
+        return _Segment(text, tuple(ids))
 
     # -- lifecycle and introspection -------------------------------------------------------
     def runtime_info(self) -> RuntimeInfo:

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -367,3 +370,38 @@ def test_the_tokenizer_comes_from_a_gguf_file_or_a_hugging_face_directory(real_m
         OpenAIEngine("http://127.0.0.1:1", "m", tokenizer=str(tmp_path / "missing.gguf"), max_model_len=MAX_LEN)
     with pytest.raises(InvalidRequestError, match="max_num_seqs"):
         OpenAIEngine("http://127.0.0.1:1", "m", max_model_len=MAX_LEN, max_num_seqs=0)
+
+
+def test_server_token_ids_need_a_tokenizer_and_must_be_its_ids(make_client_runtime):
+    with pytest.raises(InvalidRequestError, match="server_token_ids"):
+        OpenAIEngine("http://127.0.0.1:1", "m", max_model_len=MAX_LEN, server_token_ids=True)  # the byte codec
+
+    # a real HTTP server that streams one chunk whose ids are not this vocabulary's
+    bodies: list[dict[str, Any]] = []
+
+    class Stream(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            chunk = {"choices": [{"index": 0, "text": "hi", "token_ids": [10**9], "finish_reason": None}]}
+            payload = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        rt = make_client_runtime(f"http://127.0.0.1:{server.server_address[1]}", max_model_len=MAX_LEN, server_token_ids=True)
+        with pytest.raises(EngineError, match="token_ids that are not ids of this tokenizer"):
+            rt.generate("Hello there.", max_tokens=4)
+        assert bodies[0]["return_token_ids"] is True
+        rt.check_invariants()
+        assert rt.engine.context_ids() == set()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from typing import Any
 
 import pytest
@@ -133,8 +134,29 @@ def test_min_tokens_and_unseeded_sampling_carry_over(remote):
     full = rt.generate(PROMPT, max_tokens=MAX, **GREEDY)
     parts = run_sliced(rt, served_rt, MAX, min_tokens=20, **GREEDY)
     assert "".join(p.text for p in parts) == full.text
+    # sampled: the quantum and the budget go by the ids handed out, re-tokenized from each text
+    # piece here; a piece need not re-tokenize to the tokens the server sampled (see below)
     sampled = run_sliced(rt, served_rt, MAX, temperature=1.0, ignore_eos=True)
-    assert sum(len(p.token_ids) for p in sampled) == MAX and sampled[-1].finish_reason == "length"
+    assert sampled[-1].finish_reason == "length"
+    assert [p.output_tokens for p in sampled] == list(itertools.accumulate(len(p.token_ids) for p in sampled))
+
+
+def test_with_the_servers_token_ids_sliced_counts_are_exact(served, make_client_runtime):
+    # A token's text need not say how many tokens it stands for: a special token's is empty,
+    # byte tokens' comes out merged or as U+FFFD. Re-tokenizing the text then miscounts the
+    # quantum and the budget; the server's own ids (`return_token_ids`) count exactly.
+    served_rt, server = served()
+    rt = make_client_runtime(server, server_token_ids=True)
+    special = 5
+    assert rt.detokenize([special]) == ""
+    # certain at any temperature; sampled, so run_sliced checks no recomputation figures (the
+    # server's prompt is the text, which these tokens leave empty)
+    sampling = dict(temperature=1.0, ignore_eos=True, logit_bias={special: 100.0})
+    assert rt.generate(PROMPT, max_tokens=MAX, **sampling).token_ids == [special] * MAX
+    parts = run_sliced(rt, served_rt, MAX, **sampling)
+    assert [p.token_ids for p in parts] == [[special] * 5] * 6 and parts[-1].finish_reason == "length"
+    sampled = run_sliced(rt, served_rt, MAX, pid="s", temperature=1.0, ignore_eos=True)
+    assert [len(p.token_ids) for p in sampled] == [5] * 6 and sampled[-1].finish_reason == "length"
 
 
 def test_discard_frees_everything(remote):
