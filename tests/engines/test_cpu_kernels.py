@@ -219,6 +219,70 @@ def test_the_real_model_on_vllms_layout_tracks_torchs_paths(real_model, dtype):
         assert (a - b).abs().max().item() < (1e-4 if dtype == torch.float32 else 6e-2) * b.abs().max().item()
 
 
+def _step_allocations(model: LlamaModel, kv: VllmKVCache, batch: ForwardBatch) -> tuple[torch.Tensor, int]:
+    """The step's output and the bytes its ops allocated (torch's profiler, summed per op)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        hidden = model.forward(batch, kv)
+    return hidden, sum(max(0, e.self_cpu_memory_usage) for e in prof.events())
+
+
+def _two_batches() -> tuple[ForwardBatch, ForwardBatch]:
+    """4 prompts of 60 tokens in blocks 0-15, and 2 of 30 in blocks 16-23."""
+
+    def batch(seqs: int, tokens: int, first_block: int) -> ForwardBatch:
+        tables = [list(range(first_block + 4 * i, first_block + 4 * i + 4)) for i in range(seqs)]
+        return ForwardBatch.build([[i + 7] * tokens for i in range(seqs)], [tokens] * seqs, tables, BS)
+
+    return batch(4, 60, 0), batch(2, 30, 16)
+
+
+def test_a_step_writes_its_activations_into_reused_buffers_and_returns_its_own_output(tiny_llama):
+    """On vLLM's ops path a step's large activations go into the model's reused buffers: a
+    step of a size seen before allocates a few [tokens, hidden] tensors (the first norm, the
+    kept rows), not some per layer (2 layers x 10 such tensors here). Its output is its own:
+    later steps leave it as it was."""
+    model = tiny_llama(seed=6, dtype=torch.float32, **KERNEL_SHAPE)
+    assert model.fused_ops is not None
+    kv = VllmKVCache.allocate(model.config.num_layers, 2, 32, 64, BS, torch.float32)
+    big, small = _two_batches()
+    first = model.forward(big, kv)
+    kept = first.clone()
+    model.forward(small, kv)
+    again, allocated = _step_allocations(model, kv, big)
+    assert torch.equal(first, kept) and torch.equal(again, kept)
+    assert allocated <= 4 * 240 * model.config.hidden_size * 4, allocated
+
+
+@pytest.mark.parametrize("layout", ["vllm", "torch"])
+def test_engines_on_several_threads_may_share_a_model(tiny_llama, layout):
+    """Two threads stepping one model at once get exactly the rows each gets alone (vLLM's
+    kernels and the step buffers are not safe under concurrent calls: the model runs one
+    step at a time)."""
+    model = tiny_llama(seed=6, dtype=torch.float32, **KERNEL_SHAPE)
+    if layout == "vllm":
+        kv = VllmKVCache.allocate(model.config.num_layers, 2, 32, 64, BS, torch.float32)
+    else:
+        model.fused_ops = None
+        kv = KVCache.allocate(model.config, 64, BS, torch.float32)
+    steps = dict(zip(("big", "small"), _two_batches(), strict=True))
+    alone = {name: model.compute_logits(model.forward(step, kv)) for name, step in steps.items()}
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in steps}
+
+    def run_steps(name: str) -> None:
+        for _ in range(20):
+            outputs[name].append(model.compute_logits(model.forward(steps[name], kv)))
+
+    threads = [threading.Thread(target=run_steps, args=(name,)) for name in steps]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name in steps:
+        assert len(outputs[name]) == 20 and all(torch.equal(o, alone[name]) for o in outputs[name]), name
+
+
 # ---------------------------------------------------------------------------- the engine
 
 

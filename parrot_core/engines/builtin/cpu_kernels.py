@@ -25,6 +25,7 @@ import importlib.util
 import logging
 import math
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,15 +100,17 @@ class VllmMatmul:
         self._handle = torch.tensor(ops.create_onednn_mm_handler(weight.t(), 32), dtype=torch.int64)
         self._lock = threading.Lock()
 
-    def __call__(self, x: Tensor) -> Tensor:
-        out = torch.empty(x.shape[0], self.n, dtype=x.dtype)
+    def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """The product, written into `out` [N, n] when given (and returned)."""
+        if out is None:
+            out = torch.empty(x.shape[0], self.n, dtype=x.dtype)
         with self._lock:
             self._ops.onednn_mm(out, x.contiguous(), None, self._handle)
         return out
 
     def __del__(self) -> None:
         handle = getattr(self, "_handle", None)
-        if handle is not None:
+        if handle is not None and not sys.is_finalizing():  # at exit torch's ops are gone already
             self._ops.release_dnnl_matmul_handler(int(handle.item()))
 
 
@@ -202,12 +205,14 @@ class VllmKVCache:
         )  # fmt: skip
         return PagedBatch(starts, seq_lens, table, schedule)
 
-    def attend(self, layer: int, q: Tensor, batch: PagedBatch) -> Tensor:
+    def attend(self, layer: int, q: Tensor, batch: PagedBatch, out: Tensor | None = None) -> Tensor:
         """Causal attention of the step's queries q [T, heads, head_dim] over their sequences'
-        stored K/V (this step's own already written) -> [T, heads, head_dim]."""
+        stored K/V (this step's own already written) -> [T, heads, head_dim], written into
+        `out` (contiguous, q's shape) when given."""
         if q.stride(2) != 1 or q.stride(1) != q.shape[2]:  # rows may be strided (q is a view of qkv), not heads
             q = q.contiguous()
-        out = torch.empty(q.shape, dtype=q.dtype)
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype)
         self._ops.cpu_attention_with_kv_cache(
             q, self.k[layer], self.v[layer], out, batch.query_start, batch.seq_lens, 1.0 / math.sqrt(q.shape[-1]), True,
             None, -1, batch.block_table, 0.0, batch.schedule, None, None, 1.0, 1.0, "auto",

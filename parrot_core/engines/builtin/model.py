@@ -240,19 +240,25 @@ class _Plan:
 
 
 class _Workspace:
-    """Reusable gather buffers. Fresh large tensors page-fault on every call on CPU (measured up
-    to 6x slower paged attention), so gathers write into buffers that only ever grow."""
+    """Reusable buffers: the torch paths' gathers, and a step's activations on vLLM's ops path.
+    Fresh large tensors page-fault on CPU (measured: paged attention up to 6x slower; 90,000-
+    190,000 faults, 4-8% of the wall time, in a harness row of 2,048-token steps whose sizes
+    change from step to step), so these buffers only ever grow and are written again."""
 
     def __init__(self) -> None:
-        self._bufs: dict[int, Tensor] = {}
+        self._bufs: dict[int | str, Tensor] = {}
 
-    def get(self, key: int, rows: int, like: Tensor) -> Tensor:
-        numel = rows * math.prod(like.shape[1:])
+    def get(self, key: int | str, rows: int, like: Tensor) -> Tensor:
+        return self.matrix(key, rows, like.shape[1:], like.dtype, like.device)
+
+    def matrix(self, key: int | str, rows: int, tail: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A buffer [rows, *tail], reused by every later call with this key (contents undefined)."""
+        numel = rows * math.prod(tail)
         buf = self._bufs.get(key)
-        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-            size = max(numel, 2 * buf.numel() if buf is not None and buf.dtype == like.dtype else 0)
-            buf = self._bufs[key] = torch.empty(size, dtype=like.dtype, device=like.device)
-        return buf[:numel].view(rows, *like.shape[1:])
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            size = max(numel, 2 * buf.numel() if buf is not None and buf.dtype == dtype else 0)
+            buf = self._bufs[key] = torch.empty(size, dtype=dtype, device=device)
+        return buf[:numel].view(rows, *tail)
 
     def gather(self, key: int, pool: Tensor, slots: Tensor | slice) -> Tensor:
         if isinstance(slots, slice):  # consecutive slots: a view, no copy
@@ -305,12 +311,15 @@ class Linear:
         self._vllm = vllm_matmul(weight) if os.environ.get("PARROT_CORE_ONEDNN", "1") != "0" else None
         self._packed = _onednn_pack(weight, rows_hint) if self._vllm is None else None
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """The product, written into `out` [N, out_features] when given (and returned)."""
         if self._vllm is not None:
-            return self._vllm(x)
+            return self._vllm(x, out)
         if self._packed is None:
-            return F.linear(x, self.weight)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
+            y = F.linear(x, self.weight)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
+        return y if out is None else out.copy_(y)
 
     @property
     def packed(self) -> bool:
@@ -376,7 +385,11 @@ class LlamaModel:
             )
         self._rope_len = 0
         self._extend_rope(config.max_position_embeddings)
-        self._workspaces = threading.local()  # per thread: engines on other threads may share this model
+        # Engines on several threads may share this model: one forward (or logits) call runs at
+        # a time. vLLM's CPU kernels and the step buffers are not safe under concurrent calls
+        # (two threads stepping at once corrupted rows, up to 8.0 off in a test).
+        self._lock = threading.Lock()
+        self._ws = _Workspace()
         # The torch paths' choices (a VllmKVCache pool is attended by vLLM's kernel instead).
         # Cascade attention for a group of decode sequences sharing a block prefix pays a fixed
         # cost of small ops per layer; it wins once members x shared tokens is large enough.
@@ -445,14 +458,6 @@ class LlamaModel:
             out[p + "mlp.down_proj.weight"] = layer.w_down.weight.clone()
         return out
 
-    @property
-    def _ws(self) -> _Workspace:
-        """This thread's gather buffers (a model may serve several engine threads at once)."""
-        ws = getattr(self._workspaces, "ws", None)
-        if ws is None:
-            ws = self._workspaces.ws = _Workspace()
-        return ws
-
     def _extend_rope(self, length: int) -> None:
         # computed in float32 then cast, as transformers does, so float64 runs match it exactly
         c = self.config
@@ -471,7 +476,12 @@ class LlamaModel:
     def forward(self, batch: ForwardBatch, kv: AnyKVCache, output_rows: Tensor | None = None) -> Tensor:
         """Run one step. Writes the new tokens' K/V into `kv` at `batch.slot_mapping` and returns
         the final-normed hidden state of each sequence's last new token: [num_seqs, hidden]; or,
-        given `output_rows` (indices into the batch's new tokens), of those tokens instead."""
+        given `output_rows` (indices into the batch's new tokens), of those tokens instead. The
+        result is the caller's own tensor. Calls from several threads run one at a time."""
+        with self._lock:
+            return self._forward(batch, kv, output_rows)
+
+    def _forward(self, batch: ForwardBatch, kv: AnyKVCache, output_rows: Tensor | None) -> Tensor:
         c = self.config
         n_q, n_kv, d = c.num_heads, c.num_kv_heads, c.head_dim
         eps = c.rms_norm_eps
@@ -484,12 +494,22 @@ class LlamaModel:
             cos = self._cos[batch.positions].unsqueeze(1)  # [T, 1, d/2]
             sin = self._sin[batch.positions].unsqueeze(1)
 
-        x = F.embedding(batch.token_ids, self.embed)
+        # On vLLM's ops path every large activation is written into the model's reused buffers
+        # (see _Workspace); elsewhere (None) each op makes its own.
+        ws = self._ws if fused is not None else None
+
+        def buffer(key: str, rows: int, *tail: int) -> Tensor | None:
+            return None if ws is None else ws.matrix(key, rows, tail, self.dtype, self.device)
+
+        if ws is None:
+            x = F.embedding(batch.token_ids, self.embed)
+        else:
+            x = torch.index_select(self.embed, 0, batch.token_ids, out=buffer("x", num_tokens, c.hidden_size))
         y: Tensor | None = None  # the previous layer's output, added into x by the next norm
         last_layer = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x, h = _add_rms_norm(x, y, layer.attn_norm, eps, fused)
-            qkv = layer.wqkv(h)
+            qkv = layer.wqkv(h, buffer("qkv", num_tokens, (n_q + 2 * n_kv) * d))
             if fused is not None:  # rotates q and k in place, inside qkv
                 fused.rotary_embedding(batch.positions, qkv[:, : n_q * d], qkv[:, n_q * d : (n_q + n_kv) * d], d, self._cos_sin, True)
                 qkv = qkv.view(num_tokens, n_q + 2 * n_kv, d)
@@ -501,7 +521,7 @@ class LlamaModel:
             kv.write(i, batch.slot_mapping, k, v)
             if plan.paged is not None:
                 assert isinstance(kv, VllmKVCache)
-                o = kv.attend(i, q, plan.paged)  # [T, n_q, d]
+                o = kv.attend(i, q, plan.paged, buffer("o", num_tokens, n_q, d))  # [T, n_q, d]
             else:
                 assert isinstance(kv, KVCache)
                 o = self._attention(q, k, v, kv.k[i], kv.v[i], plan)
@@ -510,14 +530,20 @@ class LlamaModel:
                 o, x = o[output_rows], x[output_rows]
             elif i == last_layer and not plan.all_last:  # only the last tokens' outputs are needed
                 o, x = o[plan.last_rows], x[plan.last_rows]
-            x, h = _add_rms_norm(x, layer.wo(o), layer.mlp_norm, eps, fused)
-            y = layer.w_down(_silu_mul(layer.w_gate_up(h)))
-        return _add_rms_norm(x, y, self.norm, eps, fused)[1]
+            rows = o.shape[0]
+            # the fused norm turns wo's output into h in place; h's last reader is w_gate_up,
+            # so w_down may write the same buffer
+            x, h = _add_rms_norm(x, layer.wo(o, buffer("y", rows, c.hidden_size)), layer.mlp_norm, eps, fused)
+            gate_up = layer.w_gate_up(h, buffer("gate_up", rows, 2 * c.intermediate_size))
+            y = layer.w_down(_silu_mul(gate_up, buffer("act", rows, c.intermediate_size)), buffer("y", rows, c.hidden_size))
+        hidden = _add_rms_norm(x, y, self.norm, eps, fused)[1]
+        return hidden if ws is None else hidden.clone()  # the caller keeps it past the next step
 
     @torch.inference_mode()
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """[N, hidden] -> [N, vocab]."""
-        return self.lm_head(hidden)
+        with self._lock:
+            return self.lm_head(hidden)
 
     # -- attention ----------------------------------------------------------------------------
 
@@ -864,12 +890,14 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def _silu_mul(gate_up: Tensor) -> Tensor:
-    """SwiGLU's activation: silu(gate) * up, for gate and up stacked [T, 2 * intermediate].
-    (Multiplying in place into silu's output saves a fresh large tensor: 2.2x faster at 2,048
-    rows in float32, the same result bit for bit.)"""
+def _silu_mul(gate_up: Tensor, out: Tensor | None = None) -> Tensor:
+    """SwiGLU's activation: silu(gate) * up, for gate and up stacked [T, 2 * intermediate];
+    written into `out` [T, intermediate] when given. (Multiplying in place into silu's output
+    saves a fresh large tensor: 2.2x faster at 2,048 rows in float32, the same result bit for
+    bit.)"""
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate).mul_(up)
+    act = F.silu(gate) if out is None else torch.ops.aten.silu.out(gate, out=out)
+    return act.mul_(up)
 
 
 
