@@ -1,6 +1,8 @@
 """Speed of the builtin engine's model on the default model (CPU, float32 or bfloat16).
 
-Prints prefill throughput at 128/512/2048 tokens on the engine's pool, decode step times
+Prints the linear layers' speed at 1 to 2,048 rows (every layer's four projections and the lm
+head, weights streaming from memory as in a step), prefill throughput at 128/512/2048 tokens on
+the engine's pool, decode step times
 (forward + logits + argmax) at batch 1/8/32 over contexts of ~256 and ~1024 tokens (B sequences
 sharing a prefix, the same KV blocks, plus 32 own tokens each) on torch's paths over the
 token-major pool, plain and shared-prefix (cascade), and on vLLM's paged kernel over its block
@@ -60,6 +62,34 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def bench_linear(model: LlamaModel, rows: int, repeats: int) -> dict[str, float]:
+    """The step's linear work at `rows` rows: each projection of every layer in turn (so each
+    weight comes from memory, as in a step; the 540 MB of float32 weights do not fit any cache),
+    then the lm head. Milliseconds per pass and GFLOP/s."""
+    x = torch.randn(rows, model.config.hidden_size, dtype=model.dtype)
+    act = torch.randn(rows, model.config.intermediate_size, dtype=model.dtype)
+    inputs = {"wqkv": x, "wo": x, "w_gate_up": x, "w_down": act}
+    # outputs into reused buffers, as in a step (fresh large tensors would time page faults)
+    outputs = {name: torch.empty(rows, getattr(model.layers[0], name).weight.shape[0], dtype=model.dtype) for name in inputs}
+    projections = [(getattr(layer, name), inputs[name], outputs[name]) for layer in model.layers for name in inputs]
+    flops = sum(2 * rows * lin.weight.numel() for lin, _, _ in projections)
+
+    def layers() -> None:
+        for lin, inp, out in projections:
+            lin(inp, out)
+
+    layers_s = timed(layers, repeats)
+    logits = torch.empty(rows, model.config.vocab_size, dtype=model.dtype)
+    head_s = timed(lambda: model.lm_head(x, logits), repeats)
+    head_flops = 2 * rows * model.lm_head.weight.numel()
+    return {
+        "layers_ms": layers_s * 1000,
+        "layers_gflops": flops / layers_s / 1e9,
+        "lm_head_ms": head_s * 1000,
+        "lm_head_gflops": head_flops / head_s / 1e9,
+    }
 
 
 def bench_prefill(model: LlamaModel, length: int, repeats: int) -> float:
@@ -132,7 +162,14 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (lin, a, b) = plt.subplots(1, 3, figsize=(16, 4))
+    rows = results["linear"]
+    lin.plot([int(r) for r in rows], [r["layers_gflops"] for r in rows.values()], marker="o", label="layers")
+    lin.plot([int(r) for r in rows], [r["lm_head_gflops"] for r in rows.values()], marker="o", label="lm head")
+    lin.set_xscale("log")
+    lin.set_xlabel("rows")
+    lin.set_ylabel("linear GFLOP/s")
+    lin.legend()
     pre = results["prefill_tok_s"]
     a.bar([str(n) for n in pre], list(pre.values()))
     a.set_xlabel("prompt tokens (one sequence)")
@@ -160,6 +197,13 @@ def bench_model(args: argparse.Namespace, dtype: torch.dtype, results: dict) -> 
     paged = isinstance(allocate_kv_cache(model.config, 1, BS, dtype=dtype), VllmKVCache)
     results["engine_pool"] = "vllm" if paged else "torch"
     print("the engine's pool: " + ("vLLM's block layout, vLLM's paged kernel" if paged else "token-major, torch's paths (no vLLM here)"))
+
+    print("\nlinear layers (the 30 layers' projections, then the lm head): ms (GFLOP/s)")
+    print(f"{'rows':>6} {'layers':>18} {'lm head':>16}")
+    for rows in (1, 8, 32, 256, 2048):
+        r = bench_linear(model, rows, repeats=3)
+        results["linear"][rows] = r
+        print(f"{rows:>6} {r['layers_ms']:>9.1f} ({r['layers_gflops']:>5.0f}) {r['lm_head_ms']:>7.1f} ({r['lm_head_gflops']:>5.0f})")
 
     print("\nprefill (one fresh sequence, the engine's pool)")
     print(f"{'tokens':>8} {'tok/s':>8}")
@@ -195,7 +239,7 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
 
-    results: dict = {"dtype": args.dtype, "threads": torch.get_num_threads(), "prefill_tok_s": {}, "decode_ms": {}}
+    results: dict = {"dtype": args.dtype, "threads": torch.get_num_threads(), "linear": {}, "prefill_tok_s": {}, "decode_ms": {}}
     # On a thread of its own that ends before the engine starts: with libgomp, each thread that
     # ran parallel torch ops keeps an OpenMP pool, and two pools slow every step of the engine's
     # thread (see BuiltinEngine._run); the pool goes away with its thread.

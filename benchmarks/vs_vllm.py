@@ -3,19 +3,23 @@ limits and KV memory.
 
 Both engines run as worker processes (`vs_vllm_worker.py`; vLLM in its own virtual environment,
 `.venv-vllm`, made by `make vllm` or by this script on first use) and stay loaded for the whole
-run, so engine start-up is not timed. For each workload, in turn for each engine (the order
-alternates between rows): a warm-up pass on a same-shaped twin workload (other random tokens),
-then the timed pass. Greedy, EOS ignored; the token ids of every request are compared.
+run, so engine start-up is not timed. Each workload runs `--repeats` times (default 3), each
+time on fresh random tokens and on both engines back to back, the order alternating from one
+run to the next; each engine's pass is a warm-up on a same-shaped twin workload (other random
+tokens), then the timed pass. Greedy, EOS ignored; the token ids of every request are compared.
 
-Figures: wall time of each timed pass and the ratio parrot-core / vLLM (below 1: parrot-core is
-faster); prompt tokens computed per prompt token sent (1 - cached / prompt, as each engine
-reports it: hardware-independent); identical greedy ids (requests whose ids match).
+Figures: per engine the median wall time of a row's timed passes; the ratio parrot-core / vLLM
+(below 1: parrot-core is faster) as the median of the runs' ratios, with their range (on a VM
+one run's ratio moves by up to ~15%, so a single run cannot tell 0.85 from 0.95); prompt tokens
+computed per prompt token sent (1 - cached / prompt, as each engine reports it: hardware-
+independent); identical greedy ids (requests whose ids match, over all runs).
 
     make vllm                                   # once: vLLM's CPU build into .venv-vllm (~1-2 min),
                                                 # and the model exported for it (--setup does both)
     python benchmarks/vs_vllm.py                # float32, every row
     python benchmarks/vs_vllm.py --dtype bfloat16
     python benchmarks/vs_vllm.py --rows 1 4     # a subset (row numbers as printed)
+    python benchmarks/vs_vllm.py --repeats 1    # one run of each row (quicker, noisier)
     python benchmarks/vs_vllm.py --serve        # over HTTP: `parrot-core serve` vs `vllm serve`
                                                 # under `vllm bench serve` (see vs_vllm_serve.py)
 """
@@ -27,6 +31,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import threading
@@ -202,46 +207,76 @@ def _catch(fn: Callable[[], None], errors: list[BaseException]) -> None:
 # ---------------------------------------------------------------------------- run
 
 
-def run_rows(workers: dict[str, Worker], rows: list[int], seed: int) -> list[dict[str, Any]]:
+def run_rows(workers: dict[str, Worker], rows: list[int], seed: int, repeats: int) -> list[dict[str, Any]]:
+    """Each row `repeats` times on each engine, back to back, the engine order alternating from
+    one run to the next; each run on fresh random tokens (a cold row stays cold), after its
+    warm-up twin. A row's figures: the median of its runs' seconds per engine, and the median
+    and range of the runs' ratios (each run's two engines measured minutes apart at most)."""
     results = []
-    previous: tuple[Conversations, Conversations] | None = None
+    previous: list[tuple[Conversations, Conversations]] = []
     for n, workload in enumerate(WORKLOADS, start=1):
         rng = random.Random(seed * 1000 + n)
         if workload.same_as_previous:
-            assert previous is not None, "a warm row follows its cold row"
-            twin, timed = previous
+            assert previous, "a warm row follows its cold row"
+            draws = previous
         else:
-            twin, timed = workload.make(rng), workload.make(rng)
-        previous = (twin, timed)
+            draws = [(workload.make(rng), workload.make(rng)) for _ in range(repeats)]
+        previous = draws
         if n not in rows:
             continue
-        order = ["vllm", "parrot"] if n % 2 else ["parrot", "vllm"]
-        row: dict[str, Any] = {"row": n, "workload": workload.name, "order": order}
-        for key in order:
-            print(f"[{n}/{len(WORKLOADS)}] {workload.name}: {workers[key].name} warm-up + timed ...", flush=True)
-            workers[key].run(twin, workload.max_tokens)
-            row[key] = workers[key].run(timed, workload.max_tokens)
-            print(f"    {row[key]['seconds']:.2f} s", flush=True)
-        v, p = row["vllm"], row["parrot"]
-        row["ratio"] = p["seconds"] / v["seconds"]
-        row["identical"] = sum(a == b for a, b in zip(v["outputs"], p["outputs"], strict=True))
-        row["requests"] = len(v["outputs"])
-        for key in ("vllm", "parrot"):
-            r = row[key]
-            r["computed_per_prompt_token"] = 1 - r["cached_tokens"] / r["prompt_tokens"]
-            del r["outputs"]
-        results.append(row)
+        runs: list[dict[str, Any]] = []
+        for k, (twin, timed) in enumerate(draws):
+            order = ["vllm", "parrot"] if (n + k) % 2 else ["parrot", "vllm"]
+            run: dict[str, Any] = {"order": order}
+            for key in order:
+                print(f"[{n}/{len(WORKLOADS)}] run {k + 1}/{len(draws)} {workload.name}: {workers[key].name} warm-up + timed ...", flush=True)
+                workers[key].run(twin, workload.max_tokens)
+                run[key] = workers[key].run(timed, workload.max_tokens)
+                print(f"    {run[key]['seconds']:.2f} s", flush=True)
+            run["ratio"] = run["parrot"]["seconds"] / run["vllm"]["seconds"]
+            runs.append(run)
+        results.append(summarize_row(n, workload.name, runs))
     return results
 
 
+def summarize_row(n: int, name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row's figures from its runs (each: per engine seconds, prompt/cached tokens and the
+    requests' outputs; and the ratio)."""
+    row: dict[str, Any] = {"row": n, "workload": name, "repeats": len(runs)}
+    for key in ("vllm", "parrot"):
+        prompt = sum(r[key]["prompt_tokens"] for r in runs)
+        cached = sum(r[key]["cached_tokens"] for r in runs)
+        row[key] = {
+            "seconds": statistics.median(r[key]["seconds"] for r in runs),
+            "runs_seconds": [r[key]["seconds"] for r in runs],
+            "prompt_tokens": prompt,
+            "cached_tokens": cached,
+            "computed_per_prompt_token": 1 - cached / prompt,
+        }
+    ratios = [r["ratio"] for r in runs]
+    row["ratio"] = statistics.median(ratios)
+    row["ratio_range"] = [min(ratios), max(ratios)]
+    row["runs_ratio"] = ratios
+    row["runs_order"] = [r["order"] for r in runs]
+    row["identical"] = sum(a == b for r in runs for a, b in zip(r["vllm"]["outputs"], r["parrot"]["outputs"], strict=True))
+    row["requests"] = sum(len(r["vllm"]["outputs"]) for r in runs)
+    return row
+
+
 def print_table(rows: list[dict[str, Any]], dtype: str) -> None:
-    head = f"| workload (greedy, EOS ignored, {dtype}) | vLLM-CPU | parrot-core | ratio | computed/prompt tok (vLLM / ours) | identical ids |"
+    repeats = max(r["repeats"] for r in rows)
+    each = f"median of {repeats} runs" if repeats > 1 else "one run"
+    head = (
+        f"| workload (greedy, EOS ignored, {dtype}) | vLLM-CPU | parrot-core | ratio ({each}) | range of the ratio "
+        "| computed/prompt tok (vLLM / ours) | identical ids |"
+    )
     print(head)
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         v, p = r["vllm"], r["parrot"]
+        low, high = r["ratio_range"]
         print(
-            f"| {r['row']}. {r['workload']} | {v['seconds']:.2f} s | {p['seconds']:.2f} s | {r['ratio']:.2f} "
+            f"| {r['row']}. {r['workload']} | {v['seconds']:.2f} s | {p['seconds']:.2f} s | {r['ratio']:.2f} | {low:.2f}-{high:.2f} "
             f"| {v['computed_per_prompt_token']:.3f} / {p['computed_per_prompt_token']:.3f} | {r['identical']}/{r['requests']} |"
         )
 
@@ -259,6 +294,10 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     for x, r in zip(xs, rows):
         top = max(r["vllm"]["seconds"], r["parrot"]["seconds"])
         ax.text(x, top * 1.02, f"x{r['ratio']:.2f}", ha="center")
+        if r.get("repeats", 1) > 1:  # each run's seconds, as dots over the median's bar
+            for dx, key in ((-0.2, "vllm"), (0.2, "parrot")):
+                runs = r[key]["runs_seconds"]
+                ax.plot([x + dx] * len(runs), runs, "k.", markersize=4)
     ax.set_xticks(list(xs), [f"row {r['row']}" for r in rows])
     ax.set_ylabel("wall time (s)")
     ax.set_title(title)
@@ -276,6 +315,7 @@ def main() -> None:
     ap.add_argument("--gguf", default=None, help="a llama GGUF (default: the bundled SmolLM2-135M-Instruct)")
     ap.add_argument("--vllm-venv", default=os.path.join(ROOT, ".venv-vllm"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each row per engine, alternating (not with --serve)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/vs_vllm[_serve]_<dtype>.json)")
     ap.add_argument("--model-dir", default=None, help="the model's Hugging Face directory, already exported (default: export it)")
     ap.add_argument("--serve", action="store_true", help="`parrot-core serve` against `vllm serve` under `vllm bench serve`")
@@ -292,7 +332,7 @@ def main() -> None:
 
     workers = start_workers(args)
     try:
-        rows = run_rows(workers, args.rows, args.seed)
+        rows = run_rows(workers, args.rows, args.seed, args.repeats)
     finally:
         for w in workers.values():
             w.close()

