@@ -315,7 +315,7 @@ def main() -> None:
     ap.add_argument("--gguf", default=None, help="a llama GGUF (default: the bundled SmolLM2-135M-Instruct)")
     ap.add_argument("--vllm-venv", default=os.path.join(ROOT, ".venv-vllm"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=3, help="runs of each row per engine, alternating (not with --serve)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each row per engine, alternating (also with --serve)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/vs_vllm[_serve]_<dtype>.json)")
     ap.add_argument("--model-dir", default=None, help="the model's Hugging Face directory, already exported (default: export it)")
     ap.add_argument("--serve", action="store_true", help="`parrot-core serve` against `vllm serve` under `vllm bench serve`")

@@ -3,10 +3,11 @@ client, vLLM's own `vllm bench serve` (OpenAI completions, streamed), in one run
 
 Both servers start once on 127.0.0.1 (start-up not timed) with the same model, dtype, limits
 and KV memory, and stay up; only one is driven at a time, and the CPU time the idle one spends
-meanwhile is measured (from /proc) and reported. For each workload, in turn for each server
-(the order alternates between workloads): a warm-up run of the client with another seed (other
-random prompts of the same shape), then the timed run; both servers get the same timed
-prompts. Greedy, EOS ignored. Each server runs in its own process group and the whole group
+meanwhile is measured (from /proc) and reported. For each workload: a warm-up run of the
+client on each server with another seed (other random prompts of the same shape), then
+`--repeats` timed runs, each on a seed of its own and on both servers back to back (the order
+alternating from one run to the next; both get the same prompts). A figure is the median of
+the runs, a ratio the median of the runs' ratios, with their range. Greedy, EOS ignored. Each server runs in its own process group and the whole group
 is killed at the end, on error too.
 """
 
@@ -16,6 +17,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -100,9 +102,13 @@ def ratios(parrot: dict[str, float], vllm: dict[str, float]) -> dict[str, float]
 
 
 def table(rows: list[dict[str, Any]], dtype: str) -> str:
-    """The markdown table of the rows (each with "vllm", "parrot" summaries and "ratio")."""
+    """The markdown table of the rows (each with "vllm", "parrot" summaries, "ratio" and, from
+    repeated runs, "ratio_range"): a figure of several runs is their median, and a ratio's
+    range follows it in parentheses."""
+    repeats = max(r.get("repeats", 1) for r in rows)
+    each = f", median of {repeats} runs" if repeats > 1 else ""
     lines = [
-        f"| workload over HTTP ({dtype}, greedy, EOS ignored) | server | duration | req/s | median TTFT | p99 TTFT | median TPOT |",
+        f"| workload over HTTP ({dtype}, greedy, EOS ignored{each}) | server | duration | req/s | median TTFT | p99 TTFT | median TPOT |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -112,11 +118,12 @@ def table(rows: list[dict[str, Any]], dtype: str) -> str:
                 f"| {r['row']}. {r['workload']} | {label} | {s['duration']:.2f} s | {s['request_throughput']:.2f} "
                 f"| {s['median_ttft_ms']:.0f} ms | {s['p99_ttft_ms']:.0f} ms | {s['median_tpot_ms']:.0f} ms |"
             )
-        q = r["ratio"]
-        lines.append(
-            f"| {r['row']}. | **parrot / vLLM** | {q['duration']:.2f} | {q['request_throughput']:.2f} "
-            f"| {q['median_ttft_ms']:.2f} | {q['p99_ttft_ms']:.2f} | {q['median_tpot_ms']:.2f} |"
-        )
+        q, spread = r["ratio"], r.get("ratio_range")
+
+        def shown(k: str) -> str:
+            return f"{q[k]:.2f}" + (f" ({spread[k][0]:.2f}-{spread[k][1]:.2f})" if spread and r.get("repeats", 1) > 1 else "")
+
+        lines.append(f"| {r['row']}. | **parrot / vLLM** | " + " | ".join(shown(k) for k in METRICS) + " |")
     return "\n".join(lines)
 
 
@@ -317,36 +324,55 @@ def client_command_line(workload: ServeWorkload, num_prompts: int) -> str:
 
 
 def run_serve_rows(servers: dict[str, Server], client: Client, args: Any) -> list[dict[str, Any]]:
-    """Each workload of `args.rows` (`args.num_prompts` requests, or its own number), for each
-    server in turn: a warm-up run (seed + 500), then the timed run, measuring meanwhile the CPU
-    time of the measured server and of the idle one."""
+    """Each workload of `args.rows` (`args.num_prompts` requests, or its own number): for each
+    server a warm-up run (seed + 500), then `args.repeats` timed runs, each on its own seed (a
+    cold prefix cache) and on both servers back to back, the order alternating from one run to
+    the next; meanwhile the CPU time of the measured server and of the idle one is measured."""
     rows = []
     for n, workload in enumerate(SERVE_WORKLOADS, start=1):
         if n not in args.rows:
             continue
         num_prompts = args.num_prompts or workload.num_prompts
-        order = list(KEYS) if n % 2 else list(reversed(KEYS))
         name = workload.name.format(n=num_prompts)
-        row: dict[str, Any] = {"row": n, "workload": name, "order": order, "num_prompts": num_prompts,
-                               "client": client_command_line(workload, num_prompts)}  # fmt: skip
         timed_seed = args.seed * 1000 + n
-        for key in order:
-            server, other = servers[key], servers[KEYS[1 - KEYS.index(key)]]
-            print(f"[{n}] {name}: {server.name} warm-up + timed ...", flush=True)
-            client.run(server, workload, num_prompts, timed_seed + 500, f"{n}_{key}_warmup")
-            own, idle = server.cpu_seconds(), other.cpu_seconds()
-            summary = client.run(server, workload, num_prompts, timed_seed, f"{n}_{key}")
-            summary["server_cpu_s"] = server.cpu_seconds() - own
-            summary["idle_other_cpu_s"] = other.cpu_seconds() - idle
-            row[key] = summary
-            print(
-                f"    {summary['duration']:.2f} s, median TTFT {summary['median_ttft_ms']:.0f} ms; "
-                f"CPU {summary['server_cpu_s']:.1f} s, idle {other.name} {summary['idle_other_cpu_s']:.2f} s",
-                flush=True,
-            )
-        row["ratio"] = ratios(row["parrot"], row["vllm"])
+        for key in KEYS:
+            print(f"[{n}] {name}: {servers[key].name} warm-up ...", flush=True)
+            client.run(servers[key], workload, num_prompts, timed_seed + 500, f"{n}_{key}_warmup")
+        runs = []
+        for k in range(args.repeats):
+            order = list(KEYS) if (n + k) % 2 else list(reversed(KEYS))
+            run: dict[str, Any] = {"order": order}
+            for key in order:
+                server, other = servers[key], servers[KEYS[1 - KEYS.index(key)]]
+                print(f"[{n}] run {k + 1}/{args.repeats} {name}: {server.name} ...", flush=True)
+                own, idle = server.cpu_seconds(), other.cpu_seconds()
+                summary = client.run(server, workload, num_prompts, timed_seed + 1000 * k, f"{n}_{key}_{k}")
+                summary["server_cpu_s"] = server.cpu_seconds() - own
+                summary["idle_other_cpu_s"] = other.cpu_seconds() - idle
+                run[key] = summary
+                print(
+                    f"    {summary['duration']:.2f} s, median TTFT {summary['median_ttft_ms']:.0f} ms; "
+                    f"CPU {summary['server_cpu_s']:.1f} s, idle {other.name} {summary['idle_other_cpu_s']:.2f} s",
+                    flush=True,
+                )
+            run["ratio"] = ratios(run["parrot"], run["vllm"])
+            runs.append(run)
+        row = summarize_runs(runs)
+        row.update({"row": n, "workload": name, "num_prompts": num_prompts, "client": client_command_line(workload, num_prompts)})
         rows.append(row)
     return rows
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A row's figures from its runs (each: both servers' summaries and their ratios): per
+    server the median of each figure; per figure the median and the range of the runs' ratios
+    (each run's two servers measured back to back)."""
+    row: dict[str, Any] = {"repeats": len(runs), "runs": runs}
+    for key in KEYS:
+        row[key] = {k: statistics.median(r[key][k] for r in runs) for k in runs[0][key]}
+    row["ratio"] = {k: statistics.median(r["ratio"][k] for r in runs) for k in METRICS}
+    row["ratio_range"] = {k: [min(r["ratio"][k] for r in runs), max(r["ratio"][k] for r in runs)] for k in METRICS}
+    return row
 
 
 def plot_serve(rows: list[dict[str, Any]], path: str, title: str) -> None:

@@ -132,3 +132,20 @@ def test_a_rows_figures_are_the_medians_of_its_runs(capsys: pytest.CaptureFixtur
     lines = capsys.readouterr().out.splitlines()
     assert "median of 3 runs" in lines[0]
     assert lines[2] == "| 4. w | 3.00 s | 2.00 s | 0.90 | 0.50-0.95 | 0.750 / 0.750 | 5/6 |"
+
+
+def test_repeated_serve_runs_give_medians_and_ranges() -> None:
+    base = serve.summarize(_result(), expected=8)
+    runs = []
+    for vllm_ttft, parrot_ttft in ((1000.0, 900.0), (1200.0, 1500.0), (1100.0, 990.0)):
+        vllm, parrot = {**base, "median_ttft_ms": vllm_ttft}, {**base, "median_ttft_ms": parrot_ttft}
+        runs.append({"vllm": vllm, "parrot": parrot, "ratio": serve.ratios(parrot, vllm)})
+    row = serve.summarize_runs(runs)
+    assert row["vllm"]["median_ttft_ms"] == 1100.0 and row["parrot"]["median_ttft_ms"] == 990.0
+    assert row["ratio"]["median_ttft_ms"] == pytest.approx(0.9)  # the runs' ratios 0.9, 1.25, 0.9
+    assert row["ratio_range"]["median_ttft_ms"] == pytest.approx([0.9, 1.25])
+    assert row["ratio"]["duration"] == 1.0 and row["repeats"] == 3
+    row.update({"row": 1, "workload": "w"})
+    lines = serve.table([row], "float32").splitlines()
+    assert "median of 3 runs" in lines[0]
+    assert lines[4] == "| 1. | **parrot / vLLM** | 1.00 (1.00-1.00) | 1.00 (1.00-1.00) | 0.90 (0.90-1.25) | 1.00 (1.00-1.00) | 1.00 (1.00-1.00) |"
