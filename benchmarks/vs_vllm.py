@@ -10,7 +10,7 @@ tokens), then the timed pass. Greedy, EOS ignored; the token ids of every reques
 
 Figures: per engine the median wall time of a row's timed passes; the ratio parrot-core / vLLM
 (below 1: parrot-core is faster) as the median of the runs' ratios, with their range (on a VM
-one run's ratio moves by up to ~15%, so a single run cannot tell 0.85 from 0.95); prompt tokens
+one run's ratio moves by 10-30%, so a single run cannot tell 0.85 from 0.95); prompt tokens
 computed per prompt token sent (1 - cached / prompt, as each engine reports it: hardware-
 independent); identical greedy ids (requests whose ids match, over all runs).
 
@@ -322,6 +322,8 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=None, help="--serve: requests per run (default: each workload's own)")
     ap.add_argument("--setup", action="store_true", help="only set up vLLM's environment and the exported model, then exit")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.setup:
         print(vllm_python(args.vllm_venv), args.model_dir or exported_model(args.gguf))
         return

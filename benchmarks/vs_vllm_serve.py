@@ -7,8 +7,8 @@ meanwhile is measured (from /proc) and reported. For each workload: a warm-up ru
 client on each server with another seed (other random prompts of the same shape), then
 `--repeats` timed runs, each on a seed of its own and on both servers back to back (the order
 alternating from one run to the next; both get the same prompts). A figure is the median of
-the runs, a ratio the median of the runs' ratios, with their range. Greedy, EOS ignored. Each server runs in its own process group and the whole group
-is killed at the end, on error too.
+the runs, a ratio the median of the runs' ratios, with their range. Greedy, EOS ignored. Each
+server runs in its own process group and the whole group is killed at the end, on error too.
 """
 
 from __future__ import annotations
@@ -118,13 +118,17 @@ def table(rows: list[dict[str, Any]], dtype: str) -> str:
                 f"| {r['row']}. {r['workload']} | {label} | {s['duration']:.2f} s | {s['request_throughput']:.2f} "
                 f"| {s['median_ttft_ms']:.0f} ms | {s['p99_ttft_ms']:.0f} ms | {s['median_tpot_ms']:.0f} ms |"
             )
-        q, spread = r["ratio"], r.get("ratio_range")
-
-        def shown(k: str) -> str:
-            return f"{q[k]:.2f}" + (f" ({spread[k][0]:.2f}-{spread[k][1]:.2f})" if spread and r.get("repeats", 1) > 1 else "")
-
-        lines.append(f"| {r['row']}. | **parrot / vLLM** | " + " | ".join(shown(k) for k in METRICS) + " |")
+        lines.append(f"| {r['row']}. | **parrot / vLLM** | " + " | ".join(_ratio_cell(r, k) for k in METRICS) + " |")
     return "\n".join(lines)
+
+
+def _ratio_cell(row: dict[str, Any], metric: str) -> str:
+    """The ratio of one figure, followed by its range when the row has several runs."""
+    cell = f"{row['ratio'][metric]:.2f}"
+    if row.get("repeats", 1) > 1:
+        low, high = row["ratio_range"][metric]
+        cell += f" ({low:.2f}-{high:.2f})"
+    return cell
 
 
 # ---------------------------------------------------------------------------- processes
