@@ -22,9 +22,10 @@ text* is its ancestors' text plus its own. The engine keeps no KV and computes n
   tokens it stands for (a special token's text is empty; byte tokens' text comes out merged,
   or as U+FFFD), which sampled output meets: the quantum of a suspendable generation and the
   budget carried over go by the ids handed out. (A chunk without ids falls back to
-  re-tokenizing.) The generated text joins the context's text exactly as the server produced it (a stop
-  string is cut by the server and never joins). Stopping the iteration (or cancelling its
-  task) closes the HTTP stream, which is how an OpenAI-compatible server learns to abort.
+  re-tokenizing.) The generated text joins the context's text exactly as the server produced
+  it (a stop string is cut by the server and never joins). Stopping the iteration (or
+  cancelling its task) closes the HTTP stream, which is how an OpenAI-compatible server
+  learns to abort.
 - Text is the truth, not ids: the server re-tokenizes the whole path text, so a context's
   tokens on the server are those of its text as one string. Fills whose texts meet at a
   pre-tokenizer boundary (e.g. one ending in "." and the next starting with " ") tokenize the
