@@ -36,20 +36,20 @@ def prompt(seed: int, n: int) -> list[int]:
 def test_greedy_identical_caching_off_cold_warm(make_engine):
     shared = prompt(1, 22)
     a, b = shared + prompt(2, 5), shared + prompt(3, 7)
+    c = shared + prompt(4, 2)  # 24 tokens, 6 whole blocks: warm, every block is cached
 
-    async def both(engine, first_id):
-        ra = await run(engine, first_id, a, 12)
-        rb = await run(engine, first_id + 1, b, 12)
-        return ra, rb
+    async def all_three(engine, first_id):
+        return [await run(engine, first_id + i, p, 12) for i, p in enumerate((a, b, c))]
 
-    off = asyncio.run(both(make_engine(enable_prefix_caching=False), 0))
+    off = asyncio.run(all_three(make_engine(enable_prefix_caching=False), 0))
     on = make_engine()
-    cold = asyncio.run(both(on, 0))
-    warm = asyncio.run(both(on, 10))
-    assert off[0][0] == cold[0][0] == warm[0][0]
-    assert off[1][0] == cold[1][0] == warm[1][0]
+    cold = asyncio.run(all_three(on, 0))
+    warm = asyncio.run(all_three(on, 10))
+    for i in range(3):
+        assert off[i][0] == cold[i][0] == warm[i][0]
     assert cold[1][2].cached_tokens == 20  # the second prompt hits the shared full blocks (5 x 4)
     assert warm[0][2].cached_tokens == 24 and off[1][2].cached_tokens == 0
+    assert warm[2][2].cached_tokens == 23  # all but the last token, computed into a block copy
 
 
 def test_second_request_computes_only_uncached_tokens_and_never_the_last(make_engine):
@@ -59,7 +59,7 @@ def test_second_request_computes_only_uncached_tokens_and_never_the_last(make_en
     before = engine.runtime_info().prompt_tokens_computed
     result = asyncio.run(engine.fill(1, None, p))  # the same 40 tokens, 10 full blocks
     computed = engine.runtime_info().prompt_tokens_computed - before
-    assert result.cached_tokens == 36 and computed == 4  # the last token's block is recomputed
+    assert result.cached_tokens == 39 and computed == 1  # only the last token, not its block
     partial = asyncio.run(engine.fill(2, None, p[:10] + prompt(6, 10)))
     assert partial.cached_tokens == 8  # full-block granularity: 10 shared tokens = 2 blocks
 

@@ -113,24 +113,27 @@ def test_parent_freed_while_child_lives_keeps_shared_blocks():
     tree.check_invariants()
 
 
-def test_match_prefix_takes_whole_blocks_and_never_the_last_token():
+def test_match_prefix_takes_whole_blocks_and_computes_only_the_last_token_again():
     pool, tree, kv = make()
     a = tree.create(1)
     fill(tree, kv, a, range(8))
     b = tree.create(2)
-    assert fill(tree, kv, b, range(8)) == 4  # two blocks exactly: the last token is recomputed
+    # every token is cached: both blocks are taken, the last token (never a hit: its hidden
+    # state is needed) is computed again into a copy of its block, not its whole block
+    assert fill(tree, kv, b, range(8)) == 7
     assert b.blocks[0] is a.blocks[0] and b.blocks[1] is not a.blocks[1]
-    assert (tree.queries, tree.hits) == (8 + 8, 4)  # a looked up too, and missed
+    assert a.blocks[1].ref_count == 1 and b.blocks[1].ref_count == 1
+    assert (tree.queries, tree.hits) == (8 + 8, 7)  # a looked up too, and missed
     c = tree.create(3)
     assert fill(tree, kv, c, [*range(8), 99]) == 8
     d = tree.create(4)
     assert fill(tree, kv, d, [0, 1, 2, 3, 4, 5, 99, 99, 99]) == 4  # first miss stops the walk
     e = tree.create(5)
-    assert fill(tree, kv, e, [0, 1, 2]) == 0  # less than one block before the last token
+    assert fill(tree, kv, e, [0, 1, 2]) == 0  # less than one block
     assert a.blocks[0].ref_count == 4 and e.blocks[0] is not a.blocks[0]
     for ctx in (a, b, c, d, e):
         assert content(tree, kv, ctx) == expected(ctx)
-    assert (tree.queries, tree.hits) == (16 + 9 + 9 + 3, 4 + 8 + 4)
+    assert (tree.queries, tree.hits) == (16 + 9 + 9 + 3, 7 + 8 + 4)
     tree.check_invariants()
 
 

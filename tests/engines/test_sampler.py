@@ -25,6 +25,17 @@ def test_greedy_is_argmax():
     assert sample(x, params, [None] * 6) == x.argmax(-1).tolist()
 
 
+
+def test_greedy_bfloat16_takes_the_first_of_tied_maxima():
+    # logits rounded to few values tie often in bfloat16; greedy must pick the first maximum,
+    # as vLLM's sampler does (it takes the argmax of the float32 logits)
+    x = (logits(64, seed=9) * 2).round().bfloat16()
+    wide = x.float()
+    first_max = (wide == wide.max(-1, keepdim=True).values).int().argmax(-1)
+    assert int(((wide == wide.max(-1, keepdim=True).values).sum(-1) > 1).sum()) > 0  # ties present
+    params = [SamplingParams(temperature=0.0)] * 64
+    assert sample(x, params, [None] * 64) == first_max.tolist()
+
 @pytest.mark.parametrize("temperature", [0.1, 1.0, 5.0])
 def test_top_k_1_is_greedy_at_any_temperature(temperature):
     x = logits(8, seed=1)

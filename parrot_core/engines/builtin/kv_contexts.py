@@ -149,9 +149,12 @@ class KVContextTree:
         ctx.token_ids.extend(token_ids)
 
     def match_prefix(self, ctx: KVContext) -> int:
-        """Take cached blocks for the uncomputed tokens, whole blocks only, never covering the
-        last token (its logits are needed). Returns the number of tokens hit. Looks up nothing
-        unless the context is block-aligned, holds no extra room and its last block is hashed."""
+        """Take cached blocks for the uncomputed tokens, whole blocks only. The last token is
+        never counted as hit (its hidden state is needed): if the blocks cover it, the context
+        keeps its block but computes that one token again, into a copy of the block (the write
+        rule above), instead of its whole block. Returns the number of tokens hit. Looks up
+        nothing unless the context is block-aligned, holds no extra room and its last block is
+        hashed."""
         if not self.pool.enable_prefix_caching:
             return 0
         bs, n = self.block_size, ctx.num_computed
@@ -164,7 +167,7 @@ class KVContextTree:
         if remaining <= 0:
             return 0
         self.queries += remaining
-        max_blocks = (remaining - 1) // bs
+        max_blocks = remaining // bs
         arr = np.asarray(ctx.token_ids[n : n + max_blocks * bs], dtype=TOKEN_DTYPE)
         hit = 0
         for i in range(max_blocks):
@@ -178,6 +181,9 @@ class KVContextTree:
             parent = h
             hit += bs
         ctx.num_computed += hit
+        if hit and ctx.num_computed == len(ctx.token_ids):
+            self.uncompute_last(ctx)
+            hit -= 1
         self.hits += hit
         return hit
 

@@ -22,7 +22,9 @@ def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequenc
     """One token id per row of `logits` [B, V]. Greedy rows (temperature 0) take the argmax."""
     if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
         raise ValueError("sample() needs logits [B, V] with one params and one generator per row")
-    out = logits.argmax(dim=-1).tolist()
+    # argmax in float32: the same index (the first maximum, ties included: every bfloat16 is a
+    # float32), and torch's bfloat16 argmax is ~5x slower (3 ms for 32 x 49,152 logits here)
+    out = (logits if logits.dtype in (torch.float32, torch.float64) else logits.float()).argmax(dim=-1).tolist()
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return out

@@ -244,7 +244,7 @@ class Scheduler:
             parent = ctx.blocks[first - 1].block_hash
             if parent is None:
                 return []
-        full = (len(ctx.token_ids) - 1) // bs  # blocks that can ever be hit (never the last token)
+        full = len(ctx.token_ids) // bs  # blocks that can be hit (`match_prefix`)
         tokens = np.asarray(ctx.token_ids[first * bs : full * bs], dtype=TOKEN_DTYPE)
         hashes = []
         for b in range(full - first):
