@@ -58,25 +58,58 @@ def test_sizes_dtypes_devices_and_the_switch_it_does_not_take(monkeypatch, tiny_
 # ---------------------------------------------------------------------------- the layout
 
 
+@pytest.mark.parametrize("block_size", [16, 32, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_what_is_written_at_any_slots_reads_back_bitwise(dtype):
+def test_what_is_written_at_any_slots_reads_back_bitwise(dtype, block_size):
     """Scattered slots, partly filled blocks, inputs that are strided views (as the model's q/k/v
     slices are); slots never written stay zero; and the K tile is the transpose of the tokens'
-    K rows (the packing `read` relies on, checked on the raw memory)."""
+    K rows (the packing `read` relies on, checked on the raw memory), on either kernel path."""
     g = torch.Generator().manual_seed(0)
-    kv = VllmKVCache.allocate(2, 3, 64, 8, BS, dtype)
-    slots = torch.tensor(random.Random(1).sample(range(8 * BS), 37))
+    kv = VllmKVCache.allocate(2, 3, 64, 8, block_size, dtype)
+    assert kv.isa == ("vec16" if block_size == 16 else "vec")
+    slots = torch.tensor(random.Random(1).sample(range(8 * block_size), 37))
     qkv = torch.randn(37, 12, 64, generator=g).to(dtype)
     k, v = qkv[:, 6:9], qkv[:, 9:]
     assert not k.is_contiguous()
     kv.write(1, slots, k, v)
     got_k, got_v = kv.read(1, slots)
     assert torch.equal(got_k, k) and torch.equal(got_v, v)
-    unwritten = torch.tensor(sorted(set(range(8 * BS)) - set(slots.tolist())))
+    unwritten = torch.tensor(sorted(set(range(8 * block_size)) - set(slots.tolist())))
     assert not any(t.any() for t in (*kv.read(1, unwritten), kv.blocks[0]))
     s = int(slots[0])
-    tile = kv.blocks[1][s // BS, :, :BS].reshape(3, 64, BS)  # the raw K tile of that block
-    assert torch.equal(tile[:, :, s % BS], k[0])
+    tile = kv.blocks[1][s // block_size, :, :block_size].reshape(3, 64, block_size)  # the raw K tile of that block
+    assert torch.equal(tile[:, :, s % block_size], k[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_block_size_attends_as_a_float64_reference_does(dtype):
+    """The same sequences (a shared prefix, decodes, chunks over cached tokens, a fresh prefill)
+    in pools of blocks of 16 ("vec16") and of 32 and 64 ("vec"): each output is the causal
+    softmax attention computed in float64 from the same K/V, within the dtype's rounding."""
+    g = torch.Generator().manual_seed(2)
+    lens = [(70, 1), (70, 1), (100, 12), (45, 45), (33, 5)]  # (context, new tokens)
+    keys = [torch.randn(c, 3, 64, generator=g).to(dtype) for c, _ in lens]
+    values = [torch.randn(c, 3, 64, generator=g).to(dtype) for c, _ in lens]
+    keys[1][:64], values[1][:64] = keys[0][:64], values[0][:64]  # a shared 64-token prefix
+    q = torch.randn(sum(n for _, n in lens), 9, 64, generator=g).to(dtype)
+    want, row = [], 0
+    for (c, n), k, v in zip(lens, keys, values, strict=True):
+        scores = torch.einsum("qhd,khd->hqk", q[row : row + n].double(), k.double().repeat_interleave(3, dim=1)) / 8.0
+        causal = torch.arange(c)[None, :] > torch.arange(c - n, c)[:, None]
+        want.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(causal, float("-inf")).softmax(-1), v.double().repeat_interleave(3, dim=1)))
+        row += n
+    want_all = torch.cat(want)
+    for block_size in (16, 32, 64):
+        tables, next_block = [], 0
+        for c, _ in lens:
+            tables.append(list(range(next_block, next_block + -(-c // block_size))))
+            next_block += len(tables[-1])
+        kv = VllmKVCache.allocate(1, 3, 64, next_block, block_size, dtype)
+        for (c, _), table, k, v in zip(lens, tables, keys, values, strict=True):
+            kv.write(0, torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(c)]), k, v)
+        got = kv.attend(0, q, kv.prepare([n for _, n in lens], [c for c, _ in lens], tables, 9)).double()
+        tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+        assert (got - want_all).abs().max().item() <= tolerance * want_all.abs().max().item(), block_size
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
