@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 VLLM_VERSION = "0.32.0"  # the version whose private ops this module calls (pyproject's `vllm` extra)
 _BLOCK_MULTIPLE = 16
+# head sizes checked against torch's kernel in both dtypes (the kernel refuses 16 and above 160)
+_HEAD_DIMS = (32, 48, 64, 80, 96, 112, 128, 160)
+_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def kernel_isa(block_size: int) -> str:
@@ -47,9 +50,6 @@ def kernel_isa(block_size: int) -> str:
     than blocks of 16 on "vec16", a 2,048-token prefill 16-26% faster and decodes up to ~20%
     faster (float32, two runs of `benchmarks/attention_kernels.py --block-size 16 / 32`)."""
     return "vec" if block_size % 32 == 0 else "vec16"
-# head sizes checked against torch's kernel in both dtypes (the kernel refuses 16 and above 160)
-_HEAD_DIMS = (32, 48, 64, 80, 96, 112, 128, 160)
-_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @functools.cache
