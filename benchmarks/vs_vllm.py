@@ -166,21 +166,27 @@ def vllm_environment(args: argparse.Namespace) -> dict[str, str]:
     }
 
 
-def start_workers(args: argparse.Namespace) -> dict[str, Worker]:
+def make_worker(args: argparse.Namespace, engine: str, dtype: str, log_name: str) -> Worker:
+    """A `vs_vllm_worker.py` process running `engine` ("vllm" or "parrot") in `dtype`, with the
+    harness's limits, KV memory and threads; its stderr goes to benchmarks/results/<log_name>."""
     os.makedirs(RESULTS, exist_ok=True)
     common = [
-        "--dtype", args.dtype, "--kv-gb", str(args.kv_gb), "--threads", str(args.threads),
+        "--dtype", dtype, "--kv-gb", str(args.kv_gb), "--threads", str(args.threads),
         "--max-num-seqs", "32", "--max-num-batched-tokens", "2048", "--max-model-len", "2048",
     ]  # fmt: skip
     worker = os.path.join(HERE, "vs_vllm_worker.py")
-    model_dir = args.model_dir or exported_model(args.gguf)
-    vllm_env = vllm_environment(args)
-    parrot_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = os.path.join(RESULTS, log_name)
+    if engine == "vllm":
+        model_dir = args.model_dir or exported_model(args.gguf)
+        cmd = [vllm_python(args.vllm_venv), worker, "--engine", "vllm", "--model-dir", model_dir, *common]
+        return Worker("vLLM", cmd, vllm_environment(args), log)
     gguf = ["--gguf", args.gguf] if args.gguf else []
-    workers = {
-        "vllm": Worker("vLLM", [vllm_python(args.vllm_venv), worker, "--engine", "vllm", "--model-dir", model_dir, *common], vllm_env, os.path.join(RESULTS, "vs_vllm_vllm.log")),
-        "parrot": Worker("parrot-core", [sys.executable, worker, "--engine", "parrot", *gguf, *common], parrot_env, os.path.join(RESULTS, "vs_vllm_parrot.log")),
-    }  # fmt: skip
+    parrot_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return Worker("parrot-core", [sys.executable, worker, "--engine", "parrot", *gguf, *common], parrot_env, log)
+
+
+def start_workers(args: argparse.Namespace) -> dict[str, Worker]:
+    workers = {engine: make_worker(args, engine, args.dtype, f"vs_vllm_{engine}.log") for engine in ("vllm", "parrot")}
     print("starting both engines (not timed; vLLM compiles for ~2 minutes) ...", flush=True)
     started = time.perf_counter()
     errors: list[BaseException] = []

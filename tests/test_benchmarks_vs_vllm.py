@@ -149,3 +149,15 @@ def test_repeated_serve_runs_give_medians_and_ranges() -> None:
     lines = serve.table([row], "float32").splitlines()
     assert "median of 3 runs" in lines[0]
     assert lines[4] == "| 1. | **parrot / vLLM** | 1.00 (1.00-1.00) | 1.00 (1.00-1.00) | 0.90 (0.90-1.25) | 1.00 (1.00-1.00) | 1.00 (1.00-1.00) |"
+
+
+def test_bf16_drift_counts_identical_requests_and_tokens_before_the_first_difference() -> None:
+    from benchmarks import bf16_drift
+
+    reference = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]]
+    got = [[1, 2, 3, 4], [5, 6, 0, 8], [0, 9, 9, 9]]  # identical; differs at 2 (then agrees again); at 0
+    d = bf16_drift.drift(reference, got)
+    assert d["requests"] == 3 and d["identical"] == 1
+    assert d["tokens_before_first_difference"] == pytest.approx((4 + 2 + 0) / 12)
+    with pytest.raises(ValueError):
+        bf16_drift.drift(reference, got[:2])
