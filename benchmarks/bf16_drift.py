@@ -18,16 +18,9 @@ import os
 import random
 from datetime import datetime, timezone
 
+from parrot_core.chat.transcript import common_prefix_len
+
 ENGINES = ("parrot", "vllm")
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def drift(reference: list[list[int]], got: list[list[int]]) -> dict[str, float]:
