@@ -304,7 +304,7 @@ def create_app(runtime: Runtime | None = None, settings: ServeSettings | None = 
     )
     app.state.serve = state
     app.state.program_sessions = program_api.ProgramSessions()
-    app.state.chat_sessions = chat_api.ChatSessions(state.settings.max_prompt_cache_keys)
+    app.state.chat_sessions = chat_api.ChatSessions(state.settings.max_prompt_cache_keys, state.settings.max_chat_sessions)
     handlers: dict[Any, Any] = {
         APIError: _on_api_error,
         ParrotError: _on_api_error,

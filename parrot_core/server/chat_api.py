@@ -171,19 +171,36 @@ class _Held:
 
 
 class ChatSessions:
-    """The chat sessions of one server: HTTP sessions by id and prompt_cache_key sessions by
-    key (an LRU of at most `max_keys`). Only touched from the server's event loop."""
+    """The chat sessions of one server: HTTP sessions by id (at most `max_sessions` open; one
+    more is a 429, never an eviction: a client holds each one's id and token) and
+    prompt_cache_key sessions by key (an LRU of at most `max_keys`). Only touched from the
+    server's event loop."""
 
-    def __init__(self, max_keys: int) -> None:
-        self.max_keys = max_keys
+    def __init__(self, max_keys: int, max_sessions: int) -> None:
+        self.max_keys, self.max_sessions = max_keys, max_sessions
         self.by_id: dict[str, _Held] = {}
+        self._creating = 0  # HTTP sessions being made (counted against max_sessions)
         self.by_key: OrderedDict[str, _Held] = OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
 
     # -- HTTP sessions -------------------------------------------------------------------------
     async def create(self, rt: Runtime, system: str | None, config: ChatSessionConfig) -> tuple[str, str]:
-        """A new session and its token."""
-        session = await asyncio.to_thread(rt.chat, system, None, config)
+        """A new session and its token; 429 if `max_sessions` are open (or being made)."""
+        for session_id, held in list(self.by_id.items()):  # those closed under the server do not count
+            if held.session is not None and held.session.closed:
+                self._drop(self.by_id, session_id)
+        open_now = len(self.by_id) + self._creating
+        if open_now >= self.max_sessions:
+            raise APIError(
+                429,
+                f"{open_now} chat sessions are open, the most this server keeps (--max-chat-sessions {self.max_sessions});"
+                " delete one (DELETE /v1/chat/sessions/{id}) or wait for an idle one to expire (--session-timeout)",
+            )
+        self._creating += 1
+        try:
+            session = await asyncio.to_thread(rt.chat, system, None, config)
+        finally:
+            self._creating -= 1
         token = secrets.token_urlsafe(24)
         self.by_id[session.session_id] = _Held(token=token, session=session)
         return session.session_id, token

@@ -69,6 +69,13 @@ class ServeSettings:
         default=64,
         metadata=_doc("Most prompt_cache_key conversations kept pinned at once (least recently used dropped first); 0 ignores the key."),
     )
+    max_chat_sessions: int = field(
+        default=1024,
+        metadata=_doc(
+            "Most chat sessions (POST /v1/chat/sessions) open at once; one more gets HTTP 429 until one is deleted or"
+            " expires (--session-timeout); 0 refuses them all."
+        ),
+    )
     chat_save_dir: str | None = field(
         default=None, metadata=_doc("Directory where chat sessions are saved and restored from; default: saving is disabled.")
     )
@@ -95,6 +102,8 @@ class ServeSettings:
             raise InvalidRequestError(f"session_timeout must be > 0, got {self.session_timeout}")
         if self.max_prompt_cache_keys < 0:
             raise InvalidRequestError(f"max_prompt_cache_keys must be >= 0, got {self.max_prompt_cache_keys}")
+        if self.max_chat_sessions < 0:
+            raise InvalidRequestError(f"max_chat_sessions must be >= 0, got {self.max_chat_sessions}")
         if self.chat_save_dir is not None and not os.path.isdir(self.chat_save_dir):
             raise InvalidRequestError(f"chat_save_dir {self.chat_save_dir!r} is not an existing directory")
         if self.log_stats_interval < 0:

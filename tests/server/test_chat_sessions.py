@@ -407,6 +407,37 @@ def test_server_stop_frees_the_sessions_it_holds(make_runtime, start_server):
     settle(rt)
 
 
+def test_open_chat_sessions_are_capped_with_a_429_that_loses_nothing(make_runtime, start_server):
+    rt = make_runtime()
+    server = start_server(rt, max_chat_sessions=3)
+    registry = server.app.state.chat_sessions
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        a, a_token = create(http, system=SYSTEM)
+        before = turn(server, a, a_token, "Remember this.", max_tokens=3)
+        # at most 2 of 5 concurrent creations fit beside `a`, however they interleave
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(lambda _: http.post("/v1/chat/sessions", json={"system": SYSTEM}), range(5)))
+        made = [r.json() for r in answers if r.status_code == 200]
+        refused = [r for r in answers if r.status_code != 200]
+        assert len(made) == 2 and len(refused) == 3
+        for r in refused:
+            error = assert_error(r, 429)
+            assert error["type"] == "rate_limit_error" and "--max-chat-sessions 3" in error["message"]
+        assert len(registry.by_id) == 3 and len(rt.chat_sessions) == 3  # a refusal made no session
+        # the open sessions are untouched: `a` still holds its conversation
+        after = turn(server, a, a_token, "And now?", max_tokens=3)
+        assert after.usage.prompt_tokens_details.cached_tokens >= before.usage.total_tokens
+        delete(http, made[0]["id"], made[0]["token"])  # room for one again
+        b, b_token = create(http, system=SYSTEM)
+        assert_error(http.post("/v1/chat/sessions", json={}), 429)
+        rt.chat_sessions.remove_session(b)  # a session closed under the server no longer counts
+        c, c_token = create(http)
+        for sid, token in ((a, a_token), (made[1]["id"], made[1]["token"]), (c, c_token)):
+            delete(http, sid, token)
+    assert len(rt.chat_sessions) == 0
+    settle(rt)
+
+
 def test_chat_settings(tmp_path):
     settings = ServeSettings.from_env({"PARROT_CORE_CHAT_SAVE_DIR": str(tmp_path), "PARROT_CORE_MAX_PROMPT_CACHE_KEYS": "3"})
     assert settings.chat_save_dir == str(tmp_path) and settings.max_prompt_cache_keys == 3
@@ -415,6 +446,10 @@ def test_chat_settings(tmp_path):
         ServeSettings(chat_save_dir=str(tmp_path / "missing"))
     with pytest.raises(InvalidRequestError, match="max_prompt_cache_keys"):
         ServeSettings(max_prompt_cache_keys=-1)
+    assert ServeSettings().max_chat_sessions == 1024
+    assert ServeSettings.from_env({"PARROT_CORE_MAX_CHAT_SESSIONS": "0"}).max_chat_sessions == 0
+    with pytest.raises(InvalidRequestError, match="max_chat_sessions"):
+        ServeSettings(max_chat_sessions=-1)
 
 
 def test_save_and_restore_in_the_server_directory(tiny_runtime, start_server, make_runtime, tmp_path):
