@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+import torch
 import uvicorn
 from fastapi import FastAPI
 
@@ -36,7 +37,10 @@ ABORTED_WAIT_S = 10.0  # how long aborted requests get to end their responses
 
 def build_runtime(settings: ServeSettings) -> Runtime:
     """The Runtime the settings describe: its `--engine` engines (the builtin engine over
-    `settings.model`, the default model unless given, by default)."""
+    `settings.model`, the default model unless given, by default). `--threads` sets torch's
+    thread count for the whole process first (every thread's ops use it)."""
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     engines = build_engines(settings.engine_specs(), settings)
     return Runtime(engines=engines, session_timeout=settings.session_timeout)
 

@@ -42,6 +42,10 @@ class ServeSettings:
     )
     host: str = field(default="127.0.0.1", metadata=_doc("Address to bind."))
     port: int = field(default=8000, metadata=_doc("Port to bind (0 picks a free one)."))
+    threads: int | None = field(
+        default=None,
+        metadata=_doc("CPU threads for the engines' tensor ops (torch.set_num_threads); default: torch's, one per core."),
+    )
     block_size: int = field(default=16, metadata=_doc("Tokens per KV block."))
     num_kv_blocks: int | None = field(default=None, metadata=_doc("KV blocks in the pool; default: sized from --kv-cache-memory-gb."))
     kv_cache_memory_gb: float = field(default=1.0, metadata=_doc("KV pool size in GiB when --num-kv-blocks is not given."))
@@ -96,6 +100,8 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise InvalidRequestError(f"port must be in [0, 65535], got {self.port}")
+        if self.threads is not None and self.threads < 1:
+            raise InvalidRequestError(f"threads must be >= 1, got {self.threads}")
         if self.max_waiting_requests < 0:
             raise InvalidRequestError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
         if self.session_timeout <= 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from parrot_core.errors import InvalidRequestError
 from parrot_core.server.engine_specs import EngineSpec, parse_engine_specs
@@ -48,6 +49,23 @@ def test_a_json_file_lists_engines_with_their_options(tmp_path):
     path.write_text(json.dumps({"kind": "builtin"}))
     with pytest.raises(InvalidRequestError, match="JSON list"):
         parse_engine_specs(str(path))
+
+
+def test_threads_sets_the_engine_threads_torch_thread_count(tiny_gguf):
+    before = torch.get_num_threads()
+    assert ServeSettings().threads is None
+    with pytest.raises(InvalidRequestError, match="threads must be >= 1"):
+        ServeSettings(threads=0)
+    wanted = 1 if before > 1 else 2
+    rt = build_runtime(ServeSettings(model=tiny_gguf, threads=wanted, num_kv_blocks=16))
+    try:
+        assert rt.engine.call(torch.get_num_threads) == wanted  # the engine's own step thread
+        assert len(rt.generate("ab", max_tokens=2, temperature=0.0, ignore_eos=True).token_ids) == 2
+        rt.check_invariants()
+        assert rt.stats()["contexts_live"] == 0 and rt.stats()["blocks_used"] == 0
+    finally:
+        rt.close()
+        torch.set_num_threads(before)
 
 
 def test_two_builtin_engines_from_flags_and_a_file(tiny_gguf, tmp_path):
