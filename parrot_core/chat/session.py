@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,8 @@ from parrot_core.frontend import saved_contexts
 from parrot_core.frontend.runtime import GenerateOutput, Runtime, StreamDelta, _sampling_params, collect
 from parrot_core.frontend.saved_contexts import ContextFileError, ContextKV, PathLike
 from parrot_core.serve.scheduler import SchedTask
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from parrot_core.chat.manager import ChatSessionManager
@@ -223,7 +226,7 @@ class ChatSession:
         rt = self._rt
         async with self._lock:
             self._require_open()
-            before = self._state
+            before = self._state = self._off_down_engines(self._state)
             plan = self._plan(before, (*before.messages, {"role": "user", "content": text}), params.max_tokens)
             acquired: SharedPrefix | None = None
             work: Context | None = None
@@ -512,6 +515,19 @@ class ChatSession:
         self._release(self._state)
         self._state = _State(messages=self._state.messages, turns_dropped=self._state.turns_dropped)
         self._manager._unregister(self)
+
+    def _off_down_engines(self, state: _State) -> _State:
+        """`state`, or, if its KV is on an engine that is down (closed, or resting after
+        failures) or is gone, the same conversation holding no KV: the turn then computes it
+        on an engine that is up, as a fresh session would, instead of failing every turn."""
+        down = self._rt.core.scheduler.down_engines()
+        held = [c for c in (state.own, state.root.context if state.root else None) if c is not None]
+        if all(c.alive and c.engine_id not in down for c in held):
+            return state
+        log.warning("chat session %r: its KV is on engine(s) %s, which are down or gone; recomputing the conversation",
+                    self.session_id, sorted({str(c.engine_id) for c in held}))  # fmt: skip
+        self._release(state)
+        return _State(messages=state.messages, turns_dropped=state.turns_dropped)
 
     def _release(self, state: _State) -> None:
         if state.own is not None and state.own.alive:

@@ -44,7 +44,12 @@ class SharedPrefixes:
         """The prefix for `text`, with one more user; and how many tokens this call computed
         for it (0 when it already existed). The first caller fills it; concurrent callers wait
         for that fill (and fill it themselves if it failed). `hint`: a context and the tokens it
-        holds; the longest common token prefix is taken from it (KV shared, not recomputed)."""
+        holds; the longest common token prefix is taken from it (KV shared, not recomputed).
+        A prefix whose engine is down (or gone) is never handed out: it leaves the map (its
+        users keep it until they let go) and a new one is made on an engine that is up."""
+        self._forget_if_down(text)
+        if hint is not None and not self._usable(hint[0]):
+            hint = None
         while (prefix := self._by_text.get(text)) is not None:
             prefix.users += 1
             try:
@@ -68,10 +73,18 @@ class SharedPrefixes:
             self.release(prefix)
             raise
         prefix.ready.set_result(True)
-        set_pinned = getattr(self._rt.engine, "set_pinned", None)
+        set_pinned = getattr(self._rt.engine_of(ctx), "set_pinned", None)
         if set_pinned is not None:  # many sessions build on it: its KV is evicted last
             set_pinned(ctx.context_id, True)
         return prefix, computed
+
+    def _usable(self, ctx: Context) -> bool:
+        return ctx.alive and ctx.engine_id not in self._rt.core.scheduler.down_engines()
+
+    def _forget_if_down(self, text: str) -> None:
+        prefix = self._by_text.get(text)
+        if prefix is not None and prefix.ready.done() and not self._usable(prefix.context):
+            del self._by_text[text]
 
     def retain(self, prefix: SharedPrefix) -> None:
         prefix.users += 1
