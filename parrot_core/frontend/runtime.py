@@ -35,7 +35,7 @@ from parrot_core.graph import NativeFuncNode, Parameter, PerfCriteria, RequestMe
 from parrot_core.frontend import saved_contexts
 from parrot_core.frontend.handle import ContextHandle
 from parrot_core.serve.core import ServeCore
-from parrot_core.serve.scheduler import SchedTask
+from parrot_core.serve.scheduler import SchedTask, check_balance_thresholds
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -115,7 +115,9 @@ class Runtime:
     any engine (`BuiltinEngine`, `VLLMEngine`, `OpenAIEngine`); `engines=[...]` several, named
     `engine_ids` ("builtin-0", "vllm-0", ...). `engine` is the first: suspendable generations
     and loaded contexts go there; other work is placed by the global scheduler (see the
-    module docstring). What an engine cannot do raises `UnsupportedByEngineError`.
+    module docstring): by prefix affinity, then load, and by load alone once the engines' task
+    counts differ by more than `balance_abs_threshold` tasks and `balance_rel_threshold` times.
+    What an engine cannot do raises `UnsupportedByEngineError`.
     """
 
     # Chat sessions live in `parrot_core.chat`, a layer above this one; importing it (as
@@ -145,7 +147,10 @@ class Runtime:
         session_timeout: float | None = None,
         max_suspended: int = 1024,
         suspended_ttl: float = 600.0,
+        balance_abs_threshold: int = 64,
+        balance_rel_threshold: float = 1.5,
     ) -> None:
+        check_balance_thresholds(balance_abs_threshold, balance_rel_threshold)  # before any engine is built
         if engines:
             if engine is not None:
                 raise InvalidRequestError("give either engine or engines, not both")
@@ -175,6 +180,8 @@ class Runtime:
             latency_cap=latency_cap,
             constant_prefix_timeout=constant_prefix_timeout,
             session_timeout=session_timeout,
+            balance_abs_threshold=balance_abs_threshold,
+            balance_rel_threshold=balance_rel_threshold,
         )
         self.contexts = self.core.contexts
         self.session = self.core.create_session("local", weak_variables=True)  # callers hold their variables

@@ -152,11 +152,19 @@ class ServeCore:
         constant_prefix_timeout: float = 600.0,
         session_timeout: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        balance_abs_threshold: int = 64,
+        balance_rel_threshold: float = 1.5,
     ) -> None:
         self.clock = clock
         self.engines: dict[Hashable, Any] = {}
         self.contexts = ServeCoreContextManager(constant_prefix_timeout=constant_prefix_timeout, clock=clock)
-        self.scheduler = GlobalScheduler(self.contexts, latency_cap=latency_cap, clock=clock)
+        self.scheduler = GlobalScheduler(
+            self.contexts,
+            latency_cap=latency_cap,
+            clock=clock,
+            balance_abs_threshold=balance_abs_threshold,
+            balance_rel_threshold=balance_rel_threshold,
+        )
         self.constants = Namespace(GLOBAL_SCOPE, clock=clock)
         self.sessions: dict[str, Session] = {}
         self.session_timeout = session_timeout

@@ -102,6 +102,14 @@ class SchedTask:
         return ("group", id(self.group)) if self.group is not None else ("task", self.seq)
 
 
+def check_balance_thresholds(abs_threshold: int, rel_threshold: float) -> None:
+    """`InvalidRequestError` unless abs_threshold >= 0 tasks and rel_threshold >= 1."""
+    if abs_threshold < 0 or rel_threshold < 1:
+        raise InvalidRequestError(
+            f"balance_abs_threshold must be >= 0 and balance_rel_threshold >= 1, got {abs_threshold} and {rel_threshold}"
+        )
+
+
 class GlobalScheduler:
     def __init__(
         self,
@@ -110,9 +118,15 @@ class GlobalScheduler:
         latency_cap: int = 4,
         app_fifo: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        balance_abs_threshold: int = 64,
+        balance_rel_threshold: float = 1.5,
     ) -> None:
+        check_balance_thresholds(balance_abs_threshold, balance_rel_threshold)
         self.contexts = contexts
         self.latency_cap = latency_cap
+        # Spread work leaves prefix affinity for load when engines' task counts differ by more
+        # than both (SGLang's gateway's cache-aware rule and defaults: 64 tasks and 1.5x).
+        self.balance_abs_threshold, self.balance_rel_threshold = balance_abs_threshold, balance_rel_threshold
         self.app_fifo = app_fifo
         self.clock = clock
         self.engines: dict[Hashable, EngineSlot] = {}
@@ -345,6 +359,8 @@ class GlobalScheduler:
         # LATENCY work and plain work (no serve-layer contexts: a request, not a program) spread
         # by load; THROUGHPUT program work packs.
         spread = any(t.criteria is PerfCriteria.LATENCY or t.context_task is None for t in group)
+        if spread and self._imbalanced([slot for _, slot in candidates]):
+            candidates = [(0, slot) for _, slot in candidates]  # the least loaded, as if nothing were cached
 
         def rank(item: tuple[int, EngineSlot]) -> tuple:
             affinity, slot = item
@@ -355,6 +371,12 @@ class GlobalScheduler:
             return (affinity, -tasks, free, -self.contexts.engine_load(slot.engine_id), -slot.placed_total)
 
         return max(candidates, key=rank)[1]
+
+    def _imbalanced(self, slots: list[EngineSlot]) -> bool:
+        """Whether the engines' task counts differ by more than both balance thresholds."""
+        loads = [len(slot.units) for slot in slots]
+        most, least = max(loads), min(loads)
+        return most - least > self.balance_abs_threshold and most > self.balance_rel_threshold * least
 
     def _qualifies(self, slot: EngineSlot, group: list[SchedTask], cached_here: list[int]) -> bool:
         models = group[0].models

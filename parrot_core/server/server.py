@@ -42,7 +42,12 @@ def build_runtime(settings: ServeSettings) -> Runtime:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     engines = build_engines(settings.engine_specs(), settings)
-    return Runtime(engines=engines, session_timeout=settings.session_timeout)
+    return Runtime(
+        engines=engines,
+        session_timeout=settings.session_timeout,
+        balance_abs_threshold=settings.balance_abs_threshold,
+        balance_rel_threshold=settings.balance_rel_threshold,
+    )
 
 
 class StatsLogger:

@@ -19,6 +19,7 @@ from typing import Any
 import typer
 
 from parrot_core.errors import InvalidRequestError
+from parrot_core.serve.scheduler import check_balance_thresholds
 
 ENV_PREFIX = "PARROT_CORE_"
 DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 1024 * 1024
@@ -45,6 +46,13 @@ class ServeSettings:
     threads: int | None = field(
         default=None,
         metadata=_doc("CPU threads for the engines' tensor ops (torch.set_num_threads); default: torch's, one per core."),
+    )
+    balance_abs_threshold: int = field(
+        default=64,
+        metadata=_doc("With several engines: requests go by load, not prefix affinity, once engines' task counts differ by more than this..."),
+    )
+    balance_rel_threshold: float = field(
+        default=1.5, metadata=_doc("... and the busiest has more than this many times the least busy's (SGLang's gateway's defaults).")
     )
     block_size: int = field(default=16, metadata=_doc("Tokens per KV block."))
     num_kv_blocks: int | None = field(default=None, metadata=_doc("KV blocks in the pool; default: sized from --kv-cache-memory-gb."))
@@ -100,6 +108,7 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise InvalidRequestError(f"port must be in [0, 65535], got {self.port}")
+        check_balance_thresholds(self.balance_abs_threshold, self.balance_rel_threshold)
         if self.threads is not None and self.threads < 1:
             raise InvalidRequestError(f"threads must be >= 1, got {self.threads}")
         if self.max_waiting_requests < 0:

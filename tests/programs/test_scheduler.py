@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
 from parrot_core.contexts import ContextTask, NodeSpec, ServeCoreContextManager
 from parrot_core.graph import CompletionChain, PerfCriteria, PlaceholderGen, SemanticVariable, TaskGroup
+from parrot_core.errors import InvalidRequestError
+from parrot_core.frontend.runtime import Runtime
 from parrot_core.serve.scheduler import GlobalScheduler, SchedTask
+from parrot_core.server.settings import ServeSettings
 
 pytestmark = pytest.mark.timeout(60)
 LAT, THR = PerfCriteria.LATENCY, PerfCriteria.THROUGHPUT
@@ -179,6 +183,68 @@ def test_plain_requests_sharing_a_prefix_follow_it_to_one_engine_over_the_less_l
     where, placed, stranger = asyncio.run(main())
     assert placed == [where] * 3
     assert stranger != where
+
+
+def _two_engines(**thresholds):
+    mgr = ServeCoreContextManager()
+    sched = GlobalScheduler(mgr, **thresholds)
+    for e in ("e0", "e1"):
+        mgr.register_engine(e)
+        sched.add_engine(e, "model", 100_000)
+    return sched
+
+
+def _followers_after_strangers(sched, strangers: int, followers: int):
+    """`strangers` unrelated tasks pinned to e1, then a prefix's first request and its
+    followers (none finishes): where the first went and where each follower went."""
+    shared = list(range(256))
+
+    async def main():
+        for i in range(strangers):
+            t = plain(500 + i, list(range(9000 + 300 * i, 9300 + 300 * i)), sched=sched)
+            t.required_engine = "e1"
+            await sched.place(t)
+        holder = await sched.place(plain(1, shared + [1000], sched=sched))
+        return holder, [await sched.place(plain(10 + i, shared + [2000 + i], sched=sched)) for i in range(followers)]
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("abs_threshold", [0, 1, 3])
+def test_affinity_gives_way_to_load_once_the_holder_leads_by_more_than_the_threshold(abs_threshold):
+    holder, placed = _followers_after_strangers(_two_engines(balance_abs_threshold=abs_threshold), 0, 8)
+    # the holder has k tasks before its k-th follower; the other none (so the ratio always passes)
+    assert placed[:abs_threshold] == [holder] * abs_threshold
+    assert placed[abs_threshold] != holder
+
+
+def test_the_ratio_threshold_keeps_affinity_while_the_other_engine_is_busy_too():
+    sched = _two_engines(balance_abs_threshold=1, balance_rel_threshold=1.5)
+    holder, placed = _followers_after_strangers(sched, 4, 8)
+    assert holder == "e0"  # e1 holds the 4 strangers
+    # before follower k the holder has k tasks against e1's 4: past both thresholds (k - 4 > 1
+    # and k > 6) only at k = 7; by the difference alone it would have left at k = 6
+    assert placed[:6] == ["e0"] * 6 and placed[6] == "e1"
+
+
+def test_with_the_default_thresholds_a_dozen_followers_stay_with_the_prefix():
+    holder, placed = _followers_after_strangers(_two_engines(), 0, 12)
+    assert placed == [holder] * 12
+
+
+def test_balance_thresholds_are_checked_before_anything_is_built():
+    with pytest.raises(InvalidRequestError, match="balance_rel_threshold >= 1"):
+        GlobalScheduler(ServeCoreContextManager(), balance_rel_threshold=0.5)
+    with pytest.raises(InvalidRequestError, match="balance_abs_threshold must be >= 0"):
+        GlobalScheduler(ServeCoreContextManager(), balance_abs_threshold=-1)
+    with pytest.raises(InvalidRequestError, match="balance_rel_threshold"):
+        ServeSettings(balance_rel_threshold=0.9)
+    settings = ServeSettings.from_env({"PARROT_CORE_BALANCE_ABS_THRESHOLD": "8", "PARROT_CORE_BALANCE_REL_THRESHOLD": "2"})
+    assert (settings.balance_abs_threshold, settings.balance_rel_threshold) == (8, 2.0)
+    threads = threading.active_count()
+    with pytest.raises(InvalidRequestError, match="balance_abs_threshold"):
+        Runtime(balance_abs_threshold=-1)  # refused before the default model loads
+    assert threading.active_count() == threads  # no engine thread was started
 
 
 # -- engine health: a failing engine fails only its own work --------------------------------
