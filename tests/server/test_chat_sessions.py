@@ -5,9 +5,11 @@ httpx for the rest, raw sockets to disconnect. Every test ends with the leak che
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -207,11 +209,17 @@ def test_bad_input_is_a_400(served):
     settle(rt)
 
 
-def test_idle_chat_sessions_expire(make_runtime, start_server):
+@contextlib.contextmanager
+def serving(make_runtime, start_server, **settings: Any) -> Iterator[tuple[Any, Any, Any, httpx.Client]]:
+    """A fresh runtime served with `settings`: (runtime, server, its chat sessions, an httpx client)."""
     rt = make_runtime()
-    server = start_server(rt, session_timeout=0.4)
-    registry = server.app.state.chat_sessions
+    server = start_server(rt, **settings)
     with httpx.Client(base_url=server.url, timeout=60) as http:
+        yield rt, server, server.app.state.chat_sessions, http
+
+
+def test_idle_chat_sessions_expire(make_runtime, start_server):
+    with serving(make_runtime, start_server, session_timeout=0.4) as (rt, server, registry, http):
         idle, idle_token = create(http, system=SYSTEM)
         kept, kept_token = create(http, system=SYSTEM)
         turn(server, idle, idle_token, "hello", max_tokens=2)
@@ -408,10 +416,7 @@ def test_server_stop_frees_the_sessions_it_holds(make_runtime, start_server):
 
 
 def test_open_chat_sessions_are_capped_with_a_429_that_loses_nothing(make_runtime, start_server):
-    rt = make_runtime()
-    server = start_server(rt, max_chat_sessions=3)
-    registry = server.app.state.chat_sessions
-    with httpx.Client(base_url=server.url, timeout=60) as http:
+    with serving(make_runtime, start_server, max_chat_sessions=3) as (rt, server, registry, http):
         a, a_token = create(http, system=SYSTEM)
         before = turn(server, a, a_token, "Remember this.", max_tokens=3)
         # at most 2 of 5 concurrent creations fit beside `a`, however they interleave
