@@ -208,14 +208,16 @@ class KVState:
 
 
 async def read_metrics(http: httpx.AsyncClient) -> dict[str, float]:
-    """The server's unlabelled (but for `model_name`) samples, without the `parrot_core:` prefix."""
+    """The server's samples without the `parrot_core:` prefix, those read from each engine
+    (label `engine`) summed over the engines."""
     r = await http.get("/metrics")
     r.raise_for_status()
-    out = {}
+    out: dict[str, float] = {}
     for family in text_string_to_metric_families(r.text):
         for s in family.samples:
-            if set(s.labels) <= {"model_name"}:
-                out[s.name.removeprefix("parrot_core:")] = s.value
+            if set(s.labels) <= {"model_name", "engine"}:
+                name = s.name.removeprefix("parrot_core:")
+                out[name] = out.get(name, 0.0) + s.value
     return out
 
 
