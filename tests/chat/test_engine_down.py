@@ -30,6 +30,7 @@ def two_engines(tiny_chat_llama, real_model):
 def assert_only_live_engine_holds_nothing(rt: Runtime, live: BuiltinEngine) -> None:
     live.wait_idle()
     live.check_invariants()
+    rt.check_invariants()  # the serve layer against the engines, the closed one included
     assert len(rt.contexts.contexts) == 0  # the serve layer forgot the dead engine's contexts too
     info = live.runtime_info()
     assert live.context_ids() == set() and info.num_blocks_used == 0, info
