@@ -520,9 +520,8 @@ class ChatSession:
         """`state`, or, if its KV is on an engine that is down (closed, or resting after
         failures) or is gone, the same conversation holding no KV: the turn then computes it
         on an engine that is up, as a fresh session would, instead of failing every turn."""
-        down = self._rt.core.scheduler.down_engines()
         held = [c for c in (state.own, state.root.context if state.root else None) if c is not None]
-        if all(c.alive and c.engine_id not in down for c in held):
+        if all(self._rt._on_engine_up(c) for c in held):
             return state
         log.warning("chat session %r: its KV is on engine(s) %s, which are down or gone; recomputing the conversation",
                     self.session_id, sorted({str(c.engine_id) for c in held}))  # fmt: skip

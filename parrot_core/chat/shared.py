@@ -48,7 +48,7 @@ class SharedPrefixes:
         A prefix whose engine is down (or gone) is never handed out: it leaves the map (its
         users keep it until they let go) and a new one is made on an engine that is up."""
         self._forget_if_down(text)
-        if hint is not None and not self._usable(hint[0]):
+        if hint is not None and not self._rt._on_engine_up(hint[0]):
             hint = None
         while (prefix := self._by_text.get(text)) is not None:
             prefix.users += 1
@@ -78,12 +78,9 @@ class SharedPrefixes:
             set_pinned(ctx.context_id, True)
         return prefix, computed
 
-    def _usable(self, ctx: Context) -> bool:
-        return ctx.alive and ctx.engine_id not in self._rt.core.scheduler.down_engines()
-
     def _forget_if_down(self, text: str) -> None:
         prefix = self._by_text.get(text)
-        if prefix is not None and prefix.ready.done() and not self._usable(prefix.context):
+        if prefix is not None and prefix.ready.done() and not self._rt._on_engine_up(prefix.context):
             del self._by_text[text]
 
     def retain(self, prefix: SharedPrefix) -> None:

@@ -349,6 +349,11 @@ class Runtime:
         """The prompt's `PrefixAffinity` keys (none with one engine: there is nothing to choose)."""
         return self.core.scheduler.affinity.keys(prompt_ids) if len(self.core.engines) > 1 else []
 
+    def _on_engine_up(self, ctx: Context) -> bool:
+        """Whether `ctx` is alive on an engine that takes work now (not closed, not resting
+        after failures): KV a new turn may build on."""
+        return ctx.alive and ctx.engine_id not in self.core.scheduler.down_engines()
+
     def _place_root(self, prompt_ids: Sequence[int] = ()) -> Hashable:
         """The engine a new root context goes to: the one that ran the longest prefix of
         `prompt_ids`, else the least loaded (the global scheduler's `pick`)."""

@@ -142,6 +142,11 @@ class _Held:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # a key's requests, one at a time
     _making: asyncio.Future[ChatSession] | None = None
 
+    @property
+    def closed(self) -> bool:
+        """Its session was closed under the server (e.g. by `Runtime.reset()`)."""
+        return self.session is not None and self.session.closed
+
     @contextlib.contextmanager
     def in_use(self) -> Iterator[None]:
         self.busy += 1
@@ -187,7 +192,7 @@ class ChatSessions:
     async def create(self, rt: Runtime, system: str | None, config: ChatSessionConfig) -> tuple[str, str]:
         """A new session and its token; 429 if `max_sessions` are open (or being made)."""
         for session_id, held in list(self.by_id.items()):  # those closed under the server do not count
-            if held.session is not None and held.session.closed:
+            if held.closed:
                 self._drop(self.by_id, session_id)
         open_now = len(self.by_id) + self._creating
         if open_now >= self.max_sessions:
@@ -288,8 +293,7 @@ class ChatSessions:
         gone = []
         for table in (self.by_id, self.by_key):
             for name, held in list(table.items()):
-                closed = held.session is not None and held.session.closed
-                if closed or (not held.busy and not held.lock.locked() and now - held.last_used >= timeout):
+                if held.closed or (not held.busy and not held.lock.locked() and now - held.last_used >= timeout):
                     self._drop(table, name)
                     gone.append(name)
         return gone
