@@ -365,6 +365,53 @@ def test_greedy_ids_are_the_same_on_either_pool_with_caching_off_cold_warm_and_f
     assert asyncio.run(forks()) == reference
 
 
+@pytest.mark.parametrize("layout", ["vllm", "torch"])
+def test_requests_that_take_a_prefix_their_own_step_computes_keep_their_ids(engine_on, layout):
+    """Eight requests arrive together, sharing a 64-token prefix that nothing holds yet. The
+    first computes it; the other seven take its blocks in that same step. Their queries then
+    attend to KV written earlier in each layer of the step.
+
+    Checked:
+    - greedy ids equal an engine's without prefix caching;
+    - the prompts take one step (five steps for five tokens);
+    - the prefix is computed once;
+    - the seven report the prefix as cached."""
+    shared = prompt(80, 64)
+    prompts = [shared + prompt(81 + i, 5 + i) for i in range(8)]
+    params = SamplingParams(max_tokens=5, **GREEDY)
+
+    def all_at_once(engine):
+        holding, gate = threading.Event(), threading.Event()
+
+        def hold() -> None:  # the step loop waits here until every request is queued
+            holding.set()
+            gate.wait()
+
+        engine._post(hold)
+        holding.wait()
+
+        async def one(i, p):
+            return [t async for d in engine.generate(i, None, params, p) for t in d.token_ids]
+
+        async def go():
+            tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
+            while len(engine._commands) < len(prompts):
+                await asyncio.sleep(0.001)
+            gate.set()
+            return await asyncio.gather(*tasks)
+
+        return asyncio.run(go())
+
+    reference = all_at_once(engine_on(layout, enable_prefix_caching=False))
+    engine = engine_on(layout)
+    assert all_at_once(engine) == reference
+    info = engine.runtime_info()
+    assert info.extra["steps"] == 5
+    assert info.prompt_tokens_computed == 64 + sum(len(p) - 64 for p in prompts)
+    assert info.prefix_cache_hits == 7 * 64
+    engine.check_invariants()
+
+
 @pytest.mark.parametrize("caching", [True, False], ids=["caching", "no-caching"])
 def test_concurrent_requests_on_a_tiny_pool_with_an_abort_keep_their_ids(engine_on, caching):
     """12 fused requests sharing a 40-token prefix (a partial block), 7 blocks each, on a pool of

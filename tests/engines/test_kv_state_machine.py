@@ -203,6 +203,80 @@ class KVMachine(RuleBasedStateMachine):
             self.fill(c, tokens, chunk)
         return c
 
+    @rule(
+        target=ctxs,
+        leader=ctxs,
+        keep=st.integers(0, 40),
+        own=TOKENS,
+        first=st.integers(1, 12),
+        more=st.integers(0, 12),
+        commit=st.booleans(),
+    )
+    def follow_in_the_same_step(self, leader, keep, own, first, more, commit):
+        """The scheduler's in-step sharing: the leader's chunk gets slots for `first` tokens; a
+        new context (the leader's first `keep` tokens, then its own) takes every whole block
+        of the same tokens that this chunk fills, never its own last token's; the leader gets
+        `more` slots after that (no copy may move the blocks taken); the step writes all of it
+        and commits the leader, then the follower, or fails and releases both."""
+        bs, lctx, ltoks = self.bs, self.tree.get(leader), self.tokens[leader]
+        self.computed[leader] += self.tree.match_prefix(lctx)
+        n0 = self.computed[leader]
+        n1 = min(first, len(ltoks) - n0)
+        if n1 == 0:
+            return multiple()
+        try:
+            self.tree.allocate_slots(lctx, n1)
+        except OutOfBlocksError:
+            return multiple()
+        c = self.new_id()
+        fctx = self.tree.create(c)
+        ftoks = ltoks[:keep] + own
+        self.tree.append_tokens(fctx, ftoks)
+        self.tokens[c] = list(ftoks)
+        self.computed[c] = self.tree.match_prefix(fctx)
+        while True:  # the blocks the model says it may take
+            at = self.computed[c]
+            i = at // bs
+            same = ftoks[at : at + bs] == ltoks[at : at + bs]
+            if at % bs or not n0 // bs <= i < (n0 + n1) // bs or at + bs >= len(ftoks) or not same:
+                break
+            event("follower took a block computed in this step")
+            self.tree.take_computing(fctx, lctx.blocks[i])
+            self.computed[c] += bs
+        n2 = min(more, len(ltoks) - n0 - n1)
+        if n2:
+            try:
+                self.tree.allocate_more(lctx, n1, n2)
+                event("leader got more room after the take")
+            except OutOfBlocksError:
+                n2 = 0
+        fn = len(ftoks) - self.computed[c]
+        try:
+            fslots = self.tree.allocate_slots(fctx, fn)
+        except OutOfBlocksError:  # the scheduler gives the follower up for this step
+            self.tree.release(fctx)
+            self.computed[c] = fn = 0
+            fslots = []
+        bs_table = self.tree.block_table(lctx)
+        for p in range(n0, n0 + n1 + n2):
+            self.kv[bs_table[p // bs] * bs + p % bs] = (ltoks[p], p)
+        for p, slot in zip(range(self.computed[c], self.computed[c] + fn), fslots):
+            self.kv[slot] = (ftoks[p], p)
+        if not commit:
+            event("failed step with a follower")
+            self.tree.release(lctx)
+            self.tree.release(fctx)
+            self.computed[leader] = self.computed[c] = 0
+            return c
+        self.tree.commit(lctx, n1 + n2)
+        self.computed[leader] += n1 + n2
+        self.computed_now(leader)
+        if fn:
+            self.tree.commit(fctx, fn)
+            self.computed[c] += fn
+            self.computed_now(c)
+        return c
+
     @rule(c=ctxs)
     def uncompute_last(self, c):
         """A generation from a context without a kept hidden state recomputes its last token."""

@@ -84,17 +84,59 @@ def test_without_prefix_caching_nothing_is_held_back():
     assert run_to_end(tree, scheduler) == [[(0, 40), (1, 40)]]
 
 
-def test_the_budget_left_goes_back_to_a_held_request_in_the_same_step():
-    """One group: its first request is held at the 32-token prefix, nobody else can use the
-    rest of the budget (the followers wait for that prefix), so it computes its own tokens in
-    the same step too: its first token is not delayed."""
+def test_followers_take_the_prefix_the_same_step_computes_and_the_rest_goes_back_to_the_leader():
+    """One group: its first request is held at the 32-token prefix; the followers take the
+    prefix's blocks as this step computes them (written before any query of the step reads
+    them) and compute their own tokens in the same step, then the budget left goes back to
+    the held request. One step; the prefix and every own part computed once, and the
+    followers' 32 tokens reported as cached."""
     tree = KVContextTree(BlockPool(256, BS, enable_prefix_caching=True))
     scheduler = Scheduler(tree, max_num_seqs=32, max_num_batched_tokens=128)
     head = tokens(7, 32)
-    for req in fills(tree, [head + tokens(20 + i, 8) for i in range(4)]):
+    requests = fills(tree, [head + tokens(20 + i, 8) for i in range(4)])
+    for req in requests:
+        scheduler.add(req)
+    plan = scheduler.schedule()
+    leader_table = tree.block_table(requests[0].context)
+    for follower in requests[1:]:  # the same 8 blocks of KV, not copies
+        assert tree.block_table(follower.context)[:8] == leader_table[:8]
+    assert [b.ref_count for b in requests[0].context.blocks[:8]] == [4] * 8
+    for req, n in plan.compute:
+        tree.commit(req.context, n)
+        scheduler.remove(req)
+    assert [(req.request_id, n) for req, n in plan.compute] == [(0, 40), (1, 8), (2, 8), (3, 8)]
+    assert [req.cached_tokens for req in requests] == [0, 32, 32, 32]
+    tree.check_invariants()  # the taken blocks are registered by the leader's commit
+    assert not scheduler.has_work
+    for req in requests:
+        tree.free(req.context.context_id)
+    assert tree.pool.num_used == 0
+
+
+def test_followers_of_several_prefixes_join_them_in_the_step_after_every_prefix_is_placed():
+    """Two groups of three (32-token prefixes, 8 own tokens), a budget of 112: both prefixes
+    are placed first (64), then the four followers' own tokens (32), then the leaders' own
+    (16): everyone's first token after one step, each prefix computed once."""
+    tree = KVContextTree(BlockPool(256, BS, enable_prefix_caching=True))
+    scheduler = Scheduler(tree, max_num_seqs=32, max_num_batched_tokens=112)
+    heads = [tokens(11, 32), tokens(12, 32)]
+    for req in fills(tree, [heads[g] + tokens(40 + 3 * g + i, 8) for g in range(2) for i in range(3)]):
         scheduler.add(req)
     steps = run_to_end(tree, scheduler)
-    assert steps == [[(0, 40)], [(1, 8), (2, 8), (3, 8)]]
+    assert steps == [[(0, 40), (3, 40), (1, 8), (2, 8), (4, 8), (5, 8)]]
+
+
+def test_a_follower_takes_only_whole_blocks_of_the_same_tokens():
+    """The prefix is 30 tokens: 7 whole blocks (28) are shared; the follower computes from
+    token 28 on. A request that shares the first block only in part takes nothing."""
+    tree = KVContextTree(BlockPool(256, BS, enable_prefix_caching=True))
+    scheduler = Scheduler(tree, max_num_seqs=32, max_num_batched_tokens=128)
+    head = tokens(13, 30)
+    requests = fills(tree, [head + tokens(50, 8), head + tokens(51, 8), head[:3] + tokens(52, 20)])
+    for req in requests:
+        scheduler.add(req)
+    assert run_to_end(tree, scheduler) == [[(0, 38), (2, 23), (1, 10)]]
+    assert [req.cached_tokens for req in requests] == [0, 28, 0]
 
 
 def test_a_prefix_longer_than_a_step_is_held_at_its_end_while_it_continues():

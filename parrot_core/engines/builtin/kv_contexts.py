@@ -15,7 +15,10 @@ Contract (who owns what):
   (a carved prefix or an uncomputed last token may leave a context's write position inside a
   registered block, even one it alone holds).
 - The engine drives one step as: `append_tokens` -> `match_prefix` -> `allocate_slots`
-  (write KV into the returned slots) -> `commit`.
+  (write KV into the returned slots) -> `commit`. A context may also `take_computing` a block
+  that another context of the same step fills: it counts as computed from then on, so the step
+  must write it before any query reads it and commit its writer first (the writer's commit
+  registers it); a failed step releases both.
 - `copy_block(src_id, dst_id, num_slots)` copies real KV data; None means there is no KV
   store to copy (pure bookkeeping, e.g. tests of the tables alone).
 """
@@ -187,6 +190,22 @@ class KVContextTree:
         self.hits += hit
         return hit
 
+    def take_computing(self, ctx: KVContext, block: Block) -> None:
+        """Take, as ctx's next full block, a block that another context computes in the current
+        step with the same tokens (the caller checks them), like a cache hit that is registered
+        only when that context commits (see the module docstring). ctx must be block-aligned
+        with no extra room, and the block must not hold its last token (whose hidden state a
+        sample needs)."""
+        bs, n = self.block_size, ctx.num_computed
+        if n % bs or len(ctx.blocks) != n // bs or n + bs >= len(ctx.token_ids):
+            raise InvalidRequestError(
+                f"context {ctx.context_id} cannot take a block at {n} of {len(ctx.token_ids)} tokens ({len(ctx.blocks)} blocks)"
+            )
+        self.pool.incref(block)
+        ctx.blocks.append(block)
+        ctx.num_computed += bs
+        self.hits += bs
+
     def blocks_needed(self, ctx: KVContext, n: int) -> int:
         """New blocks that computing the next n tokens would take, copy-on-write included."""
         if n <= 0:
@@ -217,6 +236,19 @@ class KVContextTree:
         ctx.blocks.extend(new)
         table = ctx.blocks
         return [table[p // bs].block_id * bs + p % bs for p in range(start, start + n)]
+
+    def allocate_more(self, ctx: KVContext, allocated: int, more: int) -> list[int]:
+        """Room for `more` tokens after the `allocated` that `allocate_slots` made room for in
+        this step, and their slot ids. Only new blocks: the write block was copied (if it had
+        to be) by that call, and may be shared since by `take_computing`. Atomic."""
+        start = ctx.num_computed + allocated
+        if allocated < 1 or more < 0 or start + more > len(ctx.token_ids) or start > len(ctx.blocks) * self.block_size:
+            raise InvalidRequestError(
+                f"cannot add {more} slots after {allocated} to context {ctx.context_id} ({len(ctx.blocks)} blocks)"
+            )
+        ctx.blocks.extend(self.pool.allocate_many(max(0, self._num_blocks_for(start + more) - len(ctx.blocks))))
+        bs, table = self.block_size, ctx.blocks
+        return [table[p // bs].block_id * bs + p % bs for p in range(start, start + more)]
 
     def commit(self, ctx: KVContext, n: int) -> None:
         """Mark the next n tokens computed and register the blocks that became full."""

@@ -9,16 +9,21 @@ Policy (one step):
    prefill continues with a chunk), within `max_num_batched_tokens`.
 2. Then, unless this step preempted someone, waiting requests in arrival order while fewer
    than `max_num_seqs` run. On admission a request takes what the prefix cache holds for it.
-   A request whose next block after its cache hit another running request is computing
-   right now waits a step and then hits it instead of computing it again (in-batch prefix
-   sharing), also when that prefix takes several steps. A request that
+   A request whose next block after its cache hit another request is computing does not
+   compute it again (in-batch prefix sharing): once every other admission is placed, it
+   takes the blocks that this very step computes (`take_computing`: each layer writes the
+   whole step's KV before any query attends) and computes its own tokens; if the prefix
+   goes on past this step, it waits for it instead, and hits it later. A request that
    cannot get its blocks gives back what it took and stays at the head of the line; admission
    never preempts a running request.
    Prefix first: a request whose next full blocks other waiting requests also need (a
    shared prefix) computes only up to the end of that shared part at first; once every
    admission is placed, the budget left goes back to such requests, in arrival order. So the
-   prefixes that followers wait for take the step before anyone's own tokens do (4 groups
-   whose prefixes fill one step: the prefixes in step 1, every request's own tokens in step 2).
+   prefixes that followers wait for come before anyone's own tokens do (4 groups whose
+   prefixes fill one step: the prefixes in step 1, every request's own tokens in step 2; one
+   group whose prefix and own tokens fit one step: all of it in step 1). A held request
+   keeps the blocks its followers took: the budget given back only adds room after them
+   (`allocate_more`), never a copy of them.
 3. When a running request needs blocks and none are free: first evict idle contexts (least
    recently used first), then preempt the latest-arrived running request that arrived after
    it and is not yet scheduled in this step; if there is none, the request preempts itself.
@@ -131,52 +136,97 @@ class Scheduler:
             req = self.waiting.popleft()
             hits = self.tree.match_prefix(req.context) if req.uses_prefix_cache else 0
             if self._next_block_hash(req) in inflight:
-                # another request is computing the block after the hit right now: wait for it
+                # another request computes the block after the hit: join it in pass 2 or wait
                 self.tree.release(req.context)  # give back what the lookup took
                 deferred.append(req)
                 continue
-            if req.num_admissions == 0:  # a recompute after preemption is not a cache hit
-                req.cached_tokens = hits
-            self.running.append(req)
-            if req.num_uncomputed == 0:
-                req.num_admissions += 1
-                plan.sample_only.append(req)
-                scheduled.add(id(req))
-                continue
-            n = min(req.num_uncomputed, budget)
-            shared = self._shared_tokens(req, wanted, 2)  # its own chain is among the wanted ones
-            n = shared if 0 < shared < n else n
-            if not self._allocate(req, n, plan, scheduled, may_preempt=False):
-                self.running.remove(req)
-                self.tree.release(req.context)  # give back what the lookup took; stay first in line
-                self.waiting.appendleft(req)
+            n = self._admit(req, hits, budget, plan, scheduled, wanted, held)
+            if n is None:
+                self.waiting.appendleft(req)  # stay first in line
                 break
-            req.num_admissions += 1
-            if n == shared and n < req.num_uncomputed:
-                held.append((len(plan.compute), req))
-            plan.compute.append((req, n))
-            scheduled.add(id(req))
             budget -= n
             inflight.update(self._chain(req))
+        # pass 2: a request waiting for blocks that this step computes takes them now (their
+        # KV is written before any query of the step reads it) and computes its own tokens
+        computing = self._blocks_computed_in(plan)
+        waiting_still: list[EngineRequest] = []
         for req in deferred:
+            if budget == 0 or len(self.running) >= self.max_num_seqs or not req.uses_prefix_cache:
+                waiting_still.append(req)
+                continue
+            hits = self.tree.match_prefix(req.context)
+            taken = self._take_computing(req, computing)
+            if not taken or self._next_block_hash(req) in inflight:  # the rest comes in a later step
+                self.tree.release(req.context)
+                waiting_still.append(req)
+                continue
+            n = self._admit(req, hits + taken, budget, plan, scheduled, wanted, held)
+            if n is None:
+                waiting_still.append(req)
+                continue
+            budget -= n
+            computing.update(self._blocks_computed_in(plan, plan.compute[-1:]))
+        for req in waiting_still:
             self._enqueue(req)
         for index, req in held:  # the budget left goes back to the requests held at a prefix
             if budget == 0:
                 break
             n = plan.compute[index][1]
             more = min(req.num_uncomputed - n, budget)
-            if req in self.running and self._allocate(req, n + more, plan, scheduled, may_preempt=False):
+            if req in self.running and self._allocate(req, n + more, plan, scheduled, may_preempt=False, allocated=n):
                 plan.compute[index] = (req, n + more)
                 budget -= more
         return plan
 
-    def _allocate(self, req: EngineRequest, n: int, plan: StepPlan, scheduled: set[int], may_preempt: bool = True) -> bool:
-        """Get slots for `req`: evicting idle contexts first, then (if `may_preempt`)
+    def _admit(
+        self,
+        req: EngineRequest,
+        hits: int,
+        budget: int,
+        plan: StepPlan,
+        scheduled: set[int],
+        wanted: Counter[int],
+        held: list[tuple[int, EngineRequest]],
+    ) -> int | None:
+        """Start a waiting request whose context took `hits` cached tokens: it computes up to
+        `budget` tokens (held at the end of a prefix that others wait for). Returns the tokens
+        scheduled, or None when its blocks cannot be had (then it holds nothing and is not
+        running)."""
+        if req.num_admissions == 0:  # a recompute after preemption is not a cache hit
+            req.cached_tokens = hits
+        self.running.append(req)
+        if req.num_uncomputed == 0:
+            req.num_admissions += 1
+            plan.sample_only.append(req)
+            scheduled.add(id(req))
+            return 0
+        n = min(req.num_uncomputed, budget)
+        shared = self._shared_tokens(req, wanted, 2)  # its own chain is among the wanted ones
+        n = shared if 0 < shared < n else n
+        if not self._allocate(req, n, plan, scheduled, may_preempt=False):
+            self.running.remove(req)
+            self.tree.release(req.context)  # give back what the lookup took
+            return None
+        req.num_admissions += 1
+        if n == shared and n < req.num_uncomputed:
+            held.append((len(plan.compute), req))
+        plan.compute.append((req, n))
+        scheduled.add(id(req))
+        return n
+
+    def _allocate(
+        self, req: EngineRequest, n: int, plan: StepPlan, scheduled: set[int], may_preempt: bool = True, allocated: int = 0
+    ) -> bool:
+        """Get slots for `req`'s next n tokens (the first `allocated` of which already have
+        theirs in this step): evicting idle contexts first, then (if `may_preempt`)
         preempting later-arrived running requests not yet scheduled in this step. Returns
         False if there is still no room (nothing changed for `req`)."""
         while True:
             try:
-                req.slots = self.tree.allocate_slots(req.context, n)
+                if allocated:
+                    req.slots = req.slots[:allocated] + self.tree.allocate_more(req.context, allocated, n - allocated)
+                else:
+                    req.slots = self.tree.allocate_slots(req.context, n)
                 return True
             except OutOfBlocksError:
                 needed = self.tree.blocks_needed(req.context, n)
@@ -224,6 +274,39 @@ class Scheduler:
             return 0
         bs = self.tree.block_size
         return (req.context.num_computed // bs + shared) * bs - req.context.num_computed
+
+    def _blocks_computed_in(
+        self, plan: StepPlan, compute: list[tuple[EngineRequest, int]] | None = None
+    ) -> dict[int, tuple[KVContext, int]]:
+        """Chained hash -> (context, block index) of every block that becomes full in this
+        step's computations (`plan.compute`, or the given part of it)."""
+        bs, blocks = self.tree.block_size, {}
+        for req, n in plan.compute if compute is None else compute:
+            ctx = req.context
+            first = ctx.num_computed // bs
+            chain = self._chain(req)
+            for j in range(min((ctx.num_computed + n) // bs - first, len(chain))):
+                blocks.setdefault(chain[j], (ctx, first + j))
+        return blocks
+
+    def _take_computing(self, req: EngineRequest, computing: dict[int, tuple[KVContext, int]]) -> int:
+        """Give `req` the run of its next blocks that this step computes (same tokens, never
+        its last token's block). Returns the tokens taken."""
+        ctx, bs = req.context, self.tree.block_size
+        if ctx.num_computed % bs:
+            return 0
+        taken = 0
+        for h in self._chain(req):
+            source = computing.get(h)
+            start = ctx.num_computed
+            if source is None or start + bs >= len(ctx.token_ids):
+                break
+            other, index = source
+            if index * bs != start or other.token_ids[start : start + bs] != ctx.token_ids[start : start + bs]:
+                break  # a hash collision: never take another prompt's KV
+            self.tree.take_computing(ctx, other.blocks[index])
+            taken += bs
+        return taken
 
     def _inflight_block_hashes(self) -> set[int]:
         hashes: set[int] = set()
