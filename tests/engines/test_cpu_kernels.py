@@ -365,6 +365,28 @@ def test_greedy_ids_are_the_same_on_either_pool_with_caching_off_cold_warm_and_f
     assert asyncio.run(forks()) == reference
 
 
+def arriving_together(engine: BuiltinEngine, requests: list) -> list:
+    """Run the coroutines that `requests` make, each of which sends one request, with the
+    engine's step loop held until all of them are queued: they reach one scheduling pass."""
+    holding, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        gate.wait()
+
+    engine._post(hold)
+    holding.wait()
+
+    async def go():
+        tasks = [asyncio.ensure_future(make()) for make in requests]
+        while len(engine._commands) < len(requests):
+            await asyncio.sleep(0.001)
+        gate.set()
+        return await asyncio.gather(*tasks)
+
+    return asyncio.run(go())
+
+
 @pytest.mark.parametrize("layout", ["vllm", "torch"])
 def test_requests_that_take_a_prefix_their_own_step_computes_keep_their_ids(engine_on, layout):
     """Eight requests arrive together, sharing a 64-token prefix that nothing holds yet. The
@@ -381,26 +403,10 @@ def test_requests_that_take_a_prefix_their_own_step_computes_keep_their_ids(engi
     params = SamplingParams(max_tokens=5, **GREEDY)
 
     def all_at_once(engine):
-        holding, gate = threading.Event(), threading.Event()
-
-        def hold() -> None:  # the step loop waits here until every request is queued
-            holding.set()
-            gate.wait()
-
-        engine._post(hold)
-        holding.wait()
-
         async def one(i, p):
             return [t async for d in engine.generate(i, None, params, p) for t in d.token_ids]
 
-        async def go():
-            tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
-            while len(engine._commands) < len(prompts):
-                await asyncio.sleep(0.001)
-            gate.set()
-            return await asyncio.gather(*tasks)
-
-        return asyncio.run(go())
+        return arriving_together(engine, [lambda i=i, p=p: one(i, p) for i, p in enumerate(prompts)])
 
     reference = all_at_once(engine_on(layout, enable_prefix_caching=False))
     engine = engine_on(layout)
@@ -442,6 +448,47 @@ def test_concurrent_requests_on_a_tiny_pool_with_an_abort_keep_their_ids(engine_
     assert asyncio.run(all_of(tight_engine)) == roomy
     assert all(len(o) == 30 for o in roomy)
     assert tight_engine.runtime_info().num_preemptions > 0  # the pressure was real
+
+
+@pytest.mark.parametrize("layout", ["vllm", "torch"])
+def test_groups_arriving_together_on_a_tiny_pool_with_an_abort_keep_their_ids(engine_on, layout):
+    """Three groups of four requests arrive in one scheduling pass with a 13th that walks away
+    after 3 tokens. Each group shares a 48-token prefix (3 blocks) that nothing holds yet,
+    and the pool has 14 blocks. So followers take blocks their own step computes while
+    admissions fail, requests get preempted and recomputed, and cached blocks are evicted.
+    Every request still gets the greedy ids of a roomy engine without prefix caching. The
+    teardown checks the invariants and that no block leaked."""
+    heads = [prompt(90 + g, 48) for g in range(3)]
+    prompts = [heads[g] + prompt(100 + 4 * g + i, 10) for g in range(3) for i in range(4)]
+    params = SamplingParams(max_tokens=12, **GREEDY)
+
+    def all_of(engine):
+        async def one(i, p):
+            out = [t async for d in engine.generate(i, None, params, p) for t in d.token_ids]
+            engine.free_context(i)
+            return out
+
+        async def quitter():
+            got = []
+            stream = engine.generate(99, None, params, prompt(99, 40))
+            async for d in stream:
+                got.extend(d.token_ids)
+                if len(got) >= 3:
+                    break
+            await stream.aclose()
+            engine.free_context(99)
+            return got
+
+        *outs, quit_got = arriving_together(engine, [lambda i=i, p=p: one(i, p) for i, p in enumerate(prompts)] + [quitter])
+        assert len(quit_got) >= 3
+        return outs
+
+    roomy = all_of(engine_on(layout, enable_prefix_caching=False, num_kv_blocks=256))
+    tight = engine_on(layout, num_kv_blocks=14)
+    assert all_of(tight) == roomy
+    assert all(len(o) == 12 for o in roomy)
+    info = tight.runtime_info()
+    assert info.num_preemptions > 0 and info.prefix_cache_hits > 0  # the pressure and the sharing were real
 
 
 def test_a_context_saved_from_one_layout_continues_identically_in_the_other(engine_on):

@@ -106,6 +106,7 @@ def test_followers_take_the_prefix_the_same_step_computes_and_the_rest_goes_back
         scheduler.remove(req)
     assert [(req.request_id, n) for req, n in plan.compute] == [(0, 40), (1, 8), (2, 8), (3, 8)]
     assert [req.cached_tokens for req in requests] == [0, 32, 32, 32]
+    assert (tree.queries, tree.hits) == (4 * 40, 3 * 32)  # each prompt looked up once
     tree.check_invariants()  # the taken blocks are registered by the leader's commit
     assert not scheduler.has_work
     for req in requests:
@@ -152,3 +153,5 @@ def test_a_prefix_longer_than_a_step_is_held_at_its_end_while_it_continues():
     steps = run_to_end(tree, scheduler)
     assert steps == [[(0, 24)], [(0, 8), (2, 16)], [(0, 8), (2, 16)], [(2, 8), (1, 8), (3, 8)]]
     assert sum(n for step in steps for _, n in step) == 2 * 32 + 4 * 8
+    # a follower's lookups while it waits are given back uncounted: each prompt counts once
+    assert (tree.queries, tree.hits) == (4 * 40, 2 * 32)

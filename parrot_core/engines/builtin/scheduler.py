@@ -134,10 +134,11 @@ class Scheduler:
         deferred: list[EngineRequest] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not plan.preempted:
             req = self.waiting.popleft()
+            counts = self.tree.queries, self.tree.hits
             hits = self.tree.match_prefix(req.context) if req.uses_prefix_cache else 0
             if self._next_block_hash(req) in inflight:
                 # another request computes the block after the hit: join it in pass 2 or wait
-                self.tree.release(req.context)  # give back what the lookup took
+                self._give_back_lookup(req, counts)
                 deferred.append(req)
                 continue
             n = self._admit(req, hits, budget, plan, scheduled, wanted, held)
@@ -154,10 +155,11 @@ class Scheduler:
             if budget == 0 or len(self.running) >= self.max_num_seqs or not req.uses_prefix_cache:
                 waiting_still.append(req)
                 continue
+            counts = self.tree.queries, self.tree.hits
             hits = self.tree.match_prefix(req.context)
             taken = self._take_computing(req, computing)
             if not taken or self._next_block_hash(req) in inflight:  # the rest comes in a later step
-                self.tree.release(req.context)
+                self._give_back_lookup(req, counts)
                 waiting_still.append(req)
                 continue
             n = self._admit(req, hits + taken, budget, plan, scheduled, wanted, held)
@@ -177,6 +179,13 @@ class Scheduler:
                 plan.compute[index] = (req, n + more)
                 budget -= more
         return plan
+
+    def _give_back_lookup(self, req: EngineRequest, counts: tuple[int, int]) -> None:
+        """Release what a prefix-cache lookup took for a request that waits: the lookup is
+        made again when it is admitted, so it does not count (`counts`: the tree's query and
+        hit counts before it) towards the hit rate either."""
+        self.tree.release(req.context)
+        self.tree.queries, self.tree.hits = counts
 
     def _admit(
         self,
