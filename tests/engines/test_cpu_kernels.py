@@ -365,6 +365,19 @@ def test_greedy_ids_are_the_same_on_either_pool_with_caching_off_cold_warm_and_f
     assert asyncio.run(forks()) == reference
 
 
+async def walk_away_after_3_tokens(engine: BuiltinEngine, cid: int, tokens: list[int], params: SamplingParams) -> list[int]:
+    """A reader that closes its stream after 3 tokens and frees its context: the tokens it got."""
+    got: list[int] = []
+    stream = engine.generate(cid, None, params, tokens)
+    async for d in stream:
+        got.extend(d.token_ids)
+        if len(got) >= 3:
+            break
+    await stream.aclose()
+    engine.free_context(cid)
+    return got
+
+
 def arriving_together(engine: BuiltinEngine, requests: list) -> list:
     """Run the coroutines that `requests` make, each of which sends one request, with the
     engine's step loop held until all of them are queued: they reach one scheduling pass."""
@@ -428,18 +441,8 @@ def test_concurrent_requests_on_a_tiny_pool_with_an_abort_keep_their_ids(engine_
     prompts = [shared + prompt(60 + i, 30) for i in range(12)]
 
     async def all_of(engine):
-        async def quitter():
-            stream = engine.generate(99, None, SamplingParams(max_tokens=30, **GREEDY), prompt(70, 50))
-            got = []
-            async for d in stream:
-                got.extend(d.token_ids)
-                if len(got) >= 3:
-                    break
-            await stream.aclose()
-            engine.free_context(99)
-            return got
-
-        *outs, quit_got = await asyncio.gather(*(fused_then_free(engine, i, prompts[i], 30) for i in range(12)), quitter())
+        quitter = walk_away_after_3_tokens(engine, 99, prompt(70, 50), SamplingParams(max_tokens=30, **GREEDY))
+        *outs, quit_got = await asyncio.gather(*(fused_then_free(engine, i, prompts[i], 30) for i in range(12)), quitter)
         assert len(quit_got) >= 3
         return outs
 
@@ -468,16 +471,8 @@ def test_groups_arriving_together_on_a_tiny_pool_with_an_abort_keep_their_ids(en
             engine.free_context(i)
             return out
 
-        async def quitter():
-            got = []
-            stream = engine.generate(99, None, params, prompt(99, 40))
-            async for d in stream:
-                got.extend(d.token_ids)
-                if len(got) >= 3:
-                    break
-            await stream.aclose()
-            engine.free_context(99)
-            return got
+        def quitter():
+            return walk_away_after_3_tokens(engine, 99, prompt(99, 40), params)
 
         *outs, quit_got = arriving_together(engine, [lambda i=i, p=p: one(i, p) for i, p in enumerate(prompts)] + [quitter])
         assert len(quit_got) >= 3
