@@ -225,7 +225,7 @@ class KVMachine(RuleBasedStateMachine):
         if n1 == 0:
             return multiple()
         try:
-            self.tree.allocate_slots(lctx, n1)
+            lslots = self.tree.allocate_slots(lctx, n1)
         except OutOfBlocksError:
             return multiple()
         c = self.new_id()
@@ -246,7 +246,7 @@ class KVMachine(RuleBasedStateMachine):
         n2 = min(more, len(ltoks) - n0 - n1)
         if n2:
             try:
-                self.tree.allocate_more(lctx, n1, n2)
+                lslots += self.tree.allocate_more(lctx, n1, n2)
                 event("leader got more room after the take")
             except OutOfBlocksError:
                 n2 = 0
@@ -257,9 +257,9 @@ class KVMachine(RuleBasedStateMachine):
             self.tree.release(fctx)
             self.computed[c] = fn = 0
             fslots = []
-        bs_table = self.tree.block_table(lctx)
-        for p in range(n0, n0 + n1 + n2):
-            self.kv[bs_table[p // bs] * bs + p % bs] = (ltoks[p], p)
+        assert len(set(lslots)) == n1 + n2
+        for p, slot in zip(range(n0, n0 + n1 + n2), lslots):
+            self.kv[slot] = (ltoks[p], p)
         for p, slot in zip(range(self.computed[c], self.computed[c] + fn), fslots):
             self.kv[slot] = (ftoks[p], p)
         if not commit:

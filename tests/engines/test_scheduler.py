@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import random
 
+import hypothesis.strategies as st
+from hypothesis import given, settings
+
 from parrot_core.engines.builtin.block_pool import BlockPool
 from parrot_core.engines.builtin.kv_contexts import KVContextTree
 from parrot_core.engines.builtin.request import EngineRequest, Kind
@@ -114,7 +117,7 @@ def test_followers_take_the_prefix_the_same_step_computes_and_the_rest_goes_back
     assert tree.pool.num_used == 0
 
 
-def test_followers_of_several_prefixes_join_them_in_the_step_after_every_prefix_is_placed():
+def test_followers_of_several_prefixes_join_them_in_the_same_step_once_every_prefix_is_placed():
     """Two groups of three (32-token prefixes, 8 own tokens), a budget of 112: both prefixes
     are placed first (64), then the four followers' own tokens (32), then the leaders' own
     (16): everyone's first token after one step, each prefix computed once."""
@@ -155,3 +158,89 @@ def test_a_prefix_longer_than_a_step_is_held_at_its_end_while_it_continues():
     assert sum(n for step in steps for _, n in step) == 2 * 32 + 4 * 8
     # a follower's lookups while it waits are given back uncounted: each prompt counts once
     assert (tree.queries, tree.hits) == (4 * 40, 2 * 32)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    head_lens=st.lists(st.integers(0, 40), min_size=1, max_size=3),
+    shapes=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 12), st.integers(0, 3)), min_size=1, max_size=10),
+    budget=st.integers(4, 64),
+    max_num_seqs=st.integers(1, 8),
+    spare_blocks=st.integers(0, 30),
+    failed_steps=st.sets(st.integers(0, 20), max_size=3),
+)
+def test_every_step_reads_only_kv_that_is_written_on_any_pool_and_budget(
+    head_lens, shapes, budget, max_num_seqs, spare_blocks, failed_steps
+):
+    """Requests sharing (or not) a few heads arrive together: a random budget, sequence
+    limit and pool (from just enough for the largest request alone to roomy), and steps that
+    fail after the forward pass. After every step's writes, every token that a scheduled
+    request attends to holds its own KV, in a fake KV store fed only by those writes and by
+    copy-on-write: so a request never takes a block that no step computes, and no copy
+    moves a block from under a request that took it. Each step keeps to the budget and the
+    sequence limit, every request ends (done or failed), a request admitted once reports as
+    cached exactly the prompt tokens it did not compute, and no block leaks. Finished
+    contexts stay until the end, their KV evictable as in the engine."""
+    kv: dict[int, tuple[int, int]] = {}
+
+    def copy_block(src: int, dst: int, n: int) -> None:
+        for j in range(n):
+            if src * BS + j in kv:
+                kv[dst * BS + j] = kv[src * BS + j]
+
+    heads = [tokens(200 + h, n) for h, n in enumerate(head_lens)]
+    prompts = [heads[h % len(heads)][: len(heads[h % len(heads)]) - cut] + tokens(300 + i, own) for i, (h, own, cut) in enumerate(shapes)]
+    largest = max(-(-len(p) // BS) for p in prompts) + 1  # its blocks and a copy
+    tree = KVContextTree(BlockPool(largest + spare_blocks, BS, enable_prefix_caching=True), copy_block=copy_block)
+
+    def evict_idle(needed: int) -> int:  # the engine's rule: drop the KV of contexts nobody runs
+        running = scheduler.running_context_ids()
+        for ctx in tree.contexts():
+            if tree.pool.num_available >= needed:
+                break
+            if ctx.context_id not in running:
+                tree.release(ctx)
+        return tree.pool.num_available
+
+    scheduler = Scheduler(tree, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, evict_idle=evict_idle)
+    requests = fills(tree, prompts)
+    for req in requests:
+        scheduler.add(req)
+    computed = {req.request_id: 0 for req in requests}
+    ended: dict[int, str] = {}
+    step = 0
+    while scheduler.has_work:
+        plan = scheduler.schedule()
+        assert plan.compute or plan.sample_only
+        assert sum(n for _, n in plan.compute) <= budget and len(scheduler.running) <= max_num_seqs
+        assert len({req.request_id for req, _ in plan.compute}) == len(plan.compute)
+        for req, n in plan.compute:  # the forward pass writes every scheduled token's KV...
+            ctx, table = req.context, tree.block_table(req.context)
+            for p in range(ctx.num_computed, ctx.num_computed + n):
+                kv[table[p // BS] * BS + p % BS] = (ctx.token_ids[p], p)
+        for req, n in plan.compute:  # ...then each query reads its whole context
+            ctx, table = req.context, tree.block_table(req.context)
+            for p in range(ctx.num_computed + n):
+                assert kv.get(table[p // BS] * BS + p % BS) == (ctx.token_ids[p], p), (req.request_id, p)
+        if step in failed_steps:
+            for req in [r for r, _ in plan.compute] + plan.sample_only:
+                scheduler.remove(req)
+                tree.release(req.context)
+                ended[req.request_id] = "failed"
+        else:
+            for req, n in plan.compute:
+                tree.commit(req.context, n)
+                computed[req.request_id] += n
+            for req in [r for r, _ in plan.compute] + plan.sample_only:
+                if req.num_uncomputed == 0:
+                    scheduler.remove(req)
+                    ended[req.request_id] = "done"
+        tree.check_invariants()
+        step += 1
+        assert step < 500, "no progress"
+    assert len(ended) == len(requests)
+    for req in requests:
+        if ended[req.request_id] == "done" and req.num_admissions == 1:
+            assert req.cached_tokens + computed[req.request_id] == len(req.context.token_ids)
+        tree.free(req.context.context_id)
+    assert tree.pool.num_used == 0
