@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -124,13 +125,23 @@ def exported_model(gguf: str | None) -> str:
 
 
 class Worker:
-    """A worker process speaking `vs_vllm_worker.py`'s line protocol."""
+    """A worker process speaking `vs_vllm_worker.py`'s line protocol, in a process group of its
+    own (vLLM's engine runs in child processes): its CPU time is the group's, and `close`
+    leaves no process of the group behind."""
 
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: str) -> None:
         self.name = name
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, text=True)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, text=True, start_new_session=True
+        )
         self.log_path = log_path
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by every process of the worker's group."""
+        from vs_vllm_serve import group_cpu_seconds
+
+        return group_cpu_seconds(self.proc.pid)
 
     def wait_ready(self) -> None:
         line = self.proc.stdout.readline() if self.proc.stdout else ""
@@ -154,6 +165,13 @@ class Worker:
             self.proc.wait(timeout=60)
         except Exception:  # noqa: BLE001 - a worker that will not quit is killed
             self.proc.kill()
+        from vs_vllm_serve import group_alive
+
+        if group_alive(self.proc.pid):  # vLLM's engine processes outlive a killed worker
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.log.close()
 
 
@@ -202,7 +220,7 @@ def start_workers(args: argparse.Namespace) -> dict[str, Worker]:
         t.join()
     if errors:
         for w in workers.values():
-            w.proc.kill()
+            w.close()
         raise errors[0]
     print(f"both ready after {time.perf_counter() - started:.0f} s", flush=True)
     return workers
@@ -242,8 +260,12 @@ def run_rows(workers: dict[str, Worker], rows: list[int], seed: int, repeats: in
             for key in order:
                 print(f"[{n}/{len(WORKLOADS)}] run {k + 1}/{len(draws)} {workload.name}: {workers[key].name} warm-up + timed ...", flush=True)
                 workers[key].run(twin, workload.max_tokens)
+                idle = workers["parrot" if key == "vllm" else "vllm"]
+                idle_before = idle.cpu_seconds()
                 run[key] = workers[key].run(timed, workload.max_tokens)
-                print(f"    {run[key]['seconds']:.2f} s", flush=True)
+                # the other engine, loaded and idle, must not take the cores from this one
+                run[key]["idle_other_cpu_seconds"] = idle.cpu_seconds() - idle_before
+                print(f"    {run[key]['seconds']:.2f} s; idle {idle.name} CPU {run[key]['idle_other_cpu_seconds']:.2f} s", flush=True)
             run["ratio"] = run["parrot"]["seconds"] / run["vllm"]["seconds"]
             runs.append(run)
         results.append(summarize_row(n, workload.name, runs))
@@ -264,6 +286,10 @@ def summarize_row(n: int, name: str, runs: list[dict[str, Any]]) -> dict[str, An
             "cached_tokens": cached,
             "computed_per_prompt_token": 1 - cached / prompt,
         }
+    for key in ("vllm", "parrot"):  # CPU the other engine used, idle, while this one ran
+        idle = [r[key]["idle_other_cpu_seconds"] for r in runs if "idle_other_cpu_seconds" in r[key]]
+        if idle:
+            row[key]["max_idle_other_cpu_seconds"] = max(idle)
     floors = [r["parrot"]["gemm_floor_seconds"] / r["vllm"]["seconds"] for r in runs if "gemm_floor_seconds" in r["parrot"]]
     if floors:  # what parrot-core's own GEMMs alone take, against vLLM's time in the same run
         row["parrot"]["gemm_floor_seconds"] = statistics.median(r["parrot"]["gemm_floor_seconds"] for r in runs)
@@ -295,6 +321,10 @@ def print_table(rows: list[dict[str, Any]], dtype: str) -> None:
             f"| {r['row']}. {r['workload']} | {v['seconds']:.2f} s | {p['seconds']:.2f} s | {r['ratio']:.2f} | {low:.2f}-{high:.2f} "
             f"| {floor} | {v['computed_per_prompt_token']:.3f} / {p['computed_per_prompt_token']:.3f} | {r['identical']}/{r['requests']} |"
         )
+    idle = [(r["row"], r["parrot"].get("max_idle_other_cpu_seconds"), r["vllm"].get("max_idle_other_cpu_seconds")) for r in rows]
+    if all(v is not None and p is not None for _, v, p in idle):
+        cells = ", ".join(f"row {n}: {v:.2f} / {p:.2f} s" for n, v, p in idle)
+        print(f"CPU of the idle engine during the other's timed runs (most over the runs; vLLM idle / parrot-core idle): {cells}")
     if any("floor_ratio" in r for r in rows):
         print(
             "GEMM floor: the time parrot-core's run spends in its linear layers' GEMMs alone (each step's shapes timed\n"

@@ -115,8 +115,9 @@ def _run(vllm_s: float, parrot_s: float, outputs: list[list[int]], parrot_output
     def engine(seconds: float, outs: list[list[int]]) -> dict:
         return {"seconds": seconds, "prompt_tokens": 100, "cached_tokens": 25, "outputs": outs}
 
-    parrot = {**engine(parrot_s, parrot_outputs), "gemm_floor_seconds": floor_s}
-    return {"order": ["vllm", "parrot"], "vllm": engine(vllm_s, outputs), "parrot": parrot, "ratio": parrot_s / vllm_s}
+    parrot = {**engine(parrot_s, parrot_outputs), "gemm_floor_seconds": floor_s, "idle_other_cpu_seconds": vllm_s / 10}
+    vllm = {**engine(vllm_s, outputs), "idle_other_cpu_seconds": parrot_s / 100}
+    return {"order": ["vllm", "parrot"], "vllm": vllm, "parrot": parrot, "ratio": parrot_s / vllm_s}
 
 
 def test_a_rows_figures_are_the_medians_of_its_runs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -135,6 +136,9 @@ def test_a_rows_figures_are_the_medians_of_its_runs(capsys: pytest.CaptureFixtur
     lines = capsys.readouterr().out.splitlines()
     assert "median of 3 runs" in lines[0]
     assert lines[2] == "| 4. w | 3.00 s | 2.00 s | 0.90 | 0.50-0.95 | 0.70 | 0.750 / 0.750 | 5/6 |"
+    # the idle engine's CPU while the other ran: the most over the runs, per engine
+    assert (row["parrot"]["max_idle_other_cpu_seconds"], row["vllm"]["max_idle_other_cpu_seconds"]) == pytest.approx((0.4, 0.027))
+    assert lines[3].endswith("(most over the runs; vLLM idle / parrot-core idle): row 4: 0.40 / 0.03 s")
 
 
 def test_repeated_serve_runs_give_medians_and_ranges() -> None:
