@@ -149,7 +149,7 @@ class Scheduler:
             inflight.update(self._chain(req))
         # pass 2: a request waiting for blocks that this step computes takes them now (their
         # KV is written before any query of the step reads it) and computes its own tokens
-        computing = self._blocks_computed_in(plan)
+        computing = self._blocks_computed_in(plan) if deferred else {}
         waiting_still: list[EngineRequest] = []
         for req in deferred:
             if budget == 0 or len(self.running) >= self.max_num_seqs or not req.uses_prefix_cache:
