@@ -234,8 +234,7 @@ class KVContextTree:
             self.pool.decref(old)
             ctx.blocks[start // bs] = fresh
         ctx.blocks.extend(new)
-        table = ctx.blocks
-        return [table[p // bs].block_id * bs + p % bs for p in range(start, start + n)]
+        return self._slot_ids(ctx, start, start + n)
 
     def allocate_more(self, ctx: KVContext, allocated: int, more: int) -> list[int]:
         """Room for `more` tokens after the `allocated` that `allocate_slots` made room for in
@@ -247,8 +246,7 @@ class KVContextTree:
                 f"cannot add {more} slots after {allocated} to context {ctx.context_id} ({len(ctx.blocks)} blocks)"
             )
         ctx.blocks.extend(self.pool.allocate_many(max(0, self._num_blocks_for(start + more) - len(ctx.blocks))))
-        bs, table = self.block_size, ctx.blocks
-        return [table[p // bs].block_id * bs + p % bs for p in range(start, start + more)]
+        return self._slot_ids(ctx, start, start + more)
 
     def commit(self, ctx: KVContext, n: int) -> None:
         """Mark the next n tokens computed and register the blocks that became full."""
@@ -289,6 +287,10 @@ class KVContextTree:
         """Slot ids of computed tokens in [start, end)."""
         if not 0 <= start <= end <= ctx.num_computed:
             raise InvalidRequestError(f"slots [{start}, {end}) outside the {ctx.num_computed} computed tokens")
+        return self._slot_ids(ctx, start, end)
+
+    def _slot_ids(self, ctx: KVContext, start: int, end: int) -> list[int]:
+        """Slot ids of positions [start, end) in ctx's table (which must cover them)."""
         bs, table = self.block_size, ctx.blocks
         return [table[p // bs].block_id * bs + p % bs for p in range(start, end)]
 
